@@ -1,0 +1,173 @@
+"""Pydantic models shared by every part of Shardwright.
+
+Every model here is strict: unknown fields are errors, and validation messages name the
+field, the offending value and the fix. Nothing in this module imports torch, Ray, gRPC or Redis,
+so it is cheap to import from the CLI and the scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Architecture = Literal["llama", "gpt2"]
+DType = Literal["float32", "float64", "bfloat16", "float16"]
+
+
+class StrictModel(BaseModel):
+    """Base for every config: unknown fields rejected, instances immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RopeScaling(StrictModel):
+    """RoPE frequency scaling, as Hugging Face's `rope_scaling` / `rope_parameters` describe it."""
+
+    rope_type: Literal["default", "linear", "llama3"] = Field(
+        "default", description="'linear' divides positions by factor; 'llama3' rescales low frequencies."
+    )
+    factor: float = Field(1.0, gt=0, description="Scaling factor (context extension ratio).")
+    low_freq_factor: float = Field(1.0, gt=0, description="llama3 only: wavelength band start.")
+    high_freq_factor: float = Field(4.0, gt=0, description="llama3 only: wavelength band end.")
+    original_max_position_embeddings: int = Field(
+        8192, gt=0, description="llama3 only: context length the model was trained at."
+    )
+
+
+class ModelSpec(StrictModel):
+    """The shape of a decoder-only transformer, independent of how it is sharded."""
+
+    architecture: Architecture = Field(description="Decoder family: 'llama' or 'gpt2'.")
+    vocab_size: int = Field(gt=0, description="Number of token ids.")
+    hidden_size: int = Field(gt=0, description="Model width d_model.")
+    intermediate_size: int = Field(gt=0, description="Width of the MLP's hidden layer.")
+    num_layers: int = Field(gt=0, description="Number of decoder blocks.")
+    num_heads: int = Field(gt=0, description="Number of query heads.")
+    num_kv_heads: int = Field(gt=0, description="Number of key/value heads (GQA when < num_heads).")
+    head_dim: int = Field(gt=0, description="Width of one attention head.")
+    max_position_embeddings: int = Field(gt=0, description="Longest supported sequence in tokens.")
+    norm_eps: float = Field(gt=0, description="Epsilon of RMSNorm / LayerNorm.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency (llama only).")
+    rope_scaling: RopeScaling | None = Field(None, description="RoPE scaling (llama only).")
+    tie_word_embeddings: bool = Field(False, description="LM head shares the embedding matrix.")
+    attention_bias: bool = Field(False, description="q/k/v/o projections carry a bias.")
+    mlp_bias: bool = Field(False, description="MLP projections carry a bias.")
+    activation: Literal["silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"] = Field(
+        "silu", description="MLP activation (SwiGLU gate for llama, plain for gpt2)."
+    )
+    dtype: DType = Field("float32", description="Parameter and activation dtype.")
+    bos_token_id: int | None = Field(None, description="Beginning-of-sequence id, if any.")
+    eos_token_id: list[int] = Field(default_factory=list, description="End-of-sequence ids.")
+    checkpoint_path: Path | None = Field(None, description="Hugging Face directory with the weights.")
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelSpec:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads} "
+                "(grouped-query attention shares each kv head among a whole number of query heads)"
+            )
+        if self.architecture == "gpt2" and self.num_heads * self.head_dim != self.hidden_size:
+            raise ValueError(
+                f"gpt2 needs num_heads*head_dim == hidden_size, got {self.num_heads}*{self.head_dim} "
+                f"!= {self.hidden_size}"
+            )
+        return self
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count of the unsharded model (tied embeddings counted once)."""
+        h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        if self.architecture == "llama":
+            block = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h
+            extra = h
+        else:
+            block = h * (q + 2 * kv) + (q + 2 * kv) + q * h + h + 2 * h * f + f + h + 4 * h
+            extra = self.max_position_embeddings * h + 2 * h
+        head = 0 if self.tie_word_embeddings else v * h
+        return v * h + head + extra + self.num_layers * block
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path, dtype: DType | None = None) -> ModelSpec:
+        """Read `config.json` of a Hugging Face checkpoint directory."""
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"{config_file} not found: --model must be a Hugging Face directory with config.json"
+            )
+        hf = json.loads(config_file.read_text())
+        return cls.from_hf_config(hf, checkpoint_path=path, dtype=dtype)
+
+    @classmethod
+    def from_hf_config(
+        cls, hf: dict[str, Any], checkpoint_path: Path | None = None, dtype: DType | None = None
+    ) -> ModelSpec:
+        """Translate a Hugging Face `config.json` dict (Llama or GPT-2) into a ModelSpec."""
+        from shardwright.models.hf_config import spec_fields_from_hf
+
+        fields = spec_fields_from_hf(hf)
+        if dtype is not None:
+            fields["dtype"] = dtype
+        return cls(checkpoint_path=checkpoint_path, **fields)
+
+
+class ParallelLayout(StrictModel):
+    """How one job's workers split a model: world size is tp * pp * cp * dp.
+
+    Ranks are laid out as a dp x pp x cp x tp mesh with tp varying fastest, so a TP group is a
+    run of consecutive ranks (and of consecutive GPUs on one node).
+    """
+
+    tp: int = Field(1, ge=1, description="Tensor-parallel degree (heads and MLP columns split).")
+    pp: int = Field(1, ge=1, description="Pipeline-parallel degree (layers split into stages).")
+    cp: int = Field(1, ge=1, description="Context-parallel degree (sequence split across ranks).")
+    dp: int = Field(1, ge=1, description="Data-parallel degree (replicas of the model).")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    def validate_for(self, model: ModelSpec) -> ParallelLayout:
+        """Check that this layout can shard `model`; raise ValueError naming field, value and fix."""
+        problems = list(self._problems_for(model))
+        if problems:
+            raise ValueError("invalid parallel layout: " + "; ".join(problems))
+        return self
+
+    def _problems_for(self, model: ModelSpec):
+        tp = self.tp
+        if model.num_heads % tp:
+            yield (
+                f"tp={tp} does not divide num_heads={model.num_heads}; "
+                f"choose tp in {_divisors(model.num_heads)}"
+            )
+        kv = model.num_kv_heads
+        if kv % tp and tp % kv:
+            yield (
+                f"tp={tp} and num_kv_heads={kv}: one must divide the other (kv heads are split "
+                f"when tp divides them, replicated when they divide tp); choose tp in "
+                f"{sorted(set(_divisors(kv)) | {m for m in _divisors(model.num_heads) if m % kv == 0})}"
+            )
+        if model.architecture == "llama" and model.intermediate_size % tp:
+            yield (
+                f"tp={tp} does not divide intermediate_size={model.intermediate_size}; "
+                f"choose tp in {_divisors(model.intermediate_size, limit=64)}"
+            )
+        if model.architecture == "gpt2" and model.intermediate_size % tp:
+            yield f"tp={tp} does not divide intermediate_size={model.intermediate_size}"
+        if self.pp > model.num_layers:
+            yield (
+                f"pp={self.pp} exceeds num_layers={model.num_layers}; every pipeline stage needs at "
+                f"least one layer, choose pp <= {model.num_layers}"
+            )
+
+
+def _divisors(n: int, limit: int | None = None) -> list[int]:
+    found = [d for d in range(1, n + 1) if n % d == 0]
+    return [d for d in found if limit is None or d <= limit]

@@ -1,0 +1,82 @@
+"""Launch N torch.distributed ranks as local processes and collect what each returns.
+
+Used by the multi-process tests, by the bare-torch baselines in `benchmarks/`, and by anything
+that needs a gloo (CPU) or NCCL (GPU) world without Ray:
+
+    results = run_ranks(my_fn, world_size=4, args=(x,))   # my_fn(rank, world_size, x) -> value
+
+`my_fn` must be importable (module level) because ranks are started with the `spawn` method.
+Rendezvous uses a file store in a private temporary directory, so no port is ever hard-coded
+and parallel test runs cannot collide.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from shardwright.parallel.context import default_backend
+
+
+def _rank_main(
+    rank: int,
+    fn: Callable[..., Any],
+    world_size: int,
+    args: tuple,
+    workdir: str,
+    backend: str,
+    num_threads: int,
+    timeout_s: float,
+) -> None:
+    torch.set_num_threads(num_threads)
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"file://{workdir}/rendezvous",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, Path(workdir) / f"result-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: tuple = (),
+    *,
+    backend: str | None = None,
+    num_threads: int | None = None,
+    timeout_s: float = 300.0,
+) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` in `world_size` processes; return results by rank.
+
+    A failure in any rank raises in the caller with that rank's traceback.
+    `num_threads` defaults to the machine's cores divided evenly among the ranks.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    threads = num_threads or max(1, (os.cpu_count() or 1) // world_size)
+    with tempfile.TemporaryDirectory(prefix="shardwright-ranks-") as workdir:
+        mp.start_processes(
+            _rank_main,
+            args=(fn, world_size, args, workdir, backend or default_backend(), threads, timeout_s),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
+        )
+        return [
+            torch.load(Path(workdir) / f"result-{r}.pt", weights_only=False)
+            for r in range(world_size)
+        ]
