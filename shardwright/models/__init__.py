@@ -1,0 +1,49 @@
+"""Decoder architectures built from tensor-parallel layers, and Hugging Face checkpoint loading.
+
+    spec, model = load_model("path/to/hf_dir", ctx)      # this rank's shard, read slice-wise
+
+Nothing here imports Ray, gRPC or Redis.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from shardwright.config import DType, ModelSpec
+from shardwright.models.checkpoint import CheckpointReader
+from shardwright.models.decoder import DecoderModel
+from shardwright.models.weights import load_weights
+from shardwright.parallel.context import ParallelContext
+
+__all__ = ["DecoderModel", "ModelSpec", "build_model", "load_model"]
+
+
+def build_model(spec: ModelSpec, ctx: ParallelContext) -> DecoderModel:
+    """This rank's shard of `spec`, parameters allocated but uninitialised."""
+    spec_layout_check(spec, ctx)
+    model = DecoderModel(spec, ctx, device="meta")
+    return model.to_empty(device=ctx.device)
+
+
+def load_model(
+    directory: str | Path, ctx: ParallelContext, *, dtype: DType | None = None
+) -> tuple[ModelSpec, DecoderModel]:
+    """Build this rank's shard of the checkpoint in `directory` and load its slices.
+
+    Parameters are created on the meta device and materialised at their sharded size, then
+    filled one at a time from slices of the checkpoint: peak memory is this rank's shard plus
+    one parameter's slice.
+    """
+    spec = ModelSpec.from_hf_dir(directory, dtype=dtype)
+    model = build_model(spec, ctx)
+    with CheckpointReader(directory) as reader:
+        load_weights(model, reader)
+    return spec, model.eval()
+
+
+def spec_layout_check(spec: ModelSpec, ctx: ParallelContext) -> None:
+    ctx.layout.validate_for(spec)
+    if ctx.device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{ctx.device} requested but CUDA is not available")

@@ -1,0 +1,178 @@
+"""Building blocks of a decoder layer, assembled from tensor-parallel layers.
+
+Shapes: hidden states are [batch, tokens, hidden]; inside attention, q is
+[batch, local_heads, tokens, head_dim] and k, v are [batch, local_kv_heads, tokens, head_dim].
+Each module gets the `ParallelContext` explicitly and builds only this rank's slice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shardwright.config import ModelSpec
+from shardwright.models.kv_cache import LayerKV
+from shardwright.models.rotary import Rotary
+from shardwright.parallel.context import ParallelContext
+from shardwright.parallel.layers import ColumnParallelLinear, RowParallelLinear, RowRange
+
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as Hugging Face Llama)."""
+
+    def __init__(self, dim: int, eps: float, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(spec: ModelSpec, *, device=None, dtype=None) -> nn.Module:
+    if spec.architecture == "llama":
+        return RMSNorm(spec.hidden_size, spec.norm_eps, device=device, dtype=dtype)
+    return nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps, device=device, dtype=dtype)
+
+
+def activation(name: str):
+    if name == "silu":
+        return F.silu
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    return F.relu
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused into one column-parallel matmul."""
+
+    def __init__(self, spec: ModelSpec, ctx: ParallelContext, *, device=None, dtype=None) -> None:
+        super().__init__()
+        cols = RowRange.even(spec.intermediate_size, ctx.tp_rank, ctx.tp)
+        self.local = cols.length
+        self.gate_up = ColumnParallelLinear(
+            spec.hidden_size, [cols, cols], ctx.tp_group, bias=spec.mlp_bias, device=device, dtype=dtype
+        )
+        self.down = RowParallelLinear(
+            cols, spec.hidden_size, ctx.tp_group, bias=spec.mlp_bias, device=device, dtype=dtype
+        )
+        self.act = activation(spec.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.local, dim=-1)
+        return self.down(self.act(gate) * up)
+
+
+class PlainMLP(nn.Module):
+    """GPT-2: proj(act(fc(x)))."""
+
+    def __init__(self, spec: ModelSpec, ctx: ParallelContext, *, device=None, dtype=None) -> None:
+        super().__init__()
+        cols = RowRange.even(spec.intermediate_size, ctx.tp_rank, ctx.tp)
+        self.fc = ColumnParallelLinear(
+            spec.hidden_size, [cols], ctx.tp_group, bias=spec.mlp_bias, device=device, dtype=dtype
+        )
+        self.proj = RowParallelLinear(
+            cols, spec.hidden_size, ctx.tp_group, bias=spec.mlp_bias, device=device, dtype=dtype
+        )
+        self.act = activation(spec.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.act(self.fc(x)))
+
+
+def make_mlp(spec: ModelSpec, ctx: ParallelContext, *, device=None, dtype=None) -> nn.Module:
+    cls = GatedMLP if spec.architecture == "llama" else PlainMLP
+    return cls(spec, ctx, device=device, dtype=dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads split (or kv heads replicated) over TP.
+
+    The fused qkv projection holds this rank's query heads, then its kv heads. When the model
+    has fewer kv heads than TP ranks, each kv head is replicated on tp/num_kv_heads consecutive
+    ranks and its weight gradient is summed over them.
+    """
+
+    def __init__(self, spec: ModelSpec, ctx: ParallelContext, *, device=None, dtype=None) -> None:
+        super().__init__()
+        hd, tp = spec.head_dim, ctx.tp
+        q_rows = RowRange.heads(spec.num_heads, hd, ctx.tp_rank, tp)
+        kv_rows = RowRange.heads(spec.num_kv_heads, hd, ctx.tp_rank, tp)
+        replicas = max(1, tp // spec.num_kv_heads)
+        replicated = (q_rows.length, q_rows.length + 2 * kv_rows.length) if replicas > 1 else None
+        self.qkv = ColumnParallelLinear(
+            spec.hidden_size, [q_rows, kv_rows, kv_rows], ctx.tp_group, bias=spec.attention_bias,
+            replicated_rows=replicated, replica_group=ctx.tp_subgroup(replicas),
+            device=device, dtype=dtype,
+        )
+        self.o = RowParallelLinear(
+            q_rows, spec.hidden_size, ctx.tp_group, bias=spec.attention_bias, device=device, dtype=dtype
+        )
+        self.head_dim = hd
+        self.num_heads = q_rows.length // hd
+        self.num_kv_heads = kv_rows.length // hd
+        self.scale = 1.0 / math.sqrt(hd)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[Rotary, torch.Tensor, torch.Tensor] | None,
+        cache: LayerKV | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2, dim=-1
+        )
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            rope, cos, sin = rotary
+            q, k = rope(q, k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.cache.length
+            k, v = cache.append(k, v)
+        out = self._attend(q, k, v, past)
+        return self.o(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+        groups = self.num_heads // self.num_kv_heads
+        kwargs = {}
+        if groups > 1 and _SDPA_HAS_GQA:
+            kwargs["enable_gqa"] = True
+        elif groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        t = q.shape[2]
+        if past == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=self.scale, **kwargs)
+        if t == 1:
+            return F.scaled_dot_product_attention(q, k, v, scale=self.scale, **kwargs)
+        keys = torch.arange(past + t, device=q.device)
+        mask = keys[None, :] <= (past + torch.arange(t, device=q.device))[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, **kwargs)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm residual block: x + attn(norm1(x)), then + mlp(norm2(x))."""
+
+    def __init__(self, spec: ModelSpec, ctx: ParallelContext, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(spec, device=device, dtype=dtype)
+        self.attn = Attention(spec, ctx, device=device, dtype=dtype)
+        self.mlp_norm = make_norm(spec, device=device, dtype=dtype)
+        self.mlp = make_mlp(spec, ctx, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, rotary, cache: LayerKV | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rotary, cache)
+        return x + self.mlp(self.mlp_norm(x))

@@ -1,0 +1,113 @@
+"""Translate a Hugging Face `config.json` (Llama or GPT-2 family) into ModelSpec fields.
+
+Both the transformers 4 spelling (`rope_theta`, `rope_scaling`) and the transformers 5 one
+(`rope_parameters`) are read. Anything this runtime cannot reproduce exactly is refused with a
+message naming the key, rather than silently computing something else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LLAMA_TYPES = {"llama"}
+GPT2_TYPES = {"gpt2"}
+_DTYPES = {"float32", "float64", "bfloat16", "float16"}
+
+
+def spec_fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModelSpec keyword arguments for the Hugging Face config dict `hf`."""
+    model_type = hf.get("model_type")
+    if model_type in LLAMA_TYPES:
+        fields = _llama_fields(hf)
+    elif model_type in GPT2_TYPES:
+        fields = _gpt2_fields(hf)
+    else:
+        raise ValueError(
+            f"config.json model_type={model_type!r} is not supported; "
+            f"supported: {sorted(LLAMA_TYPES | GPT2_TYPES)}"
+        )
+    fields["dtype"] = _dtype(hf)
+    fields["eos_token_id"] = _as_list(hf.get("eos_token_id"))
+    fields["bos_token_id"] = hf.get("bos_token_id")
+    return fields
+
+
+def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    heads = hf["num_attention_heads"]
+    hidden = hf["hidden_size"]
+    theta, scaling = _rope(hf)
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"config.json hidden_act={act!r}: llama blocks support only 'silu'")
+    return {
+        "architecture": "llama",
+        "vocab_size": hf["vocab_size"],
+        "hidden_size": hidden,
+        "intermediate_size": hf["intermediate_size"],
+        "num_layers": hf["num_hidden_layers"],
+        "num_heads": heads,
+        "num_kv_heads": hf.get("num_key_value_heads") or heads,
+        "head_dim": hf.get("head_dim") or hidden // heads,
+        "max_position_embeddings": hf.get("max_position_embeddings", 2048),
+        "norm_eps": hf.get("rms_norm_eps", 1e-6),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "tie_word_embeddings": hf.get("tie_word_embeddings", False),
+        "attention_bias": hf.get("attention_bias", False),
+        "mlp_bias": hf.get("mlp_bias", False),
+        "activation": "silu",
+    }
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = params.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in ("linear", "llama3"):
+        raise ValueError(
+            f"config.json rope type {rope_type!r} is not supported; supported: default, linear, llama3"
+        )
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    scaling = {k: params[k] for k in keys if k in params}
+    return theta, {"rope_type": rope_type, **scaling}
+
+
+def _gpt2_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if hf.get(key):
+            raise ValueError(f"config.json {key}=true is not supported for gpt2")
+    if not hf.get("scale_attn_weights", True):
+        raise ValueError("config.json scale_attn_weights=false is not supported for gpt2")
+    hidden, heads = hf["n_embd"], hf["n_head"]
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
+        raise ValueError(f"config.json activation_function={act!r} is not supported for gpt2")
+    return {
+        "architecture": "gpt2",
+        "vocab_size": hf["vocab_size"],
+        "hidden_size": hidden,
+        "intermediate_size": hf.get("n_inner") or 4 * hidden,
+        "num_layers": hf["n_layer"],
+        "num_heads": heads,
+        "num_kv_heads": heads,
+        "head_dim": hidden // heads,
+        "max_position_embeddings": hf.get("n_positions", 1024),
+        "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
+        "tie_word_embeddings": hf.get("tie_word_embeddings", True),
+        "attention_bias": True,
+        "mlp_bias": True,
+        "activation": act,
+    }
+
+
+def _dtype(hf: dict[str, Any]) -> str:
+    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    return name if name in _DTYPES else "float32"
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)]

@@ -1,0 +1,96 @@
+"""Randomly initialised checkpoints in Hugging Face layout (tests, benchmarks, examples).
+
+`write_random_checkpoint(dir, spec, seed=...)` writes `config.json` and safetensors with the
+exact tensor names and orientations that `transformers` uses, so the directory loads both
+here and in `transformers`. Tensors are generated one at a time from a seeded generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from shardwright.config import ModelSpec
+from shardwright.models.checkpoint import save_checkpoint
+from shardwright.models.decoder import TORCH_DTYPES
+
+
+def hf_config_from_spec(spec: ModelSpec) -> dict:
+    """The Hugging Face `config.json` dict describing `spec`."""
+    common = {"vocab_size": spec.vocab_size, "tie_word_embeddings": spec.tie_word_embeddings,
+              "bos_token_id": spec.bos_token_id, "dtype": spec.dtype,
+              "eos_token_id": spec.eos_token_id[0] if len(spec.eos_token_id) == 1 else (spec.eos_token_id or None)}
+    if spec.architecture == "gpt2":
+        return {**common, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                "n_embd": spec.hidden_size, "n_layer": spec.num_layers, "n_head": spec.num_heads,
+                "n_inner": spec.intermediate_size, "n_positions": spec.max_position_embeddings,
+                "layer_norm_epsilon": spec.norm_eps, "activation_function": spec.activation}
+    rope = {"rope_type": "default", "rope_theta": spec.rope_theta}
+    if spec.rope_scaling is not None:
+        rope.update(spec.rope_scaling.model_dump())
+    return {**common, "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+            "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_heads,
+            "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+            "max_position_embeddings": spec.max_position_embeddings, "rms_norm_eps": spec.norm_eps,
+            "rope_theta": spec.rope_theta, "rope_parameters": rope, "hidden_act": "silu",
+            "attention_bias": spec.attention_bias, "mlp_bias": spec.mlp_bias}
+
+
+def _shapes(spec: ModelSpec) -> Iterator[tuple[str, tuple[int, ...]]]:
+    h, f, v = spec.hidden_size, spec.intermediate_size, spec.vocab_size
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    if spec.architecture == "llama":
+        yield "model.embed_tokens.weight", (v, h)
+        for i in range(spec.num_layers):
+            p = f"model.layers.{i}"
+            yield f"{p}.input_layernorm.weight", (h,)
+            for name, rows in (("q", q), ("k", kv), ("v", kv)):
+                yield f"{p}.self_attn.{name}_proj.weight", (rows, h)
+                if spec.attention_bias:
+                    yield f"{p}.self_attn.{name}_proj.bias", (rows,)
+            yield f"{p}.self_attn.o_proj.weight", (h, q)
+            if spec.attention_bias:
+                yield f"{p}.self_attn.o_proj.bias", (h,)
+            yield f"{p}.post_attention_layernorm.weight", (h,)
+            yield f"{p}.mlp.gate_proj.weight", (f, h)
+            yield f"{p}.mlp.up_proj.weight", (f, h)
+            yield f"{p}.mlp.down_proj.weight", (h, f)
+        yield "model.norm.weight", (h,)
+        if not spec.tie_word_embeddings:
+            yield "lm_head.weight", (v, h)
+        return
+    yield "transformer.wte.weight", (v, h)
+    yield "transformer.wpe.weight", (spec.max_position_embeddings, h)
+    for i in range(spec.num_layers):
+        p = f"transformer.h.{i}"
+        yield from ((f"{p}.ln_1.weight", (h,)), (f"{p}.ln_1.bias", (h,)))
+        yield from ((f"{p}.attn.c_attn.weight", (h, 3 * h)), (f"{p}.attn.c_attn.bias", (3 * h,)))
+        yield from ((f"{p}.attn.c_proj.weight", (h, h)), (f"{p}.attn.c_proj.bias", (h,)))
+        yield from ((f"{p}.ln_2.weight", (h,)), (f"{p}.ln_2.bias", (h,)))
+        yield from ((f"{p}.mlp.c_fc.weight", (h, f)), (f"{p}.mlp.c_fc.bias", (f,)))
+        yield from ((f"{p}.mlp.c_proj.weight", (f, h)), (f"{p}.mlp.c_proj.bias", (h,)))
+    yield from (("transformer.ln_f.weight", (h,)), ("transformer.ln_f.bias", (h,)))
+
+
+def random_hf_tensors(spec: ModelSpec, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
+    """Seeded random weights with Hugging Face names: N(0, std) matrices, norms near 1."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = TORCH_DTYPES[spec.dtype]
+    out = {}
+    for name, shape in _shapes(spec):
+        t = torch.randn(shape, generator=gen) * std
+        if "norm" in name or "ln_" in name:
+            t = (1.0 + t) if name.endswith("weight") else t
+        out[name] = t.to(dtype)
+    return out
+
+
+def write_random_checkpoint(directory: str | Path, spec: ModelSpec, *, seed: int = 0,
+                            num_shards: int = 1, std: float = 0.02) -> Path:
+    """Write a random model of shape `spec` to `directory` in Hugging Face layout."""
+    save_checkpoint(directory, random_hf_tensors(spec, seed, std), hf_config_from_spec(spec),
+                    num_shards=num_shards)
+    return Path(directory)

@@ -1,0 +1,117 @@
+"""Where each parameter of a DecoderModel comes from in a Hugging Face checkpoint.
+
+`weight_plan(model)` lists, for every local parameter, the checkpoint slices that make it
+(fused parts are concatenated along the output dim). `load_weights` reads them one parameter at
+a time, so the peak extra memory is one parameter's slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from shardwright.models.checkpoint import CheckpointReader, Read
+from shardwright.models.decoder import DecoderModel
+
+Plan = Iterator[tuple[str, nn.Parameter, list[Read]]]
+
+
+def _linear(prefix: str, layer: nn.Module, names: list[str], conv1d: bool, offsets: list[int] | None = None) -> Plan:
+    """A column-parallel layer whose parts come from `names` (or one fused tensor at `offsets`)."""
+    parts = layer.parts
+    offsets = offsets or [0] * len(parts)
+    names = names if len(names) == len(parts) else names * len(parts)
+    yield f"{prefix}.weight", layer.weight, [
+        Read(n, out=p, offset=o, conv1d=conv1d) for n, p, o in zip(names, parts, offsets)
+    ]
+    if layer.bias is not None:
+        yield f"{prefix}.bias", layer.bias, [
+            Read(n.replace(".weight", ".bias"), out=p, offset=o) for n, p, o in zip(names, parts, offsets)
+        ]
+
+
+def _row(prefix: str, layer: nn.Module, name: str, conv1d: bool) -> Plan:
+    yield f"{prefix}.weight", layer.weight, [Read(name, in_=layer.in_range, conv1d=conv1d)]
+    if layer.bias is not None:
+        yield f"{prefix}.bias", layer.bias, [Read(name.replace(".weight", ".bias"))]
+
+
+def _norm(prefix: str, norm: nn.Module, name: str) -> Plan:
+    yield f"{prefix}.weight", norm.weight, [Read(f"{name}.weight")]
+    if getattr(norm, "bias", None) is not None:
+        yield f"{prefix}.bias", norm.bias, [Read(f"{name}.bias")]
+
+
+def _llama_block(i: int, block: nn.Module, layer: int) -> Plan:
+    hf = f"model.layers.{layer}"
+    p = f"blocks.{i}"
+    yield from _norm(f"{p}.attn_norm", block.attn_norm, f"{hf}.input_layernorm")
+    qkv = [f"{hf}.self_attn.{x}_proj.weight" for x in "qkv"]
+    yield from _linear(f"{p}.attn.qkv", block.attn.qkv, qkv, conv1d=False)
+    yield from _row(f"{p}.attn.o", block.attn.o, f"{hf}.self_attn.o_proj.weight", conv1d=False)
+    yield from _norm(f"{p}.mlp_norm", block.mlp_norm, f"{hf}.post_attention_layernorm")
+    gate_up = [f"{hf}.mlp.gate_proj.weight", f"{hf}.mlp.up_proj.weight"]
+    yield from _linear(f"{p}.mlp.gate_up", block.mlp.gate_up, gate_up, conv1d=False)
+    yield from _row(f"{p}.mlp.down", block.mlp.down, f"{hf}.mlp.down_proj.weight", conv1d=False)
+
+
+def _gpt2_block(i: int, block: nn.Module, layer: int, root: str, hidden: int) -> Plan:
+    hf = f"{root}h.{layer}"
+    p = f"blocks.{i}"
+    yield from _norm(f"{p}.attn_norm", block.attn_norm, f"{hf}.ln_1")
+    yield from _linear(f"{p}.attn.qkv", block.attn.qkv, [f"{hf}.attn.c_attn.weight"], conv1d=True,
+                       offsets=[0, hidden, 2 * hidden])
+    yield from _row(f"{p}.attn.o", block.attn.o, f"{hf}.attn.c_proj.weight", conv1d=True)
+    yield from _norm(f"{p}.mlp_norm", block.mlp_norm, f"{hf}.ln_2")
+    yield from _linear(f"{p}.mlp.fc", block.mlp.fc, [f"{hf}.mlp.c_fc.weight"], conv1d=True)
+    yield from _row(f"{p}.mlp.proj", block.mlp.proj, f"{hf}.mlp.c_proj.weight", conv1d=True)
+
+
+def _names(model: DecoderModel, reader: CheckpointReader) -> dict[str, str]:
+    if model.spec.architecture == "llama":
+        return {"embed": "model.embed_tokens.weight", "norm": "model.norm", "head": "lm_head.weight"}
+    root = "transformer." if reader.has("transformer.wte.weight") else ""
+    return {"embed": f"{root}wte.weight", "pos": f"{root}wpe.weight", "norm": f"{root}ln_f",
+            "head": "lm_head.weight", "root": root}
+
+
+def weight_plan(model: DecoderModel, reader: CheckpointReader) -> Plan:
+    """Every local parameter of `model` with the checkpoint reads that produce it."""
+    names = _names(model, reader)
+    if model.embed is not None:
+        yield "embed.weight", model.embed.weight, [Read(names["embed"], out=model.vocab_rows)]
+    if model.pos_embed is not None:
+        yield "pos_embed.weight", model.pos_embed.weight, [Read(names["pos"])]
+    for i, (layer, block) in enumerate(zip(model.layer_ids, model.blocks)):
+        if model.spec.architecture == "llama":
+            yield from _llama_block(i, block, layer)
+        else:
+            yield from _gpt2_block(i, block, layer, names["root"], model.spec.hidden_size)
+    if model.norm is not None:
+        yield from _norm("norm", model.norm, names["norm"])
+    if model.lm_head is not None:
+        head = names["head"]
+        if model.spec.tie_word_embeddings or not reader.has(head):
+            head = names["embed"]
+        yield "lm_head.weight", model.lm_head.weight, [Read(head, out=model.vocab_rows)]
+
+
+@torch.no_grad()
+def load_weights(model: DecoderModel, reader: CheckpointReader) -> None:
+    """Fill every parameter of `model` from `reader`, slice by slice; check every shape."""
+    seen = set()
+    for name, param, reads in weight_plan(model, reader):
+        parts = [reader.read(r) for r in reads]
+        value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(
+                f"checkpoint gives {name} shape {tuple(value.shape)} (from {reads[0].name}), "
+                f"the model expects {tuple(param.shape)}: config.json and weights disagree"
+            )
+        param.copy_(value)
+        seen.add(id(param))
+    missing = [n for n, p in model.named_parameters() if id(p) not in seen]
+    if missing:
+        raise RuntimeError(f"no checkpoint source for parameters {missing}")
