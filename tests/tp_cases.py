@@ -10,7 +10,7 @@ import torch
 
 from shardwright.config import ParallelLayout
 from shardwright.models import load_model
-from shardwright.models.checkpoint import CheckpointReader
+from shardwright.models.checkpoint import CheckpointReader, Read
 from shardwright.models.generate import greedy_generate
 from shardwright.models.weights import weight_plan
 from shardwright.parallel.context import ParallelContext
@@ -81,3 +81,33 @@ def run_vocab_ce(rank: int, world_size: int, logits: torch.Tensor, target: torch
     mean_loss(losses, target).backward()
     grad = gather_last_dim(local.grad, ctx.tp_group)
     return losses.detach(), grad[..., : logits.shape[-1]]
+
+
+def _status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def run_load_memory(rank: int, world_size: int, directory: str) -> dict[str, int]:
+    """Peak resident bytes added while this rank builds and loads its shard.
+
+    The kernel's high-water mark (VmHWM) is reset through /proc/self/clear_refs just before the
+    load, so the figure is the real peak of this process, not an estimate.
+    """
+    import gc
+
+    ctx = context(world_size)
+    # Warm up the libraries once (safetensors' first open, torch's first copy kernels), so the
+    # figure is the load's own memory, not one-time library initialisation.
+    with CheckpointReader(directory) as reader:
+        torch.zeros(4).copy_(reader.read(Read("model.norm.weight"))[:4])
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
+    _, model = load_model(directory, ctx)
+    peak = _status_kib("VmHWM")
+    local = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"added_bytes": (peak - before) * 1024, "local_param_bytes": local}

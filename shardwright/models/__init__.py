@@ -24,7 +24,21 @@ def build_model(spec: ModelSpec, ctx: ParallelContext) -> DecoderModel:
     """This rank's shard of `spec`, parameters allocated but uninitialised."""
     spec_layout_check(spec, ctx)
     model = DecoderModel(spec, ctx, device="meta")
-    return model.to_empty(device=ctx.device)
+    materialize(model, ctx.device)
+    return model
+
+
+def materialize(module: torch.nn.Module, device: torch.device) -> None:
+    """Replace meta parameters by uninitialised ones on `device`, touching no memory.
+
+    (`Module.to_empty` writes to the new storage, which makes the whole shard resident before
+    any weight is loaded.)
+    """
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None and param.is_meta:
+                fresh = torch.empty(param.shape, dtype=param.dtype, device=device)
+                sub._parameters[name] = torch.nn.Parameter(fresh, requires_grad=param.requires_grad)
 
 
 def load_model(
