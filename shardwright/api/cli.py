@@ -1,0 +1,141 @@
+"""The `shardwright` command line.
+
+Every command that reports results takes `--json` and then prints one JSON object as its last
+line. Errors print one line to stderr that says what to do, and exit with status 2 (bad input)
+or 1 (the work failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+def _print_result(result: dict, as_json: bool, human: Callable[[dict], str]) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(human(result))
+
+
+def _parse_prompt_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise UsageError(f"--prompt-ids must be comma-separated integers like 1,2,3 (got {text!r})") from err
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from shardwright.api.local_generate import timed_generate
+    from shardwright.models.tokenizer import load_tokenizer
+
+    if args.pp != 1 or args.cp != 1:
+        raise UsageError("--pp and --cp above 1 need the Ray inference engine, which is not built yet; use --tp")
+    if args.temperature != 0:
+        raise UsageError("only greedy decoding (--temperature 0) is available until the Ray engine lands")
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"{model_dir} has no config.json; pass a Hugging Face model directory "
+                         "(make one with: shardwright init-model DIR)")
+    tokenizer = load_tokenizer(model_dir)
+    prompt_ids = _parse_prompt_ids(args.prompt_ids) if args.prompt_ids else tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        raise UsageError("the prompt is empty; give --prompt TEXT or --prompt-ids 1,2,3")
+    out = timed_generate(str(model_dir), prompt_ids, tp=args.tp, max_tokens=args.max_tokens, tokenizer=tokenizer)
+    result = {"tokens": out.tokens, "text": out.text, "prompt_tokens": out.prompt_tokens,
+              "tp": args.tp, "elapsed_s": round(out.elapsed_s, 3)}
+    _print_result(result, args.json, lambda r: f"{r['text']!r}\n({len(r['tokens'])} tokens at tp={r['tp']} "
+                                                 f"in {r['elapsed_s']} s, including start-up)")
+    return 0
+
+
+def cmd_init_model(args: argparse.Namespace) -> int:
+    from shardwright.models.presets import preset_spec
+    from shardwright.models.random_init import write_random_checkpoint
+
+    try:
+        spec = preset_spec(args.preset)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    out = Path(args.directory)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise UsageError(f"{out} exists and is not empty; choose another directory or pass --force")
+    write_random_checkpoint(out, spec, seed=args.seed)
+    result = {"directory": str(out), "preset": args.preset, "parameters": spec.num_parameters}
+    _print_result(result, args.json, lambda r: f"wrote a random {r['preset']} ({r['parameters']:,} parameters) "
+                                                 f"to {r['directory']}")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate tokens from a Hugging Face model directory",
+                       description="One-shot greedy generation with tensor parallelism in local processes.")
+    p.add_argument("--model", required=True, help="Hugging Face directory (config.json + safetensors)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (needs the Ray engine)")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel degree (needs the Ray engine)")
+    p.add_argument("--max-tokens", type=int, default=32, help="new tokens to generate (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (the only mode for now)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (tokenised with the model's tokenizer)")
+    prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
+    p.add_argument("--json", action="store_true", help="print one JSON object with tokens and text")
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_init_model(sub) -> None:
+    from shardwright.models.presets import PRESETS
+
+    p = sub.add_parser("init-model", help="write a randomly initialised model in Hugging Face layout",
+                       description="Write config.json and model.safetensors of a named model shape with "
+                                   "random weights (for trying Shardwright out and for benchmarks).")
+    p.add_argument("directory", help="output directory")
+    p.add_argument("--preset", default="tiny-llama", help=f"one of {sorted(PRESETS)} (default tiny-llama)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_init_model)
+
+
+def _add_sim(sub) -> None:
+    p = sub.add_parser("sim", help="replay a job trace in the scheduler simulator", add_help=False)
+    p.set_defaults(func=None, passthrough="sim")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardwright", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(sub)
+    _add_init_model(sub)
+    _add_sim(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "sim":
+        from shardwright.scheduler.sim import main as sim_main
+
+        return sim_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as err:
+        print(f"shardwright {args.command}: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        print(f"shardwright {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

