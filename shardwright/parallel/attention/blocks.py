@@ -1,0 +1,197 @@
+"""Tiled attention kernels over pieces of packed sequences (flash-attention's algorithm in torch).
+
+Queries and keys are given as `Piece`s: runs of consecutive positions of one sequence. A query
+piece attends to every key piece of the same sequence; with `causal`, a query at position p sees
+keys at positions <= p. Work is done in tiles of at most `block_size` x `block_size` tokens, tiles
+wholly above the causal diagonal are skipped, and the forward pass keeps flash-attention's online
+softmax (running max, running sum), so no score matrix larger than one tile per head ever exists.
+The backward pass recomputes each tile's probabilities from the saved log-sum-exp
+(FlashAttention-2, Algorithm 2).
+
+Shapes: q [Tq, H, D], k and v [Tk, Hkv, D], Hkv divides H and query head h reads kv head
+h // (H / Hkv) (grouped-query attention). lse and delta are [H, Tq]. Statistics and gradients are
+accumulated in float32 for 16-bit inputs, in the input dtype otherwise; results come back in that
+accumulation dtype for the caller to merge or cast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from shardwright.parallel.attention.counters import CommStats, accumulation_dtype, causal_area
+from shardwright.parallel.attention.plan import Piece
+
+Tile = tuple[slice, int]  # rows in the packed tensor, position of the first row
+
+
+def forward_pieces(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pieces: Sequence[Piece],
+    k_pieces: Sequence[Piece],
+    *,
+    causal: bool,
+    scale: float,
+    block_size: int,
+    stats: CommStats | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of `q_pieces` over `k_pieces`: (out [Tq, H, D], lse [H, Tq]), accumulation dtype.
+
+    Rows of q in no piece, or that see no key, get out 0 and lse -inf.
+    """
+    _check_block_size(block_size)
+    acc = accumulation_dtype(q.dtype)
+    num_tokens, heads, dim = q.shape
+    out = torch.zeros(num_tokens, heads, dim, dtype=acc, device=q.device)
+    lse = torch.full((heads, num_tokens), float("-inf"), dtype=acc, device=q.device)
+    keys_of = _by_sequence(k_pieces)
+    for qp in q_pieces:
+        keys = keys_of.get(qp.seq, [])
+        if stats is not None:
+            stats.add_work("forward", heads * _area(qp, keys, causal))
+        for rows, pos in _tiles(qp, block_size):
+            qt = _grouped(q[rows], k.shape[1], acc)
+            out[rows], lse[:, rows] = _forward_tile(qt, pos, k, v, keys, causal, scale, block_size)
+    return out, lse
+
+
+def _forward_tile(qt, q_pos, k, v, keys, causal, scale, block_size):
+    """Online softmax of one query tile [m, Hkv, g, D] over all its key tiles."""
+    kv_heads, group, m = qt.shape[1], qt.shape[2], qt.shape[0]
+    run_max = torch.full((kv_heads, group, m), float("-inf"), dtype=qt.dtype, device=qt.device)
+    run_sum = torch.zeros_like(run_max)
+    acc = torch.zeros(kv_heads, group, m, qt.shape[3], dtype=qt.dtype, device=qt.device)
+    for rows, k_pos in _key_tiles(keys, q_pos, m, causal, block_size):
+        scores = _scores(qt, k[rows].to(qt.dtype), scale, q_pos, k_pos, causal)
+        new_max = torch.maximum(run_max, scores.amax(dim=-1))
+        shift = torch.where(new_max == float("-inf"), torch.zeros_like(new_max), new_max)
+        probs = torch.exp(scores - shift.unsqueeze(-1))
+        decay = torch.exp(run_max - shift)
+        run_sum = run_sum * decay + probs.sum(dim=-1)
+        values = torch.einsum("hgqk,khd->hgqd", probs, v[rows].to(qt.dtype))
+        acc = acc * decay.unsqueeze(-1) + values
+        run_max = new_max
+    seen = run_sum > 0
+    total = torch.where(seen, run_sum, torch.ones_like(run_sum))
+    lse = torch.where(seen, run_max + torch.log(total), torch.full_like(run_max, float("-inf")))
+    out = (acc / total.unsqueeze(-1)).permute(2, 0, 1, 3).reshape(m, kv_heads * group, -1)
+    return out, lse.reshape(kv_heads * group, m)
+
+
+def backward_pieces(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    q_pieces: Sequence[Piece],
+    k_pieces: Sequence[Piece],
+    *,
+    causal: bool,
+    scale: float,
+    block_size: int,
+    stats: CommStats | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of this block of attention: (dq [Tq, H, D], dk, dv [Tk, Hkv, D]).
+
+    `lse` [H, Tq] is the log-sum-exp over ALL keys (the final one, not this block's) and `delta`
+    [H, Tq] = rowsum(dout * out) - dlse, so that the block gradients of a split key set add up to
+    the full gradient.
+    """
+    _check_block_size(block_size)
+    acc = accumulation_dtype(q.dtype)
+    kv_heads = k.shape[1]
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    keys_of = _by_sequence(k_pieces)
+    for qp in q_pieces:
+        keys = keys_of.get(qp.seq, [])
+        if stats is not None:
+            stats.add_work("backward", q.shape[1] * _area(qp, keys, causal))
+        for rows, pos in _tiles(qp, block_size):
+            tile = _TileGrad(
+                _grouped(q[rows], kv_heads, acc),
+                _grouped(dout[rows], kv_heads, acc),
+                _grouped_stat(lse[:, rows].to(acc), kv_heads),
+                _grouped_stat(delta[:, rows].to(acc), kv_heads),
+            )
+            tile.run(pos, k, v, keys, dk, dv, causal, scale, block_size)
+            dq[rows] = tile.dq.reshape(dq[rows].shape)
+    return dq, dk, dv
+
+
+class _TileGrad:
+    """Backward of one query tile against all its key tiles (recomputing probabilities)."""
+
+    def __init__(self, qt, dot, lse, delta):
+        self.qt, self.dot, self.delta = qt, dot, delta
+        self.lse = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
+        self.dq = torch.zeros_like(qt)
+
+    def run(self, q_pos, k, v, keys, dk, dv, causal, scale, block_size) -> None:
+        qt, dot = self.qt, self.dot
+        for rows, k_pos in _key_tiles(keys, q_pos, qt.shape[0], causal, block_size):
+            kt, vt = k[rows].to(qt.dtype), v[rows].to(qt.dtype)
+            probs = torch.exp(_scores(qt, kt, scale, q_pos, k_pos, causal) - self.lse.unsqueeze(-1))
+            dv[rows] += torch.einsum("hgqk,qhgd->khd", probs, dot)
+            dprobs = torch.einsum("qhgd,khd->hgqk", dot, vt)
+            dscores = probs * (dprobs - self.delta.unsqueeze(-1)) * scale
+            self.dq += torch.einsum("hgqk,khd->qhgd", dscores, kt)
+            dk[rows] += torch.einsum("hgqk,qhgd->khd", dscores, qt)
+
+
+def _scores(qt, kt, scale, q_pos, k_pos, causal) -> torch.Tensor:
+    """Scaled scores [Hkv, g, m, n] of a query tile against a key tile, -inf above the diagonal."""
+    scores = torch.einsum("qhgd,khd->hgqk", qt, kt) * scale
+    m, n = qt.shape[0], kt.shape[0]
+    if causal and k_pos + n - 1 > q_pos:
+        qi = torch.arange(q_pos, q_pos + m, device=qt.device).unsqueeze(1)
+        ki = torch.arange(k_pos, k_pos + n, device=qt.device).unsqueeze(0)
+        scores = scores.masked_fill(ki > qi, float("-inf"))
+    return scores
+
+
+def _grouped(x: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """[m, H, D] -> [m, Hkv, g, D] in `dtype`: query heads grouped by the kv head they read."""
+    return x.to(dtype).reshape(x.shape[0], kv_heads, x.shape[1] // kv_heads, x.shape[2])
+
+
+def _grouped_stat(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[H, m] -> [Hkv, g, m]."""
+    return x.reshape(kv_heads, x.shape[0] // kv_heads, x.shape[1])
+
+
+def _check_block_size(block_size: int) -> None:
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size} must be >= 1 (tokens per tile, e.g. 256)")
+
+
+def _by_sequence(pieces: Sequence[Piece]) -> dict[int, list[Piece]]:
+    grouped: dict[int, list[Piece]] = {}
+    for piece in pieces:
+        grouped.setdefault(piece.seq, []).append(piece)
+    return grouped
+
+
+def _area(qp: Piece, keys: list[Piece], causal: bool) -> float:
+    return sum(causal_area(qp.pos, qp.length, kp.pos, kp.length, causal) for kp in keys)
+
+
+def _tiles(piece: Piece, block_size: int) -> Iterator[Tile]:
+    """Row slices of at most `block_size` tokens covering `piece`, with their first positions."""
+    for offset in range(0, piece.length, block_size):
+        size = min(block_size, piece.length - offset)
+        yield slice(piece.start + offset, piece.start + offset + size), piece.pos + offset
+
+
+def _key_tiles(keys, q_pos: int, q_len: int, causal: bool, block_size: int) -> Iterator[Tile]:
+    """Key tiles a query tile at [q_pos, q_pos+q_len) can see (all of them unless causal)."""
+    for kp in keys:
+        for rows, k_pos in _tiles(kp, block_size):
+            if not causal or k_pos <= q_pos + q_len - 1:
+                yield rows, k_pos
