@@ -1,0 +1,345 @@
+"""The controller's step scheduler: continuous batching over a paged KV cache.
+
+Each step the engine calls `schedule()` for a `StepPlan`, runs it on the workers, samples the
+logits at `plan.sample_indices()` and calls `update(plan, sampled)`. A plan packs, with no
+padding, decode tokens of running sequences (one each), then the rest of partly prefilled
+prompts, then new requests admitted in arrival order while their KV reservation fits, their
+prompts cut into chunks that fill the step's token budget (chunked prefill).
+
+Guarantees:
+- a step never holds more than `max_tokens_per_step` tokens nor more than `max_running` sequences;
+  since `max_tokens_per_step >= max_running`, every decode-ready sequence runs every step;
+- an admitted sequence never runs out of KV blocks (it reserved prompt + max_tokens - 1 slots);
+  admission is first come, first served: a request that does not fit yet blocks later ones;
+- a sequence is in at most one plan in flight: with pipeline parallelism (up to P plans in
+  flight) a sequence is not scheduled again until `update` of its plan, when its next token is
+  known (this also holds for prompt chunks that sample nothing);
+- plans are updated in the order they were scheduled; a cancelled sequence's blocks are freed at
+  once and its chunks in plans still in flight are dropped on update. Slots a cancelled chunk
+  still writes are rewritten by their new owner in a later plan before they are read, provided
+  every stage runs plans in dispatch order.
+
+Cost per step: O(running sequences + the step's own tokens + their block tables); no padding.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+from shardwright.actors.kv_blocks import BlockManager
+from shardwright.actors.sampling import Decode, SamplingParams, StopChecker, derive_seed
+
+FinishReason = Literal["stop", "length", "cancelled"]
+SeqStatus = Literal["waiting", "running", "finished"]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request: prompt token ids and how to sample (arrival order = add order)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(eq=False)
+class SequenceState:
+    """A request inside the scheduler. `seq_id` is its arrival order (never reused)."""
+
+    seq_id: int
+    request: Request
+    seed: int
+    stop: StopChecker
+    tokens: list[int]  # prompt + generated so far
+    num_prompt_tokens: int
+    num_scheduled: int = 0  # tokens dispatched to the workers
+    num_computed: int = 0  # tokens whose K/V an updated plan has written
+    in_flight: bool = False  # in a plan not yet updated
+    status: SeqStatus = "waiting"
+    finish_reason: FinishReason | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.num_prompt_tokens :]
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """Most K/V slots this sequence can ever need: the last new token is never fed back."""
+        return self.num_prompt_tokens + self.request.params.max_tokens - 1
+
+
+@dataclass(frozen=True, slots=True)
+class SeqChunk:
+    """Tokens of one sequence in one step; positions start_pos .. start_pos + len - 1."""
+
+    seq_id: int
+    request_id: str
+    token_ids: tuple[int, ...]
+    start_pos: int
+    block_table: tuple[int, ...]  # after growing for this step
+    slots: tuple[int, ...]  # where each token's K/V are written
+    sample: bool  # the chunk ends at the last known token: sample its logits
+    params: SamplingParams
+    seed: int
+    step: int  # index (within the request) of the token sampled from this chunk
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One packed step. The flat accessors are O(step tokens); the engine calls each once."""
+
+    step_id: int
+    chunks: tuple[SeqChunk, ...]
+
+    def token_ids(self) -> list[int]:
+        return [t for c in self.chunks for t in c.token_ids]
+
+    def positions(self) -> list[int]:
+        return [p for c in self.chunks for p in range(c.start_pos, c.start_pos + len(c.token_ids))]
+
+    def slot_mapping(self) -> list[int]:
+        return [s for c in self.chunks for s in c.slots]
+
+    @property
+    def query_lens(self) -> list[int]:
+        return [len(c.token_ids) for c in self.chunks]
+
+    @property
+    def context_lens(self) -> list[int]:
+        """Tokens in each chunk's cache after this step: start_pos + query length."""
+        return [c.start_pos + len(c.token_ids) for c in self.chunks]
+
+    def block_tables(self) -> list[tuple[int, ...]]:
+        return [c.block_table for c in self.chunks]
+
+    def sample_indices(self) -> list[int]:
+        """Packed indices of the tokens whose logits are sampled, in chunk order."""
+        out, end = [], 0
+        for c in self.chunks:
+            end += len(c.token_ids)
+            if c.sample:
+                out.append(end - 1)
+        return out
+
+    def sampled_chunks(self) -> list[SeqChunk]:
+        """The chunks whose last token is sampled, aligned with `sample_indices()`: their
+        `params`, `seed` and `step` are `sample_tokens`'s arguments."""
+        return [c for c in self.chunks if c.sample]
+
+    def sampled_seq_ids(self) -> list[int]:
+        """seq_ids of the sampled chunks: key `update`'s `sampled` dict with these."""
+        return [c.seq_id for c in self.chunks if c.sample]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What one request got from an update: a token (None for a cancel), text, finish reason."""
+
+    request_id: str
+    token_id: int | None
+    text: str = ""
+    finish_reason: FinishReason | None = None
+
+
+class StepScheduler:
+    """Continuous-batching scheduler over `blocks`; see the module docstring for guarantees.
+
+    `decode` (ids -> text) enables text deltas and stop strings; `seed` is the base from which
+    unseeded requests get their seed (`derive_seed(seed, seq_id)`; OS entropy when None).
+    """
+
+    def __init__(self, blocks: BlockManager, max_tokens_per_step: int, max_running: int,
+                 eos_ids: list[int], max_model_len: int, *, decode: Decode | None = None,
+                 seed: int | None = None) -> None:
+        _check_limits(max_tokens_per_step, max_running, max_model_len)
+        self.blocks = blocks
+        self.max_tokens_per_step = max_tokens_per_step
+        self.max_running = max_running
+        self.eos_ids = list(eos_ids)
+        self.max_model_len = max_model_len
+        self.decode = decode
+        self.seed = seed
+        self._waiting: dict[int, SequenceState] = {}  # arrival order
+        self._running: dict[int, SequenceState] = {}  # admission order
+        self._by_request: dict[str, SequenceState] = {}
+        self._in_flight: deque[int] = deque()  # step ids scheduled, not updated
+        self._next_seq = 0
+        self._next_step = 0
+
+    # ------------------------------------------------------------------------ state
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_in_flight(self) -> int:
+        """Plans scheduled and not yet updated."""
+        return len(self._in_flight)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def sequence(self, request_id: str) -> SequenceState | None:
+        """The live (waiting or running) sequence of `request_id`, or None."""
+        return self._by_request.get(request_id)
+
+    # ------------------------------------------------------------------ requests in
+    def add(self, request: Request) -> int:
+        """Queue `request`; return its seq_id. Raises ValueError (with the numbers) if it can never run."""
+        self.check(request)
+        p = request.params
+        seq_id, self._next_seq = self._next_seq, self._next_seq + 1
+        seed = p.seed if p.seed is not None else derive_seed(self.seed, seq_id)
+        stop = StopChecker(p, self.eos_ids, self.decode, request.prompt_ids)
+        seq = SequenceState(seq_id, request, seed, stop, list(request.prompt_ids), len(request.prompt_ids))
+        self._waiting[seq_id] = seq
+        self._by_request[request.request_id] = seq
+        return seq_id
+
+    def check(self, request: Request) -> None:
+        """Raise ValueError, naming the numbers and the fix, if `request` can never run here."""
+        rid, n, m = request.request_id, len(request.prompt_ids), request.params.max_tokens
+        if rid in self._by_request:
+            raise ValueError(f"request_id={rid!r} is already queued or running; use a new id")
+        if n == 0:
+            raise ValueError(f"request {rid!r} has an empty prompt; give at least one token id")
+        if min(request.prompt_ids) < 0:
+            raise ValueError(f"request {rid!r} has negative token ids; token ids are >= 0")
+        if n + m > self.max_model_len:
+            raise ValueError(
+                f"request {rid!r}: prompt {n} + max_tokens {m} = {n + m} exceeds max_model_len="
+                f"{self.max_model_len}; lower max_tokens to <= {self.max_model_len - n}"
+            )
+        if not self.blocks.can_ever_fit(n + m - 1):
+            cap = self.blocks.num_blocks * self.blocks.block_size
+            raise ValueError(
+                f"request {rid!r}: prompt {n} + max_tokens {m} needs {self.blocks.blocks_for(n + m - 1)}"
+                f" KV blocks of {self.blocks.block_size} tokens but the cache has "
+                f"{self.blocks.num_blocks} ({cap} slots); lower max_tokens to <= {cap - n + 1} "
+                "or give the engine more KV blocks"
+            )
+
+    def cancel(self, request_id: str) -> TokenEvent | None:
+        """Drop a live request and free its blocks now; its final event, or None if not live."""
+        seq = self._by_request.get(request_id)
+        if seq is None:
+            return None
+        self._finish(seq, "cancelled")
+        return TokenEvent(request_id, None, "", "cancelled")
+
+    # --------------------------------------------------------------------- schedule
+    def schedule(self) -> StepPlan | None:
+        """The next step's plan, or None if no sequence can run now (see module guarantees)."""
+        chunks: list[SeqChunk] = []
+        budget = self._schedule_running(chunks, self.max_tokens_per_step)
+        self._admit(chunks, budget)
+        if not chunks:
+            return None
+        plan = StepPlan(self._next_step, tuple(chunks))
+        self._in_flight.append(plan.step_id)
+        self._next_step += 1
+        return plan
+
+    def _schedule_running(self, chunks: list[SeqChunk], budget: int) -> int:
+        prefilling = []
+        for seq in self._running.values():
+            if seq.in_flight:
+                continue  # in a plan not yet updated: its next token may be unknown
+            if seq.num_scheduled < seq.num_prompt_tokens:
+                prefilling.append(seq)
+            else:
+                chunks.append(self._chunk(seq, 1))
+                budget -= 1
+        for seq in prefilling:
+            if budget == 0:
+                break
+            n = min(budget, len(seq.tokens) - seq.num_scheduled)
+            chunks.append(self._chunk(seq, n))
+            budget -= n
+        return budget
+
+    def _admit(self, chunks: list[SeqChunk], budget: int) -> None:
+        while budget > 0 and self._waiting and len(self._running) < self.max_running:
+            seq = next(iter(self._waiting.values()))
+            if not self.blocks.reserve(seq.seq_id, seq.num_kv_tokens):
+                return  # first come, first served: later requests wait behind this one
+            del self._waiting[seq.seq_id]
+            self._running[seq.seq_id] = seq
+            seq.status = "running"
+            n = min(budget, len(seq.tokens))
+            chunks.append(self._chunk(seq, n))
+            budget -= n
+
+    def _chunk(self, seq: SequenceState, n: int) -> SeqChunk:
+        start, end = seq.num_scheduled, seq.num_scheduled + n
+        table = self.blocks.ensure(seq.seq_id, end)
+        seq.num_scheduled, seq.in_flight = end, True
+        return SeqChunk(
+            seq.seq_id, seq.request.request_id, tuple(seq.tokens[start:end]), start, tuple(table),
+            tuple(self.blocks.slots(seq.seq_id, start, end)), end == len(seq.tokens),
+            seq.request.params, seq.seed, len(seq.tokens) - seq.num_prompt_tokens,
+        )
+
+    # ----------------------------------------------------------------------- update
+    def update(self, plan: StepPlan, sampled: dict[int, int]) -> list[TokenEvent]:
+        """Apply the sampled tokens of `plan` (seq_id -> token id); events in chunk order.
+
+        Tokens of sequences cancelled since the plan was scheduled are dropped. Raises
+        ValueError (changing nothing) if plans arrive out of order or `sampled` does not match
+        the plan's sampled chunks of live sequences.
+        """
+        self._check_update(plan, sampled)
+        self._in_flight.popleft()
+        events = []
+        for c in plan.chunks:
+            seq = self._running.get(c.seq_id)
+            if seq is None:
+                continue  # cancelled while in flight
+            seq.num_computed, seq.in_flight = c.start_pos + len(c.token_ids), False
+            if c.sample:
+                events.append(self._append(seq, int(sampled[c.seq_id])))
+        return events
+
+    def _check_update(self, plan: StepPlan, sampled: dict[int, int]) -> None:
+        if not self._in_flight or self._in_flight[0] != plan.step_id:
+            oldest = self._in_flight[0] if self._in_flight else None
+            raise ValueError(f"update for step {plan.step_id} but the oldest plan in flight is "
+                             f"{oldest}; update plans in the order schedule() returned them")
+        wanted = set(plan.sampled_seq_ids())
+        extra = sorted(set(sampled) - wanted)
+        missing = sorted(s for s in wanted - set(sampled) if s in self._running)
+        if extra or missing:
+            raise ValueError(f"step {plan.step_id}: sampled tokens for seq_ids {extra} not sampled "
+                             f"in the plan, none for {missing}; pass one token per sampled chunk")
+
+    def _append(self, seq: SequenceState, token: int) -> TokenEvent:
+        seq.tokens.append(token)
+        decision = seq.stop.push(token)
+        if decision.finished:
+            self._finish(seq, decision.reason)
+        return TokenEvent(seq.request.request_id, token, decision.text, decision.reason)
+
+    def _finish(self, seq: SequenceState, reason: FinishReason) -> None:
+        seq.status, seq.finish_reason = "finished", reason
+        self._waiting.pop(seq.seq_id, None)
+        self._running.pop(seq.seq_id, None)
+        del self._by_request[seq.request.request_id]
+        self.blocks.free(seq.seq_id)
+
+
+def _check_limits(max_tokens_per_step: int, max_running: int, max_model_len: int) -> None:
+    if max_running < 1:
+        raise ValueError(f"max_running={max_running} must be >= 1")
+    if max_tokens_per_step < max_running:
+        raise ValueError(
+            f"max_tokens_per_step={max_tokens_per_step} must be >= max_running={max_running} "
+            "so that every running sequence decodes each step"
+        )
+    if max_model_len < 2:
+        raise ValueError(f"max_model_len={max_model_len} must be >= 2 (a prompt token and a new one)")
