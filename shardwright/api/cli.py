@@ -106,6 +106,27 @@ def _add_init_model(sub) -> None:
     p.set_defaults(func=cmd_init_model)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "benchmarks" / "runner.py").is_file():
+        raise UsageError(f"benchmarks/ not found beside {root}; run from a source checkout (pip install -e .)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks.runner import main as bench_main
+
+    return bench_main(args.name, args.quick, args.json)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark beside its baseline",
+                       description="Run benchmarks/NAME.py: a human table, then (with --json) one JSON "
+                                   "line with every figure and its baseline measured in the same run.")
+    p.add_argument("name", help="decode | scheduler | attention | ...")
+    p.add_argument("--quick", action="store_true", help="the short version (minutes, not tens)")
+    p.add_argument("--json", action="store_true", help="print one JSON object last")
+    p.set_defaults(func=cmd_bench)
+
+
 def _add_sim(sub) -> None:
     p = sub.add_parser("sim", help="replay a job trace in the scheduler simulator", add_help=False)
     p.set_defaults(func=None, passthrough="sim")
@@ -116,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_init_model(sub)
+    _add_bench(sub)
     _add_sim(sub)
     return parser
 

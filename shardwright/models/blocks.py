@@ -15,6 +15,7 @@ from torch import nn
 
 from shardwright.config import ModelSpec
 from shardwright.models.kv_cache import LayerKV
+from shardwright.models.paged import PagedBatch, PagedKVCache, paged_attention
 from shardwright.models.rotary import Rotary
 from shardwright.parallel.context import ParallelContext
 from shardwright.parallel.layers import ColumnParallelLinear, RowParallelLinear, RowRange
@@ -123,12 +124,8 @@ class Attention(nn.Module):
         self.num_kv_heads = kv_rows.length // hd
         self.scale = 1.0 / math.sqrt(hd)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rotary: tuple[Rotary, torch.Tensor, torch.Tensor] | None,
-        cache: LayerKV | None,
-    ) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [b, heads, t, d], k and v [b, kv_heads, t, d] of x [b, t, hidden], RoPE applied."""
         b, t, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2, dim=-1
@@ -139,12 +136,25 @@ class Attention(nn.Module):
         if rotary is not None:
             rope, cos, sin = rotary
             q, k = rope(q, k, cos, sin)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rotary, cache: LayerKV | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self._project(x, rotary)
         past = 0
         if cache is not None:
             past = cache.cache.length
             k, v = cache.append(k, v)
         out = self._attend(q, k, v, past)
         return self.o(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def forward_packed(self, x: torch.Tensor, rotary, layer: int, cache: PagedKVCache,
+                       batch: PagedBatch) -> torch.Tensor:
+        """x [1, num_tokens, hidden] of a packed step; attention over the paged cache."""
+        n = x.shape[1]
+        q, k, v = (t[0].transpose(0, 1) for t in self._project(x, rotary))  # [n, heads, d]
+        out = paged_attention(q, k, v, layer, cache, batch, self.scale)
+        return self.o(out.reshape(1, n, self.num_heads * self.head_dim))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
         groups = self.num_heads // self.num_kv_heads
@@ -175,4 +185,9 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary, cache: LayerKV | None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rotary, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def forward_packed(self, x: torch.Tensor, rotary, layer: int, cache: PagedKVCache,
+                       batch: PagedBatch) -> torch.Tensor:
+        x = x + self.attn.forward_packed(self.attn_norm(x), rotary, layer, cache, batch)
         return x + self.mlp(self.mlp_norm(x))

@@ -13,6 +13,7 @@ from torch import nn
 from shardwright.config import ModelSpec
 from shardwright.models.blocks import DecoderBlock, make_norm
 from shardwright.models.kv_cache import KVCache
+from shardwright.models.paged import PagedBatch, PagedKVCache
 from shardwright.models.rotary import Rotary
 from shardwright.parallel.collectives import copy_to_group, gather_last_dim
 from shardwright.parallel.context import ParallelContext
@@ -95,6 +96,33 @@ class DecoderModel(nn.Module):
             return h
         weight = self.lm_head.weight if self.lm_head is not None else self.embed.weight
         return vocab_logits(self.norm(h), weight, self.vocab_rows, self.ctx.tp_group)
+
+    def forward_packed(self, x: torch.Tensor, batch: PagedBatch, cache: PagedKVCache) -> torch.Tensor:
+        """One packed serving step over the paged cache.
+
+        x: token ids [num_tokens] on the first stage, hidden states [num_tokens, hidden]
+        elsewhere. Returns hidden states [num_tokens, hidden] for the next stage, or on the last
+        stage this rank's vocabulary slice of the logits of the `batch.sample_index` tokens
+        [num_sampled, local_vocab].
+        """
+        positions = batch.positions.unsqueeze(0)
+        h = self._embed(x.unsqueeze(0), positions) if self.embed is not None else x.unsqueeze(0)
+        rotary = None
+        if self.rotary is not None:
+            rotary = (self.rotary, *self.rotary.cos_sin(positions, h.dtype))
+        for i, block in enumerate(self.blocks):
+            h = block.forward_packed(h, rotary, i, cache, batch)
+        if self.norm is None:
+            return h[0]
+        h = h[0].index_select(0, batch.sample_index)
+        weight = self.lm_head.weight if self.lm_head is not None else self.embed.weight
+        return vocab_logits(self.norm(h), weight, self.vocab_rows, self.ctx.tp_group)
+
+    def new_paged_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        """A paged KV cache for this stage's layers and this rank's kv heads."""
+        kv_heads = self.blocks[0].attn.num_kv_heads if len(self.blocks) else 0
+        return PagedKVCache(len(self.blocks), num_blocks, block_size, kv_heads, self.spec.head_dim,
+                            dtype=self.dtype, device=self.ctx.device)
 
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.embed(ids)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import tp_cases
-from conftest import tiny_spec
+from model_helpers import tiny_spec
 from shardwright.models.random_init import write_random_checkpoint
 from shardwright.parallel.launch import run_ranks
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from conftest import tiny_spec
+from model_helpers import tiny_spec
 from shardwright.config import ModelSpec, ParallelLayout
 from shardwright.models.hf_config import spec_fields_from_hf
 

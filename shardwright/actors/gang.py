@@ -1,0 +1,177 @@
+"""A deployment's gang of ShardWorker actors: placement, start-up phases, step dispatch, death.
+
+One worker per (logical) GPU, all in one Ray placement group (bundle i = rank i, packed so a TP
+group, which is a run of consecutive ranks, lands on one node whenever the gang allows it).
+Start-up runs phase by phase across the gang; the first failure names the phase, rank and node.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from shardwright.actors.shard_runner import ShardRunner, StepMessage
+from shardwright.config import ParallelLayout
+
+
+class GangError(RuntimeError):
+    """A worker of the gang died or failed; the message names the rank and node."""
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+@ray.remote
+class ShardWorker:
+    """Thin Ray shell over ShardRunner: one process per (logical) GPU holding one shard."""
+
+    def __init__(self, rank: int, layout: dict, threads_per_worker: int | None) -> None:
+        self.runner = ShardRunner(rank, ParallelLayout(**layout), threads_per_worker=threads_per_worker)
+
+    def where(self) -> dict:
+        import os
+
+        return {"node_id": ray.get_runtime_context().get_node_id(),
+                "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+
+    def open_store(self, host: str, timeout_s: float) -> int:
+        return self.runner.open_store(host, timeout_s)
+
+    def init_group(self, host: str, port: int, timeout_s: float) -> None:
+        self.runner.init_group(host, port, timeout_s)
+
+    def load(self, model_dir: str, dtype: str | None) -> int:
+        return self.runner.load(model_dir, dtype)
+
+    def allocate_cache(self, num_blocks: int, block_size: int) -> int:
+        return self.runner.allocate_cache(num_blocks, block_size)
+
+    def step(self, msg: StepMessage) -> list[int] | None:
+        return self.runner.step(msg)
+
+    def ping(self) -> float:
+        return self.runner.ping()
+
+
+@dataclass(frozen=True)
+class GangConfig:
+    layout: ParallelLayout
+    model_dir: str
+    dtype: str | None
+    num_blocks: int
+    block_size: int
+    gpus_per_worker: float = 1.0
+    collective_timeout_s: float = 30.0
+    placement_timeout_s: float = 60.0
+    threads_per_worker: int | None = None
+
+
+class WorkerGang:
+    """Creates, starts, drives and tears down the workers of one deployment."""
+
+    def __init__(self, config: GangConfig) -> None:
+        self.config = config
+        self.workers: list = []
+        self.nodes: list[dict] = []
+        self.pg = None
+        self.shard_bytes: list[int] = []
+        self.cache_bytes: list[int] = []
+
+    def start(self) -> None:
+        """Place the gang, then run the start-up phases; raises GangError naming rank and node."""
+        self._place()
+        self._create_workers()
+        host = self.nodes[0]["ip"]
+        timeout = self.config.collective_timeout_s
+        port = self._call_one(0, "open_store", host, timeout)
+        self._call_all("init_group", host, port, timeout)
+        self.shard_bytes = self._call_all("load", self.config.model_dir, self.config.dtype)
+        self.cache_bytes = self._call_all("allocate_cache", self.config.num_blocks, self.config.block_size)
+
+    def _place(self) -> None:
+        n = self.config.layout.world_size
+        bundles = [{"GPU": self.config.gpus_per_worker, "CPU": 0.001}] * n
+        self.pg = placement_group(bundles, strategy="PACK")
+        try:
+            ray.get(self.pg.ready(), timeout=self.config.placement_timeout_s)
+        except GetTimeoutError as err:
+            remove_placement_group(self.pg)
+            raise GangError(
+                f"could not place {n} workers of {self.config.gpus_per_worker} GPU each within "
+                f"{self.config.placement_timeout_s:.0f} s; cluster has {ray.available_resources().get('GPU', 0)} "
+                f"free of {ray.cluster_resources().get('GPU', 0)} GPUs: free GPUs or lower tp*pp"
+            ) from err
+
+    def _create_workers(self) -> None:
+        layout = self.config.layout.model_dump()
+        for rank in range(self.config.layout.world_size):
+            strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=rank)
+            worker = ShardWorker.options(num_gpus=self.config.gpus_per_worker, num_cpus=0.001,
+                                         scheduling_strategy=strategy).remote(
+                rank, layout, self.config.threads_per_worker)
+            self.workers.append(worker)
+        self.nodes = self._call_all("where")
+
+    def describe(self, rank: int) -> str:
+        node = self.nodes[rank] if rank < len(self.nodes) else {}
+        return f"rank {rank} on node {node.get('ip', '?')} ({str(node.get('node_id', '?'))[:12]})"
+
+    def _call_one(self, rank: int, method: str, *args):
+        return self.get([getattr(self.workers[rank], method).remote(*args)], [rank])[0]
+
+    def _call_all(self, method: str, *args) -> list:
+        refs = [getattr(w, method).remote(*args) for w in self.workers]
+        return self.get(refs, list(range(len(refs))))
+
+    def get(self, refs: list, ranks: list[int], timeout_s: float | None = None) -> list:
+        """ray.get that turns a worker failure into a GangError naming the rank and node."""
+        pending = dict(zip(refs, ranks))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        results = {}
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+            if not ready:
+                raise GangError(f"gang did not answer within {timeout_s} s (waiting on ranks "
+                                f"{sorted(pending.values())})")
+            ref = ready[0]
+            rank = pending.pop(ref)
+            try:
+                results[ref] = ray.get(ref)
+            except RayActorError as err:
+                raise GangError(f"worker {self.describe(rank)} died: {type(err).__name__}", rank) from err
+            except Exception as err:  # the worker raised: keep its own message, add where
+                cause = getattr(err, "cause", None) or err
+                raise GangError(f"worker {self.describe(rank)} failed: {cause}", rank) from err
+        return [results[r] for r in refs]
+
+    def dispatch(self, msg: StepMessage) -> list:
+        """Send one step to every worker (one message each); returns their result refs."""
+        return [w.step.remote(msg) for w in self.workers]
+
+    def sampler_rank(self) -> int:
+        """Rank whose step returns the sampled tokens: TP rank 0 of the last pipeline stage."""
+        layout = self.config.layout
+        return (layout.pp - 1) * layout.cp * layout.tp
+
+    def ping(self, timeout_s: float = 10.0) -> None:
+        """A real probe: an all-reduce through the whole gang."""
+        refs = [w.ping.remote() for w in self.workers]
+        values = self.get(refs, list(range(len(refs))), timeout_s=timeout_s)
+        expected = float(len(self.workers))
+        if any(v != expected for v in values):
+            raise GangError(f"gang ping returned {values}, expected {expected} on every rank")
+
+    def kill(self) -> None:
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        self.workers.clear()
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None

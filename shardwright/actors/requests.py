@@ -1,0 +1,98 @@
+"""What a caller holds for one request: a stream of tokens, and the final output.
+
+The engine's control thread pushes events; callers iterate synchronously (`for token in
+stream`) or asynchronously (`async for token in stream`), or wait for `result()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class RequestFailed(RuntimeError):
+    """The request could not complete; the message says why (e.g. which worker died)."""
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # 'stop' | 'length' | 'cancelled'
+
+
+_DONE = object()
+
+
+class RequestStream:
+    """Tokens of one request as they are produced, then its RequestOutput."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], decode: Callable[[list[int]], str]) -> None:
+        self.request_id = request_id
+        self.output = RequestOutput(request_id, list(prompt_ids))
+        self._decode = decode
+        self._queue: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._error: str | None = None
+        self._text = ""
+
+    # -- producer side (the engine thread) --
+    def push(self, event) -> None:
+        """Take one TokenEvent (token id, text delta, finish reason) from the scheduler."""
+        if event.token_id is not None:
+            self.output.token_ids.append(event.token_id)
+            self._queue.put(event.token_id)
+        self._text += event.text
+        if event.finish_reason is not None:
+            self.finish(event.finish_reason)
+
+    def finish(self, reason: str) -> None:
+        if self._done.is_set():
+            return
+        self.output.finish_reason = reason
+        self.output.text = self._text  # the scheduler emits text deltas (stop strings cut)
+        self._done.set()
+        self._queue.put(_DONE)
+
+    def fail(self, message: str) -> None:
+        if self._done.is_set():
+            return
+        self._error = message
+        self._done.set()
+        self._queue.put(_DONE)
+
+    # -- consumer side --
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout_s: float | None = None) -> RequestOutput:
+        """Wait for the request to finish; raises RequestFailed if it failed."""
+        if not self._done.wait(timeout_s):
+            raise TimeoutError(f"{self.request_id} did not finish within {timeout_s} s")
+        if self._error is not None:
+            raise RequestFailed(self._error)
+        return self.output
+
+    def __iter__(self):
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                if self._error is not None:
+                    raise RequestFailed(self._error)
+                return
+            yield item
+
+    async def __aiter__(self):
+        while True:
+            item = await asyncio.to_thread(self._queue.get)
+            if item is _DONE:
+                if self._error is not None:
+                    raise RequestFailed(self._error)
+                return
+            yield item
