@@ -171,3 +171,29 @@ class ParallelLayout(StrictModel):
 def _divisors(n: int, limit: int | None = None) -> list[int]:
     found = [d for d in range(1, n + 1) if n % d == 0]
     return [d for d in found if limit is None or d <= limit]
+
+
+class Settings(StrictModel):
+    """Process-wide settings, read from the environment in this one place (SHARDWRIGHT_*)."""
+
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join (SHARDWRIGHT_RAY_ADDRESS, else RAY_ADDRESS); "
+                          "None starts a local cluster when none is reachable.")
+    state_dir: Path = Field(Path.home() / ".shardwright",
+                            description="Where embedded Redis and checkpoints live (SHARDWRIGHT_STATE_DIR).")
+    redis_url: str | None = Field(None, description="External Redis (SHARDWRIGHT_REDIS_URL); None = embedded.")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        import os
+
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        address = env.get("SHARDWRIGHT_RAY_ADDRESS") or env.get("RAY_ADDRESS")
+        if address:
+            values["ray_address"] = address
+        if env.get("SHARDWRIGHT_STATE_DIR"):
+            values["state_dir"] = Path(env["SHARDWRIGHT_STATE_DIR"])
+        if env.get("SHARDWRIGHT_REDIS_URL"):
+            values["redis_url"] = env["SHARDWRIGHT_REDIS_URL"]
+        return cls(**values)

@@ -28,6 +28,7 @@ def tiny_model(tmp_path_factory):
 
 
 def test_generate_tp2_json_equals_the_reference(tiny_model):
+    # Starts its own local Ray cluster (a fresh process), as a user's first command would.
     done = run_cli("generate", "--model", str(tiny_model), "--tp", "2", "--prompt", "Hello",
                    "--max-tokens", "12", "--json")
     assert done.returncode == 0, done.stderr
@@ -39,10 +40,11 @@ def test_generate_tp2_json_equals_the_reference(tiny_model):
 
 @pytest.mark.parametrize("args, message", [
     (["--tp", "3", "--prompt", "x"], "tp=3 does not divide num_heads=4"),
-    (["--pp", "2", "--prompt", "x"], "need the Ray inference engine"),
+    (["--cp", "2", "--prompt", "x"], "not wired into the engine yet"),
+    (["--temperature", "-1", "--prompt", "x"], "temperature"),
     (["--prompt-ids", "1,x"], "comma-separated integers"),
     (["--prompt-ids", "1,999"], "outside the vocabulary"),
-    (["--max-tokens", "0", "--prompt", "x"], "--max-tokens must be at least 1"),
+    (["--max-tokens", "0", "--prompt", "x"], "max_tokens=0 must be >= 1"),
 ])
 def test_generate_errors_are_one_actionable_line(tiny_model, args, message):
     done = run_cli("generate", "--model", str(tiny_model), *args)

@@ -124,7 +124,7 @@ class InferenceEngine:
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None) -> RequestStream:
         """Queue one request; its tokens arrive on the returned stream as they are produced."""
         params = params or SamplingParams()
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.prompt_ids(prompt)
         request_id = f"req-{next(self._ids)}"
         request = Request(request_id=request_id, prompt_ids=ids, params=params)
         stream = RequestStream(request_id, ids, self.tokenizer.decode)
@@ -136,6 +136,16 @@ class InferenceEngine:
             self._incoming.append(request)
             self._lock.notify_all()
         return stream
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of `prompt` (text is tokenised); raises ValueError for ids outside the vocab."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        bad = [i for i in ids if not 0 <= i < self.spec.vocab_size]
+        if bad:
+            raise ValueError(f"prompt ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size})")
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        return ids
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None,
                  timeout_s: float | None = None) -> list[RequestOutput]:

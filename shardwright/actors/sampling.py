@@ -254,6 +254,12 @@ class _Detokenizer:
         self._prefix, self._read = 0, len(self._ids)
         return after[len(before) :]
 
+    def flush(self) -> str:
+        """Text of the held ids at the end of a request, incomplete characters included."""
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        return after[len(before) :] if len(after) > len(before) else ""
+
 
 class StopChecker:
     """Applies one request's stop rules token by token.
@@ -286,15 +292,18 @@ class StopChecker:
             raise ValueError(f"token {token} pushed after the request finished ({self.reason})")
         self._count += 1
         if token in self._stop_ids:
-            return self._finish("stop", self._pending)
+            return self._finish("stop", self._pending + self._flush())
         if self._detok is not None:
             self._pending += self._detok.push(token)
             cut = self._first_stop() if self._stops else None
             if cut is not None:
                 return self._finish("stop", self._pending[:cut])
         if self._count >= self._max_tokens:
-            return self._finish("length", self._pending)
+            return self._finish("length", self._pending + self._flush())
         return StopDecision(False, None, self._emit()) if self._pending else _RUNNING
+
+    def _flush(self) -> str:
+        return self._detok.flush() if self._detok is not None else ""
 
     def _first_stop(self) -> int | None:
         hits = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]

@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+from pydantic import ValidationError
 
 
 class UsageError(Exception):
@@ -33,29 +36,43 @@ def _parse_prompt_ids(text: str) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from shardwright.api.local_generate import timed_generate
-    from shardwright.models.tokenizer import load_tokenizer
+    from shardwright.actors.engine import EngineConfig, InferenceEngine
+    from shardwright.actors.sampling import SamplingParams
+    from shardwright.cluster.ray_connect import connect
+    from shardwright.config import ParallelLayout
 
-    if args.pp != 1 or args.cp != 1:
-        raise UsageError("--pp and --cp above 1 need the Ray inference engine, which is not built yet; use --tp")
-    if args.temperature != 0:
-        raise UsageError("only greedy decoding (--temperature 0) is available until the Ray engine lands")
-    if args.max_tokens < 1:
-        raise UsageError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
+    if args.cp != 1:
+        raise UsageError("--cp above 1 is not wired into the engine yet (ring attention exists; "
+                         "the engine integration is open work)")
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"{model_dir} has no config.json; pass a Hugging Face model directory "
                          "(make one with: shardwright init-model DIR)")
-    tokenizer = load_tokenizer(model_dir)
-    prompt_ids = _parse_prompt_ids(args.prompt_ids) if args.prompt_ids else tokenizer.encode(args.prompt)
-    if not prompt_ids:
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed)
+        config = EngineConfig(model_dir=model_dir, layout=ParallelLayout(tp=args.tp, pp=args.pp))
+    except ValidationError as err:
+        raise UsageError(_one_line(err)) from err
+    prompt = _parse_prompt_ids(args.prompt_ids) if args.prompt_ids else args.prompt
+    if not prompt:
         raise UsageError("the prompt is empty; give --prompt TEXT or --prompt-ids 1,2,3")
-    out = timed_generate(str(model_dir), prompt_ids, tp=args.tp, max_tokens=args.max_tokens, tokenizer=tokenizer)
-    result = {"tokens": out.tokens, "text": out.text, "prompt_tokens": out.prompt_tokens,
-              "tp": args.tp, "elapsed_s": round(out.elapsed_s, 3)}
+    start = time.perf_counter()
+    engine = InferenceEngine(config)  # validates the layout against the model before Ray starts
+    prompt = engine.prompt_ids(prompt)
+    connect(min_gpus=config.layout.world_size)
+    with engine.start():
+        out = engine.generate([prompt], params)[0]
+    result = {"tokens": out.token_ids, "text": out.text, "prompt_tokens": len(out.prompt_ids),
+              "finish_reason": out.finish_reason, "tp": args.tp, "pp": args.pp,
+              "elapsed_s": round(time.perf_counter() - start, 3)}
     _print_result(result, args.json, lambda r: f"{r['text']!r}\n({len(r['tokens'])} tokens at tp={r['tp']} "
-                                                 f"in {r['elapsed_s']} s, including start-up)")
+                                                 f"pp={r['pp']} in {r['elapsed_s']} s, including start-up)")
     return 0
+
+
+def _one_line(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
 
 
 def cmd_init_model(args: argparse.Namespace) -> int:
@@ -78,13 +95,17 @@ def cmd_init_model(args: argparse.Namespace) -> int:
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate tokens from a Hugging Face model directory",
-                       description="One-shot greedy generation with tensor parallelism in local processes.")
+                       description="One-shot generation on the Ray inference engine (joins the cluster in "
+                                   "SHARDWRIGHT_RAY_ADDRESS or RAY_ADDRESS, else starts a local one).")
     p.add_argument("--model", required=True, help="Hugging Face directory (config.json + safetensors)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (needs the Ray engine)")
-    p.add_argument("--cp", type=int, default=1, help="context-parallel degree (needs the Ray engine)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (default 1)")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel degree (not wired yet)")
     p.add_argument("--max-tokens", type=int, default=32, help="new tokens to generate (default 32)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (the only mode for now)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed: same seed, same tokens")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (tokenised with the model's tokenizer)")
     prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
@@ -155,8 +176,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shardwright {args.command}: {err}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as err:
-        print(f"shardwright {args.command}: {err}", file=sys.stderr)
+        print(f"shardwright {args.command}: {_first_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # the work failed: one line, exit 1
+        print(f"shardwright {args.command}: {type(err).__name__}: {_first_line(err)}", file=sys.stderr)
+        return 1
+
+
+def _first_line(err: Exception) -> str:
+    text = _one_line(err) if isinstance(err, ValidationError) else str(err)
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
 
 
 if __name__ == "__main__":

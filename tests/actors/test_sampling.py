@@ -220,3 +220,15 @@ def test_kept_tokens_match_a_full_sort_reference(scale):
         row = (torch.randn(3000, generator=gen, dtype=torch.float64) * scale).round(decimals=2)  # ties
         scaled = (row - row.max()) / p.temperature
         assert _kept_ids(scaled, torch.exp(scaled), p).tolist() == _reference_kept(row, p), (top_k, top_p)
+
+
+def test_text_held_for_incomplete_utf8_is_flushed_at_the_end():
+    from shardwright.models.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    ids = list("é".encode()) + [0xE2]  # a complete 2-byte character, then a dangling lead byte
+    decision = check_stop(ids, SamplingParams(max_tokens=len(ids)), [], tok.decode)
+    assert decision.finished and decision.reason == "length"
+    assert decision.text == "é\ufffd"
+    eos = check_stop([0xC3, 7], SamplingParams(max_tokens=9), [7], tok.decode)
+    assert eos.reason == "stop" and eos.text == "\ufffd"
