@@ -74,6 +74,4 @@ def baseline_decode(directory: str, layout: ParallelLayout, batches: list[int], 
                     prompt_len: int) -> dict[int, float]:
     """tokens/s per batch size, from the first rank (all ranks run in lock-step)."""
     args = (directory, layout.model_dump(), batches, steps, prompt_len)
-    if layout.world_size == 1:
-        return _rank(0, 1, *args)
     return run_ranks(_rank, layout.world_size, args=args)[0]

@@ -152,8 +152,11 @@ class StepScheduler:
 
     def __init__(self, blocks: BlockManager, max_tokens_per_step: int, max_running: int,
                  eos_ids: list[int], max_model_len: int, *, decode: Decode | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, micro_batches: int = 1) -> None:
         _check_limits(max_tokens_per_step, max_running, max_model_len)
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches={micro_batches} must be >= 1 (the pipeline depth)")
+        self.micro_batches = micro_batches
         self.blocks = blocks
         self.max_tokens_per_step = max_tokens_per_step
         self.max_running = max_running
@@ -247,10 +250,18 @@ class StepScheduler:
         return plan
 
     def _schedule_running(self, chunks: list[SeqChunk], budget: int) -> int:
+        """Decode tokens, then prompt chunks, of running sequences not in flight.
+
+        With micro_batches = P (the pipeline depth) a plan takes at most ceil(running / P)
+        decode sequences, so P plans of similar size can be in flight at once.
+        """
         prefilling = []
+        cap = -(-len(self._running) // self.micro_batches)
         for seq in self._running.values():
             if seq.in_flight:
                 continue  # in a plan not yet updated: its next token may be unknown
+            if len(chunks) >= cap:
+                break
             if seq.num_scheduled < seq.num_prompt_tokens:
                 prefilling.append(seq)
             else:

@@ -101,7 +101,8 @@ class InferenceEngine:
         self._scheduler = StepScheduler(
             BlockManager(c.num_blocks, c.block_size), max_tokens_per_step=c.max_tokens_per_step,
             max_running=c.max_running, eos_ids=self.spec.eos_token_id,
-            max_model_len=self.spec.max_position_embeddings, decode=self.tokenizer.decode)
+            max_model_len=self.spec.max_position_embeddings, decode=self.tokenizer.decode,
+            micro_batches=c.layout.pp)
         self._healthy, self._last_error = True, None
 
     def shutdown(self) -> None:

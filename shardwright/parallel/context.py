@@ -130,7 +130,8 @@ class ParallelContext:
     def single(cls, device: torch.device | str | None = None) -> ParallelContext:
         """One process, no communication: the reference context."""
         dev = torch.device(device) if device is not None else default_device()
-        return cls(layout=ParallelLayout(), rank=0, device=dev, backend="none")
+        return cls(layout=ParallelLayout(), rank=0, device=dev, backend="none",
+                   group_ranks={axis: [0] for axis in AXES})
 
     @classmethod
     def from_initialized(

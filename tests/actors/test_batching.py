@@ -293,3 +293,20 @@ def test_seeded_sampling_is_identical_across_batchings():
     assert run(budget=5, max_running=3, depth=1) == base
     assert run(budget=9, max_running=4, depth=3) == base
     assert len({tuple(v) for v in base.values()}) == 10
+
+
+def test_micro_batches_split_decode_sequences_across_plans_in_flight():
+    from shardwright.actors.batching import Request, StepScheduler
+    from shardwright.actors.kv_blocks import BlockManager
+    from shardwright.actors.sampling import SamplingParams
+
+    sched = StepScheduler(BlockManager(64, 4), max_tokens_per_step=64, max_running=8, eos_ids=[],
+                          max_model_len=64, micro_batches=2)
+    for i in range(6):
+        sched.add(Request(f"r{i}", [1, 2], SamplingParams(max_tokens=5, ignore_eos=True)))
+    prefill = sched.schedule()
+    sched.update(prefill, {sid: 7 for sid in prefill.sampled_seq_ids()})
+    first, second = sched.schedule(), sched.schedule()
+    assert len(first.chunks) == 3 and len(second.chunks) == 3
+    assert not set(first.sampled_seq_ids()) & set(second.sampled_seq_ids())
+    assert sched.schedule() is None  # every sequence is in flight
