@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -197,3 +197,82 @@ class Settings(StrictModel):
         if env.get("SHARDWRIGHT_REDIS_URL"):
             values["redis_url"] = env["SHARDWRIGHT_REDIS_URL"]
         return cls(**values)
+
+
+PriorityClass = Literal["serving", "high", "batch", "low"]
+JOB_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+
+class EngineOptions(StrictModel):
+    """Serving limits of one inference deployment (see actors.engine.EngineConfig)."""
+
+    block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
+    num_blocks: int = Field(1024, ge=1, description="KV-cache blocks per worker.")
+    max_running: int = Field(64, ge=1, description="Most sequences in the running batch.")
+    max_tokens_per_step: int = Field(512, ge=1, description="Token budget of one step.")
+
+
+class InferenceDeployment(StrictModel):
+    """A model served by an InferenceEngine on a gang of tp * pp GPUs."""
+
+    kind: Literal["inference"] = Field("inference", description="Job kind discriminator.")
+    name: str = Field(pattern=JOB_NAME_PATTERN, description="DNS-style name, unique per tenant.")
+    model: Path = Field(description="Hugging Face directory (config.json + safetensors) on every node.")
+    layout: ParallelLayout = Field(default_factory=ParallelLayout, description="tp and pp (cp, dp = 1).")
+    tenant: str = Field("default", min_length=1, description="Owner; set by the server from the token.")
+    priority: PriorityClass = Field("serving", description="Serving is never preempted by training.")
+    dtype: DType | None = Field(None, description="Override the checkpoint's dtype.")
+    engine: EngineOptions = Field(default_factory=EngineOptions, description="Serving limits.")
+
+    @model_validator(mode="after")
+    def _serving_layout(self) -> InferenceDeployment:
+        if self.layout.cp != 1 or self.layout.dp != 1:
+            raise ValueError(f"layout: inference deployments use tp and pp only; got cp={self.layout.cp}, "
+                             f"dp={self.layout.dp} (deploy several copies for replicas)")
+        return self
+
+
+class ModelSource(StrictModel):
+    """Where a training job's initial weights come from: a HF directory or a random preset."""
+
+    path: Path | None = Field(None, description="Hugging Face directory to start from.")
+    preset: str | None = Field(None, description="Random initialisation of a named shape (init-model presets).")
+    seed: int = Field(0, description="Seed of the random initialisation.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        if (self.path is None) == (self.preset is None):
+            raise ValueError("model: give exactly one of path (a Hugging Face directory) or preset")
+        return self
+
+
+class TrainingJob(StrictModel):
+    """A training run on a gang of tp * pp * cp * dp GPUs (fields of the run under `train`)."""
+
+    kind: Literal["training"] = Field("training", description="Job kind discriminator.")
+    name: str = Field(pattern=JOB_NAME_PATTERN, description="DNS-style name, unique per tenant.")
+    model: ModelSource = Field(description="Initial weights.")
+    layout: ParallelLayout = Field(default_factory=ParallelLayout, description="tp, pp, cp and dp.")
+    tenant: str = Field("default", min_length=1, description="Owner; set by the server from the token.")
+    priority: PriorityClass = Field("batch", description="Training is preemptible (checkpoint, requeue, resume).")
+    deadline_s: float | None = Field(None, gt=0, description="Optional deadline, seconds after submission.")
+    train: dict[str, Any] = Field(default_factory=dict,
+                                  description="Run settings (data, steps, batch, optimiser, checkpoints); "
+                                              "validated by the training controller.")
+
+
+JobSpec = Annotated[TrainingJob | InferenceDeployment, Field(discriminator="kind")]
+
+
+def parse_job(text: str) -> TrainingJob | InferenceDeployment:
+    """Validate a job file (YAML or JSON text); errors name the field and the problem."""
+    import yaml
+    from pydantic import TypeAdapter
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"job file is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"job file must be a mapping with a 'kind' field, got {type(data).__name__}")
+    return TypeAdapter(JobSpec).validate_python(data)

@@ -46,6 +46,8 @@ class EngineConfig(StrictModel):
     max_running: int = Field(64, ge=1, description="Most sequences in the running batch.")
     collective_timeout_s: float = Field(30.0, gt=0, description="Worker collective/step timeout.")
     threads_per_worker: int | None = Field(None, ge=1, description="CPU threads per worker (CPU only).")
+    bundle_nodes: tuple[str, ...] | None = Field(
+        None, description="Node IP per rank from the scheduler's placement; None lets Ray pack the gang.")
 
 
 class InferenceEngine:
@@ -91,7 +93,7 @@ class InferenceEngine:
         gang = WorkerGang(GangConfig(layout=c.layout, model_dir=str(c.model_dir), dtype=c.dtype,
                                      num_blocks=c.num_blocks, block_size=c.block_size,
                                      collective_timeout_s=c.collective_timeout_s,
-                                     threads_per_worker=c.threads_per_worker))
+                                     threads_per_worker=c.threads_per_worker, bundle_nodes=c.bundle_nodes))
         try:
             gang.start()
         except Exception:

@@ -70,6 +70,8 @@ class GangConfig:
     collective_timeout_s: float = 30.0
     placement_timeout_s: float = 60.0
     threads_per_worker: int | None = None
+    # Node IP per rank, from the scheduler's placement; None lets Ray pack the gang itself.
+    bundle_nodes: tuple[str, ...] | None = None
 
 
 class WorkerGang:
@@ -96,7 +98,12 @@ class WorkerGang:
 
     def _place(self) -> None:
         n = self.config.layout.world_size
-        bundles = [{"GPU": self.config.gpus_per_worker, "CPU": 0.001}] * n
+        bundles = [{"GPU": self.config.gpus_per_worker, "CPU": 0.001} for _ in range(n)]
+        if self.config.bundle_nodes is not None:
+            if len(self.config.bundle_nodes) != n:
+                raise GangError(f"placement names {len(self.config.bundle_nodes)} nodes for {n} ranks")
+            for bundle, ip in zip(bundles, self.config.bundle_nodes):
+                bundle[f"node:{ip}"] = 0.001  # Ray's per-node resource pins the bundle to that node
         self.pg = placement_group(bundles, strategy="PACK")
         try:
             ray.get(self.pg.ready(), timeout=self.config.placement_timeout_s)
