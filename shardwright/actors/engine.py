@@ -47,7 +47,7 @@ class EngineConfig(StrictModel):
     collective_timeout_s: float = Field(30.0, gt=0, description="Worker collective/step timeout.")
     threads_per_worker: int | None = Field(None, ge=1, description="CPU threads per worker (CPU only).")
     bundle_nodes: tuple[str, ...] | None = Field(
-        None, description="Node IP per rank from the scheduler's placement; None lets Ray pack the gang.")
+        None, description="Ray node id per rank from the scheduler's placement; None lets Ray pack the gang.")
 
 
 class InferenceEngine:

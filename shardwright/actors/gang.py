@@ -70,7 +70,7 @@ class GangConfig:
     collective_timeout_s: float = 30.0
     placement_timeout_s: float = 60.0
     threads_per_worker: int | None = None
-    # Node IP per rank, from the scheduler's placement; None lets Ray pack the gang itself.
+    # Ray node id per rank, from the scheduler's placement; None lets Ray pack the gang itself.
     bundle_nodes: tuple[str, ...] | None = None
 
 
@@ -99,12 +99,13 @@ class WorkerGang:
     def _place(self) -> None:
         n = self.config.layout.world_size
         bundles = [{"GPU": self.config.gpus_per_worker, "CPU": 0.001} for _ in range(n)]
+        selectors = None
         if self.config.bundle_nodes is not None:
             if len(self.config.bundle_nodes) != n:
                 raise GangError(f"placement names {len(self.config.bundle_nodes)} nodes for {n} ranks")
-            for bundle, ip in zip(bundles, self.config.bundle_nodes):
-                bundle[f"node:{ip}"] = 0.001  # Ray's per-node resource pins the bundle to that node
-        self.pg = placement_group(bundles, strategy="PACK")
+            # Ray labels every node with its id: this pins bundle i (rank i) to the planned node.
+            selectors = [{"ray.io/node-id": node} for node in self.config.bundle_nodes]
+        self.pg = placement_group(bundles, strategy="PACK", bundle_label_selector=selectors)
         try:
             ray.get(self.pg.ready(), timeout=self.config.placement_timeout_s)
         except GetTimeoutError as err:

@@ -4,7 +4,7 @@ Layout everywhere: packed variable-length sequences described by int cu_seqlens 
 varlen API); q [T, H, D], k and v [T, Hkv, D] with Hkv dividing H (GQA); out [T, H, D];
 lse [H, T] (natural log, float32 for 16-bit inputs). Each module states its algorithm:
 
-    merge.py      merge_attention: the one exact (out, lse) merge
+    merge.py      merge_attention_, merge_attention: the one exact (out, lse) merge
     reference.py  reference_attention: single-process tiled attention (flash-style fwd/bwd)
     plan.py       make_shard_plan, shard_tokens, unshard_tokens: who holds which tokens
     ring.py       ring_attention: KV circulates point to point, forward and backward
@@ -14,7 +14,7 @@ lse [H, T] (natural log, float32 for 16-bit inputs). Each module states its algo
 """
 
 from shardwright.parallel.attention.counters import CommStats, causal_area, ring_comm_formula
-from shardwright.parallel.attention.merge import merge_attention
+from shardwright.parallel.attention.merge import merge_attention, merge_attention_
 from shardwright.parallel.attention.plan import (
     Piece,
     ShardPlan,
@@ -44,6 +44,7 @@ __all__ = [
     "make_hybrid_groups",
     "make_shard_plan",
     "merge_attention",
+    "merge_attention_",
     "reference_attention",
     "ring_attention",
     "ring_comm_formula",

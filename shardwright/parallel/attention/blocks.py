@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from shardwright.parallel.attention.counters import CommStats, accumulation_dtype, causal_area
+from shardwright.parallel.attention.merge import merge_attention_
 from shardwright.parallel.attention.plan import Piece
 
 Tile = tuple[slice, int]  # rows in the packed tensor, position of the first row
@@ -37,16 +38,25 @@ def forward_pieces(
     scale: float,
     block_size: int,
     stats: CommStats | None = None,
+    into: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of `q_pieces` over `k_pieces`: (out [Tq, H, D], lse [H, Tq]), accumulation dtype.
 
     Rows of q in no piece, or that see no key, get out 0 and lse -inf.
+    `into`: a running (out, lse) result over other keys (accumulation dtype); each query tile's
+    result is merged into it in place with `merge_attention_` and `into` is returned, so the
+    caller never holds a second full-size output (ring attention's steps). Rows of q in no piece
+    are left as they are.
     """
     _check_block_size(block_size)
     acc = accumulation_dtype(q.dtype)
     num_tokens, heads, dim = q.shape
-    out = torch.zeros(num_tokens, heads, dim, dtype=acc, device=q.device)
-    lse = torch.full((heads, num_tokens), float("-inf"), dtype=acc, device=q.device)
+    if into is None:
+        out = torch.zeros(num_tokens, heads, dim, dtype=acc, device=q.device)
+        lse = torch.full((heads, num_tokens), float("-inf"), dtype=acc, device=q.device)
+    else:
+        out, lse = into
+        _check_into(out, lse, (num_tokens, heads, dim), acc)
     keys_of = _by_sequence(k_pieces)
     for qp in q_pieces:
         keys = keys_of.get(qp.seq, [])
@@ -54,8 +64,22 @@ def forward_pieces(
             stats.add_work("forward", heads * _area(qp, keys, causal))
         for rows, pos in _tiles(qp, block_size):
             qt = _grouped(q[rows], k.shape[1], acc)
-            out[rows], lse[:, rows] = _forward_tile(qt, pos, k, v, keys, causal, scale, block_size)
+            tile = _forward_tile(qt, pos, k, v, keys, causal, scale, block_size)
+            if into is None:
+                out[rows], lse[:, rows] = tile
+            else:
+                merge_attention_(out[rows], lse[:, rows], *tile)
     return out, lse
+
+
+def _check_into(out: torch.Tensor, lse: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
+    if tuple(out.shape) != shape or tuple(lse.shape) != (shape[1], shape[0]) or (
+        out.dtype != dtype or lse.dtype != dtype
+    ):
+        raise ValueError(
+            f"into must be (out {shape}, lse {(shape[1], shape[0])}) in {dtype}, got "
+            f"{tuple(out.shape)} {out.dtype} and {tuple(lse.shape)} {lse.dtype}"
+        )
 
 
 def _forward_tile(qt, q_pos, k, v, keys, causal, scale, block_size):
@@ -68,11 +92,11 @@ def _forward_tile(qt, q_pos, k, v, keys, causal, scale, block_size):
         scores = _scores(qt, k[rows].to(qt.dtype), scale, q_pos, k_pos, causal)
         new_max = torch.maximum(run_max, scores.amax(dim=-1))
         shift = torch.where(new_max == float("-inf"), torch.zeros_like(new_max), new_max)
-        probs = torch.exp(scores - shift.unsqueeze(-1))
+        probs = scores.sub_(shift.unsqueeze(-1)).exp_()  # in place: one score tile alive
         decay = torch.exp(run_max - shift)
         run_sum = run_sum * decay + probs.sum(dim=-1)
         values = torch.einsum("hgqk,khd->hgqd", probs, v[rows].to(qt.dtype))
-        acc = acc * decay.unsqueeze(-1) + values
+        acc = acc.mul_(decay.unsqueeze(-1)).add_(values)
         run_max = new_max
     seen = run_sum > 0
     total = torch.where(seen, run_sum, torch.ones_like(run_sum))
@@ -95,17 +119,22 @@ def backward_pieces(
     scale: float,
     block_size: int,
     stats: CommStats | None = None,
+    dq_into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of this block of attention: (dq [Tq, H, D], dk, dv [Tk, Hkv, D]).
 
     `lse` [H, Tq] is the log-sum-exp over ALL keys (the final one, not this block's) and `delta`
     [H, Tq] = rowsum(dout * out) - dlse, so that the block gradients of a split key set add up to
-    the full gradient.
+    the full gradient. `dq_into`: a running dq (accumulation dtype) this block's dq is added to in
+    place and returned as dq (ring attention sums dq over its steps this way).
     """
     _check_block_size(block_size)
     acc = accumulation_dtype(q.dtype)
     kv_heads = k.shape[1]
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    if dq_into is not None and (dq_into.shape != q.shape or dq_into.dtype != acc):
+        raise ValueError(f"dq_into must be {tuple(q.shape)} in {acc}, got "
+                         f"{tuple(dq_into.shape)} {dq_into.dtype}")
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device) if dq_into is None else dq_into
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     keys_of = _by_sequence(k_pieces)
@@ -121,7 +150,7 @@ def backward_pieces(
                 _grouped_stat(delta[:, rows].to(acc), kv_heads),
             )
             tile.run(pos, k, v, keys, dk, dv, causal, scale, block_size)
-            dq[rows] = tile.dq.reshape(dq[rows].shape)
+            dq[rows] += tile.dq.reshape(dq[rows].shape)
     return dq, dk, dv
 
 
@@ -137,22 +166,23 @@ class _TileGrad:
         qt, dot = self.qt, self.dot
         for rows, k_pos in _key_tiles(keys, q_pos, qt.shape[0], causal, block_size):
             kt, vt = k[rows].to(qt.dtype), v[rows].to(qt.dtype)
-            probs = torch.exp(_scores(qt, kt, scale, q_pos, k_pos, causal) - self.lse.unsqueeze(-1))
+            probs = _scores(qt, kt, scale, q_pos, k_pos, causal)
+            probs = probs.sub_(self.lse.unsqueeze(-1)).exp_()  # in place: fewer tiles alive
             dv[rows] += torch.einsum("hgqk,qhgd->khd", probs, dot)
             dprobs = torch.einsum("qhgd,khd->hgqk", dot, vt)
-            dscores = probs * (dprobs - self.delta.unsqueeze(-1)) * scale
+            dscores = dprobs.sub_(self.delta.unsqueeze(-1)).mul_(probs).mul_(scale)
             self.dq += torch.einsum("hgqk,khd->qhgd", dscores, kt)
             dk[rows] += torch.einsum("hgqk,qhgd->khd", dscores, qt)
 
 
 def _scores(qt, kt, scale, q_pos, k_pos, causal) -> torch.Tensor:
     """Scaled scores [Hkv, g, m, n] of a query tile against a key tile, -inf above the diagonal."""
-    scores = torch.einsum("qhgd,khd->hgqk", qt, kt) * scale
+    scores = torch.einsum("qhgd,khd->hgqk", qt, kt).mul_(scale)  # in place: a fresh tile
     m, n = qt.shape[0], kt.shape[0]
     if causal and k_pos + n - 1 > q_pos:
         qi = torch.arange(q_pos, q_pos + m, device=qt.device).unsqueeze(1)
         ki = torch.arange(k_pos, k_pos + n, device=qt.device).unsqueeze(0)
-        scores = scores.masked_fill(ki > qi, float("-inf"))
+        scores = scores.masked_fill_(ki > qi, float("-inf"))
     return scores
 
 

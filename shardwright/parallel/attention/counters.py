@@ -76,9 +76,9 @@ def ring_comm_formula(
 ) -> dict[str, int]:
     """What one call of ring attention sends from `ring_rank` (P = len(kv_tokens_per_rank)).
 
-    Forward: P-1 KV exchanges. At step s a rank sends the K and V block it holds (one tensor
-    [2, T_j, Hkv, D]) that started at rank j = r - s, for s = 0 .. P-2; so it sends every block
-    but that of rank r+1:  bytes = sum_{j != r+1} 2 * T_j * Hkv * D * itemsize.
+    Forward: P-1 KV exchanges. At step s a rank sends the K and V block it holds (two tensors
+    [T_j, Hkv, D] in one batched exchange) that started at rank j = r - s, for s = 0 .. P-2; so it
+    sends every block but that of rank r+1:  bytes = sum_{j != r+1} 2 * T_j * Hkv * D * itemsize.
     Backward: the same P-1 KV exchanges (same bytes) plus P dKV exchanges: the gradient of each
     block travels with it and makes one last hop home, so a rank sends the dK/dV of every block:
     sum_j 2 * T_j * Hkv * D * grad_itemsize, where gradients are accumulated in float32 for

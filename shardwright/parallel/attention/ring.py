@@ -4,8 +4,8 @@ Transformers"; zigzag split as in zhuzilin's ring-flash-attention).
 Every rank holds its shard of every packed sequence (see `plan.py`: contiguous or zigzag) for q,
 k and v. Forward: the K/V shards travel around the ring; at step s rank r holds the shard of rank
 r - s, starts sending it on to r + 1 (batch_isend_irecv), computes its queries' attention over it
-meanwhile, and merges that partial (out, lse) into its running result with `merge_attention`. P-1
-exchanges in all. Backward: the K/V shards travel the same way, and the dK/dV accumulated for each
+meanwhile, and merges each query tile's partial (out, lse) into its running result in place with
+`merge_attention_`. P-1 exchanges in all. Backward: the K/V shards travel the same way, and the dK/dV accumulated for each
 shard travels one step behind it, each rank adding its contribution, with one last hop back to the
 owner: P-1 KV exchanges and P dKV exchanges (`ring_comm_formula` gives the bytes). No collective
 other than these point-to-point exchanges is issued.
@@ -13,6 +13,12 @@ other than these point-to-point exchanges is issued.
 Shapes per rank: q [T_r, H, D], k, v [T_r, Hkv, D], T_r = plan.ring_tokens(r); returns out
 [T_r, H, D] in q's dtype and lse [H, T_r] (float32 for 16-bit inputs). Works on any device: buffers
 are allocated on the inputs' device, so gloo/CPU and NCCL/CUDA both work.
+
+Memory per rank beyond the inputs, forward: the running out [T_r, H, D] and lse (the result), one
+received K/V block at a time (two at P > 2 while the next one arrives) and one tile of
+temporaries; K and V travel as two tensors in one exchange, so nothing is stacked or copied, and
+no step builds a second full-size partial output. Backward: dq, the dK/dV of the block in hand and
+the one in flight, the received K/V, one tile.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ import torch.distributed as dist
 
 from shardwright.parallel.attention.blocks import backward_pieces, forward_pieces
 from shardwright.parallel.attention.counters import CommStats
-from shardwright.parallel.attention.merge import merge_attention
 from shardwright.parallel.attention.plan import ShardPlan
 from shardwright.parallel.attention.reference import (
     DEFAULT_BLOCK_SIZE,
@@ -106,35 +111,37 @@ class RingComm:
         self.next = ranks[(self.rank + 1) % self.size]
         self.prev = ranks[(self.rank - 1) % self.size]
 
-    def exchange(self, send: torch.Tensor, recv_rows: int, tag: int) -> _Pending:
-        """Send `send` [2, T, Hkv, D] to the next rank, receive [2, recv_rows, Hkv, D] from the
-        previous one. `tag` keeps K/V and dK/dV messages apart on backends that match by tag (gloo).
+    def exchange(self, sends: tuple[torch.Tensor, ...], recv_rows: int, tag: int) -> _Pending:
+        """One exchange: send the tensors `sends` (each [T, Hkv, D]; K and V, or dK and dV) to the
+        next rank and receive as many [recv_rows, Hkv, D] from the previous one, all in one
+        batch_isend_irecv. Tags `tag`, `tag` + 1, ... keep the tensors, and K/V apart from dK/dV,
+        on backends that match by tag (gloo).
         """
-        send = send.contiguous()
-        recv = send.new_empty((send.shape[0], recv_rows, *send.shape[2:]))
-        ops = [
-            dist.P2POp(dist.isend, send, self.next, self.group, tag),
-            dist.P2POp(dist.irecv, recv, self.prev, self.group, tag),
-        ]
-        return _Pending(dist.batch_isend_irecv(ops), send, recv)
+        sends = tuple(t.contiguous() for t in sends)
+        recvs = tuple(t.new_empty((recv_rows, *t.shape[1:])) for t in sends)
+        ops = []
+        for i, (send, recv) in enumerate(zip(sends, recvs)):
+            ops.append(dist.P2POp(dist.isend, send, self.next, self.group, tag + i))
+            ops.append(dist.P2POp(dist.irecv, recv, self.prev, self.group, tag + i))
+        return _Pending(dist.batch_isend_irecv(ops), sends, recvs)
 
 
 class _Pending:
-    """An exchange in flight (holding its send buffer); `wait()` returns the received tensor."""
+    """An exchange in flight (holding its send buffers); `wait()` returns the received tensors."""
 
-    def __init__(self, works: list, send: torch.Tensor, recv: torch.Tensor):
-        self.works, self.send, self.recv = works, send, recv
+    def __init__(self, works: list, sends: tuple, recvs: tuple):
+        self.works, self.sends, self.recvs = works, sends, recvs
 
-    def wait(self) -> torch.Tensor:
+    def wait(self) -> tuple[torch.Tensor, ...]:
         for work in self.works:
             work.wait()
-        self.send = None
-        return self.recv
+        self.sends = None
+        return self.recvs
 
 
 def _start(
     ring: RingComm,
-    send: torch.Tensor,
+    sends: tuple[torch.Tensor, torch.Tensor],
     recv_rows: int,
     stats: CommStats | None,
     phase: str,
@@ -142,11 +149,11 @@ def _start(
 ) -> _Pending:
     """Start one exchange of `kind` ('kv' or 'dkv'), recording it in `stats`."""
     if stats is not None:
-        stats.add_exchange(phase, kind, send.numel() * send.element_size())
-    return ring.exchange(send, recv_rows, _TAGS[kind])
+        stats.add_exchange(phase, kind, sum(t.numel() * t.element_size() for t in sends))
+    return ring.exchange(sends, recv_rows, _TAGS[kind])
 
 
-_TAGS = {"kv": 1, "dkv": 2}
+_TAGS = {"kv": 1, "dkv": 3}  # K/V use tags 1, 2; dK/dV use 3, 4
 
 
 class _RingAttention(torch.autograd.Function):
@@ -172,20 +179,21 @@ class _RingAttention(torch.autograd.Function):
 def _ring_forward(q, k, v, plan, ring, causal, scale, block_size, stats):
     """Circulate K/V (P-1 exchanges, each overlapped with one block's compute); merge partials."""
     me, world = ring.rank, ring.size
-    kv = torch.stack([k, v])
-    out = lse = None
+    kv = (k, v)
+    running = None
     for step in range(world):
         src = (me - step) % world
         pending = None
         if step < world - 1:
             pending = _start(ring, kv, plan.ring_tokens((src - 1) % world), stats, "forward", "kv")
-        part = forward_pieces(
+        running = forward_pieces(
             q, kv[0], kv[1], plan.ring_pieces[me], plan.ring_pieces[src],
-            causal=causal, scale=scale, block_size=block_size, stats=stats,
+            causal=causal, scale=scale, block_size=block_size, stats=stats, into=running,
         )
-        out, lse = part if out is None else merge_attention([out, part[0]], [lse, part[1]])
         if pending is not None:
+            kv = None  # drop the block just used (unless it is the input) before the next lands
             kv = pending.wait()
+    out, lse = running
     if stats is not None:
         stats.forward_calls += 1
     return out, lse
@@ -194,23 +202,28 @@ def _ring_forward(q, k, v, plan, ring, causal, scale, block_size, stats):
 def _ring_backward(q, k, v, dout, lse, delta, plan, ring, causal, scale, block_size, stats):
     """Circulate K/V (P-1 exchanges) with their dK/dV one step behind (P exchanges)."""
     me, world = ring.rank, ring.size
-    kv, dq, dkv_pending = torch.stack([k, v]), None, None
+    kv, dq, dkv_pending = (k, v), None, None
     for step in range(world):
         src = (me - step) % world
         next_rows, kv_pending = plan.ring_tokens((src - 1) % world), None
         if step < world - 1:
             kv_pending = _start(ring, kv, next_rows, stats, "backward", "kv")
-        dq_s, dk_s, dv_s = backward_pieces(
+        dq, dk_s, dv_s = backward_pieces(
             q, kv[0], kv[1], dout, lse, delta, plan.ring_pieces[me], plan.ring_pieces[src],
-            causal=causal, scale=scale, block_size=block_size, stats=stats,
+            causal=causal, scale=scale, block_size=block_size, stats=stats, dq_into=dq,
         )
-        dq = dq_s if dq is None else dq + dq_s
-        dkv = torch.stack([dk_s, dv_s])
         if dkv_pending is not None:
-            dkv = dkv + dkv_pending.wait()
+            dk_in, dv_in = dkv_pending.wait()
+            dk_s += dk_in
+            dv_s += dv_in
+            del dk_in, dv_in
+        dkv = (dk_s, dv_s)
+        del dk_s, dv_s
         if world > 1:
             dkv_pending = _start(ring, dkv, next_rows, stats, "backward", "dkv")
+            dkv = None  # the pending exchange holds it until sent
         if kv_pending is not None:
+            kv = None
             kv = kv_pending.wait()
     if dkv_pending is not None:
         dkv = dkv_pending.wait()  # the last hop brings this rank's own block's gradient home

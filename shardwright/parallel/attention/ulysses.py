@@ -126,13 +126,15 @@ def ulysses_attention(
             f"q has {q.shape[0]} and k {k.shape[0]}: shard with shard_tokens(x, plan, cp_rank)"
         )
     k, v = _expand_kv_heads(k, v, groups.ulysses_size)
-    dim = q.shape[-1]
+    dim, scale = q.shape[-1], default_scale(q, softmax_scale)
     q_heads = _Reshard.apply(q, sizes, me, group, True)
     kv_heads = _Reshard.apply(torch.cat([k, v], dim=-1), sizes, me, group, True)
+    del k, v  # the head-sharded copies are all the attention needs (autograd keeps what it must)
     out, lse = ring_attention_shard(
         q_heads, kv_heads[..., :dim], kv_heads[..., dim:], plan, groups.ring_group,
-        causal, default_scale(q, softmax_scale), block_size, stats,
+        causal, scale, block_size, stats,
     )
+    del q_heads, kv_heads  # freed before the output all-to-all unless autograd saved them
     out = _Reshard.apply(out, sizes, me, group, False)
     lse = _Reshard.apply(lse.transpose(0, 1).unsqueeze(-1), sizes, me, group, False)
     return out, lse.squeeze(-1).transpose(0, 1)
