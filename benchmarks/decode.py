@@ -84,7 +84,7 @@ def run(quick: bool) -> dict:
     batches = [1, 8, 32]
     layouts = [(1, 1), (2, 1), (1, 2)]
     if not ray.is_initialized():
-        ray.init(num_gpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_gpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     results = []
     for tp, pp in layouts:
         layout = ParallelLayout(tp=tp, pp=pp)

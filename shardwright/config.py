@@ -182,6 +182,12 @@ class Settings(StrictModel):
     state_dir: Path = Field(Path.home() / ".shardwright",
                             description="Where embedded Redis and checkpoints live (SHARDWRIGHT_STATE_DIR).")
     redis_url: str | None = Field(None, description="External Redis (SHARDWRIGHT_REDIS_URL); None = embedded.")
+    tokens_file: Path | None = Field(None, description="Bearer tokens -> tenants (SHARDWRIGHT_TOKENS_FILE).")
+    tls_cert: Path | None = Field(None, description="Server certificate, PEM (SHARDWRIGHT_TLS_CERT).")
+    tls_key: Path | None = Field(None, description="Server private key, PEM (SHARDWRIGHT_TLS_KEY).")
+    tls_client_ca: Path | None = Field(None, description="CA for client certificates: mutual TLS "
+                                                          "(SHARDWRIGHT_TLS_CLIENT_CA).")
+    token: str | None = Field(None, description="The client's bearer token (SHARDWRIGHT_TOKEN).")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -196,6 +202,11 @@ class Settings(StrictModel):
             values["state_dir"] = Path(env["SHARDWRIGHT_STATE_DIR"])
         if env.get("SHARDWRIGHT_REDIS_URL"):
             values["redis_url"] = env["SHARDWRIGHT_REDIS_URL"]
+        for field, var in (("tokens_file", "SHARDWRIGHT_TOKENS_FILE"), ("tls_cert", "SHARDWRIGHT_TLS_CERT"),
+                           ("tls_key", "SHARDWRIGHT_TLS_KEY"), ("tls_client_ca", "SHARDWRIGHT_TLS_CLIENT_CA"),
+                           ("token", "SHARDWRIGHT_TOKEN")):
+            if env.get(var):
+                values[field] = env[var]
         return cls(**values)
 
 

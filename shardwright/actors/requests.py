@@ -46,7 +46,8 @@ class RequestStream:
         """Take one TokenEvent (token id, text delta, finish reason) from the scheduler."""
         if event.token_id is not None:
             self.output.token_ids.append(event.token_id)
-            self._queue.put(event.token_id)
+        if event.token_id is not None or event.text:
+            self._queue.put((event.token_id, event.text))
         self._text += event.text
         if event.finish_reason is not None:
             self.finish(event.finish_reason)
@@ -79,14 +80,25 @@ class RequestStream:
             raise RequestFailed(self._error)
         return self.output
 
-    def __iter__(self):
+    def events(self, timeout_s: float | None = None):
+        """(token id or None, text delta) pairs as they are produced; raises RequestFailed.
+
+        With `timeout_s`, raises TimeoutError when no event arrives within that many seconds.
+        """
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=timeout_s)
+            except queue.Empty as err:
+                raise TimeoutError(f"{self.request_id}: no token within {timeout_s} s") from err
             if item is _DONE:
                 if self._error is not None:
                     raise RequestFailed(self._error)
                 return
             yield item
+
+    def __iter__(self):
+        """Token ids as they are produced."""
+        return (token for token, _ in self.events() if token is not None)
 
     async def __aiter__(self):
         while True:
@@ -95,4 +107,5 @@ class RequestStream:
                 if self._error is not None:
                     raise RequestFailed(self._error)
                 return
-            yield item
+            if item[0] is not None:
+                yield item[0]

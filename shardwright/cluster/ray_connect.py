@@ -38,5 +38,5 @@ def connect(settings: Settings | None = None, *, min_gpus: int = 1) -> dict:
     gpus = torch.cuda.device_count() or max(4, min_gpus)
     log.info("starting a local Ray cluster with %d %s GPUs", gpus,
              "physical" if torch.cuda.is_available() else "logical")
-    ray.init(num_gpus=gpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_gpus=gpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     return ray.cluster_resources()

@@ -14,7 +14,7 @@ ray = pytest.importorskip("ray")
 def ray_cluster():
     """A real local Ray instance with 4 logical GPUs (no GPU needed: workers use CPU + gloo)."""
     if not ray.is_initialized():
-        ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     yield ray
     ray.shutdown()

@@ -1,0 +1,83 @@
+"""InferenceService: Generate and GenerateStream over a deployment's InferenceEngine.
+
+Thin: converts protobuf to the pydantic SamplingParams at the edge, finds the caller's
+deployment, and maps failures to status codes (INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE,
+DEADLINE_EXCEEDED). A stream whose client goes away cancels its request, freeing its KV blocks.
+"""
+
+from __future__ import annotations
+
+import grpc
+from pydantic import ValidationError
+
+from shardwright.actors.requests import RequestFailed
+from shardwright.actors.sampling import SamplingParams
+from shardwright.api.auth import Authenticator, tenant_of
+from shardwright.api.gen.shardwright.v1 import inference_pb2 as pb
+from shardwright.api.gen.shardwright.v1 import inference_pb2_grpc as pb_grpc
+
+DEFAULT_MAX_TOKENS = 16
+
+
+def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
+    """The pydantic SamplingParams of a request (proto zero values mean 'default')."""
+    fields = {"max_tokens": msg.max_tokens or DEFAULT_MAX_TOKENS, "temperature": msg.temperature,
+              "top_k": msg.top_k, "top_p": msg.top_p or 1.0, "stop": list(msg.stop),
+              "stop_token_ids": list(msg.stop_token_ids), "ignore_eos": msg.ignore_eos}
+    if msg.HasField("seed"):
+        fields["seed"] = msg.seed
+    return SamplingParams(**fields)
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, ValidationError):
+        return "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, backend, auth: Authenticator) -> None:
+        self.backend = backend
+        self.auth = auth
+
+    def _submit(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
+        tenant = tenant_of(context, self.auth)
+        try:
+            engine = self.backend.engine(tenant, request.deployment)
+        except LookupError as err:
+            context.abort(grpc.StatusCode.NOT_FOUND, _one_line(err))
+        which = request.WhichOneof("prompt")
+        if which is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give a prompt: text or token_ids")
+        prompt = request.text if which == "text" else list(request.token_ids.ids)
+        try:
+            return engine, engine.submit(prompt, sampling_params(request.params))
+        except (ValueError, ValidationError) as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, _one_line(err))
+        except RuntimeError as err:
+            context.abort(grpc.StatusCode.UNAVAILABLE, _one_line(err))
+
+    def Generate(self, request, context):
+        engine, stream = self._submit(request, context)
+        timeout = context.time_remaining()
+        try:
+            out = stream.result(timeout_s=timeout)
+        except TimeoutError:
+            engine.cancel(stream.request_id)
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{stream.request_id} did not finish in time")
+        except RequestFailed as err:
+            context.abort(grpc.StatusCode.UNAVAILABLE, _one_line(err))
+        return pb.GenerateResponse(request_id=out.request_id, token_ids=out.token_ids, text=out.text,
+                                   finish_reason=out.finish_reason or "", prompt_tokens=len(out.prompt_ids))
+
+    def GenerateStream(self, request, context):
+        engine, stream = self._submit(request, context)
+        context.add_callback(lambda: engine.cancel(stream.request_id))  # client gone: free its blocks
+        try:
+            for token, text in stream.events():
+                if not context.is_active():
+                    return
+                yield pb.GenerateStreamResponse(token_id=token if token is not None else -1, text=text)
+        except RequestFailed as err:
+            context.abort(grpc.StatusCode.UNAVAILABLE, _one_line(err))
+        yield pb.GenerateStreamResponse(token_id=-1, finish_reason=stream.output.finish_reason or "")
