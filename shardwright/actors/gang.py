@@ -137,27 +137,57 @@ class WorkerGang:
         refs = [getattr(w, method).remote(*args) for w in self.workers]
         return self.get(refs, list(range(len(refs))))
 
-    def get(self, refs: list, ranks: list[int], timeout_s: float | None = None) -> list:
-        """ray.get that turns a worker failure into a GangError naming the rank and node."""
-        pending = dict(zip(refs, ranks))
+    def get(self, refs: list, ranks: list[int], timeout_s: float | None = None,
+            poll_s: float = 1.0) -> list:
+        """ray.get that turns a worker failure into a GangError naming the rank and node.
+
+        The common case is two Ray calls (wait for all, get all). While some results are late,
+        the finished ones are checked every `poll_s`, so a dead worker is reported within about
+        `poll_s` even though its peers are still blocked in a collective with it.
+        """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        results = {}
-        while pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
-            if not ready:
+        rank_of = dict(zip(refs, ranks))
+        while True:
+            left = poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic()))
+            ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=left)
+            if not waiting:
+                return self._fetch(ready, rank_of, refs)
+            self._fetch(ready, rank_of, ready)  # raises for a finished worker that failed
+            if deadline is not None and time.monotonic() >= deadline:
                 raise GangError(f"gang did not answer within {timeout_s} s (waiting on ranks "
-                                f"{sorted(pending.values())})")
-            ref = ready[0]
-            rank = pending.pop(ref)
+                                f"{sorted(rank_of[r] for r in waiting)})")
+
+    def _fetch(self, ready: list, rank_of: dict, order: list) -> list:
+        try:
+            values = ray.get(ready)
+        except Exception as err:
+            self._raise_dead_worker(err)  # a dead peer explains its live peers' errors
+            for ref in ready:  # otherwise name the worker that raised
+                self._fetch_one(ref, rank_of[ref])
+            raise
+        by_ref = dict(zip(ready, values))
+        return [by_ref[r] for r in order]
+
+    def _raise_dead_worker(self, cause: Exception, timeout_s: float = 5.0) -> None:
+        """Raise GangError for the first worker that no longer answers, if any."""
+        probes = [w.where.remote() for w in self.workers]
+        ready, waiting = ray.wait(probes, num_returns=len(probes), timeout=timeout_s)
+        for rank, probe in enumerate(probes):
+            if probe in waiting:
+                continue  # busy (maybe stuck in a collective): alive as far as we know
             try:
-                results[ref] = ray.get(ref)
+                ray.get(probe)
             except RayActorError as err:
-                raise GangError(f"worker {self.describe(rank)} died: {type(err).__name__}", rank) from err
-            except Exception as err:  # the worker raised: keep its own message, add where
-                cause = getattr(err, "cause", None) or err
-                raise GangError(f"worker {self.describe(rank)} failed: {cause}", rank) from err
-        return [results[r] for r in refs]
+                raise GangError(f"worker {self.describe(rank)} died: {type(err).__name__}", rank) from cause
+
+    def _fetch_one(self, ref, rank: int):
+        try:
+            return ray.get(ref)
+        except RayActorError as err:
+            raise GangError(f"worker {self.describe(rank)} died: {type(err).__name__}", rank) from err
+        except Exception as err:  # the worker raised: keep its own message, add where
+            cause = getattr(err, "cause", None) or err
+            raise GangError(f"worker {self.describe(rank)} failed: {cause}", rank) from err
 
     def dispatch(self, msg: StepMessage) -> list:
         """Send one step to every worker (one message each); returns their result refs."""

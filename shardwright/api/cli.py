@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +37,14 @@ def _parse_prompt_ids(text: str) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.deployment:
+        from shardwright.api.cli_remote import cmd_generate_remote
+
+        return cmd_generate_remote(args)
+    return cmd_generate_local(args)
+
+
+def cmd_generate_local(args: argparse.Namespace) -> int:
     from shardwright.actors.engine import EngineConfig, InferenceEngine
     from shardwright.actors.sampling import SamplingParams
     from shardwright.cluster.ray_connect import connect
@@ -97,7 +106,11 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate tokens from a Hugging Face model directory",
                        description="One-shot generation on the Ray inference engine (joins the cluster in "
                                    "SHARDWRIGHT_RAY_ADDRESS or RAY_ADDRESS, else starts a local one).")
-    p.add_argument("--model", required=True, help="Hugging Face directory (config.json + safetensors)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--model", help="Hugging Face directory (config.json + safetensors): run locally")
+    target.add_argument("--deployment", help="name of a deployment on a running server (see --address)")
+    p.add_argument("--address", default=os.environ.get("SHARDWRIGHT_ADDRESS", "127.0.0.1:50051"),
+                   help="server host:port for --deployment (default SHARDWRIGHT_ADDRESS or 127.0.0.1:50051)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (default 1)")
     p.add_argument("--cp", type=int, default=1, help="context-parallel degree (not wired yet)")
@@ -160,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init_model(sub)
     _add_bench(sub)
     _add_sim(sub)
+    from shardwright.api.cli_remote import add_remote_commands
+
+    add_remote_commands(sub)
     return parser
 
 
@@ -178,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"shardwright {args.command}: {_first_line(err)}", file=sys.stderr)
         return 2
-    except Exception as err:  # the work failed: one line, exit 1
+    except Exception as err:  # the work failed (or the server said no): one line, exit 1
         print(f"shardwright {args.command}: {type(err).__name__}: {_first_line(err)}", file=sys.stderr)
         return 1
 
