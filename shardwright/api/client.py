@@ -1,0 +1,126 @@
+"""Python client for a Shardwright server.
+
+    from shardwright.api.client import Client
+    with Client("127.0.0.1:50051", token="...") as c:
+        job = c.submit(open("job.yaml").read())
+        for token in c.generate_stream("chat", "Hello", max_tokens=16): ...
+
+Errors arrive as `ShardwrightError` with the gRPC status code name and the server's message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from google.protobuf.json_format import MessageToDict
+
+from shardwright.api.gen.shardwright.v1 import cluster_pb2, cluster_pb2_grpc, inference_pb2, inference_pb2_grpc
+from shardwright.api.gen.shardwright.v1 import jobs_pb2, jobs_pb2_grpc
+
+
+class ShardwrightError(RuntimeError):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+
+
+def _dict(msg) -> dict:
+    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+class Client:
+    """Synchronous client; every method raises ShardwrightError on a non-OK status."""
+
+    def __init__(self, address: str, *, token: str | None = None, ca_cert: Path | None = None,
+                 client_cert: Path | None = None, client_key: Path | None = None, timeout_s: float = 60.0) -> None:
+        self.timeout_s = timeout_s
+        self._metadata = [("authorization", f"Bearer {token}")] if token else []
+        if ca_cert is not None:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=Path(ca_cert).read_bytes(),
+                private_key=Path(client_key).read_bytes() if client_key else None,
+                certificate_chain=Path(client_cert).read_bytes() if client_cert else None)
+            self.channel = grpc.secure_channel(address, creds)
+        else:
+            self.channel = grpc.insecure_channel(address)
+        self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
+        self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
+        self.cluster_stub = cluster_pb2_grpc.ClusterServiceStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, method, request, timeout_s: float | None = None):
+        try:
+            return method(request, metadata=self._metadata, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as err:
+            raise ShardwrightError(err.code(), err.details() or "") from None
+
+    # ---- jobs
+    def submit(self, spec_text: str, idempotency_key: str | None = None) -> dict:
+        req = jobs_pb2.SubmitJobRequest(spec_yaml=spec_text, idempotency_key=idempotency_key or "")
+        return _dict(self._call(self.jobs.SubmitJob, req))
+
+    def get(self, job_id: str) -> dict:
+        return _dict(self._call(self.jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id)))
+
+    def list(self, page_size: int = 50, page_token: str = "", state: str = "", kind: str = "") -> tuple[list[dict], str]:
+        req = jobs_pb2.ListJobsRequest(page_size=page_size, page_token=page_token, state=state, kind=kind)
+        resp = self._call(self.jobs.ListJobs, req)
+        return [_dict(j) for j in resp.jobs], resp.next_page_token
+
+    def cancel(self, job_id: str) -> dict:
+        return _dict(self._call(self.jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id)))
+
+    def watch(self, job_id: str, from_sequence: int = 0, timeout_s: float | None = None) -> Iterator[dict]:
+        req = jobs_pb2.WatchJobRequest(job_id=job_id, from_sequence=from_sequence)
+        try:
+            for event in self.jobs.WatchJob(req, metadata=self._metadata, timeout=timeout_s):
+                yield _dict(event)
+        except grpc.RpcError as err:
+            raise ShardwrightError(err.code(), err.details() or "") from None
+
+    # ---- inference
+    def _generate_request(self, deployment: str, prompt: str | list[int], **params) -> inference_pb2.GenerateRequest:
+        req = inference_pb2.GenerateRequest(deployment=deployment, params=inference_pb2.SamplingParams(**params))
+        if isinstance(prompt, str):
+            req.text = prompt
+        else:
+            req.token_ids.ids.extend(prompt)
+        return req
+
+    def generate(self, deployment: str, prompt: str | list[int], timeout_s: float | None = None, **params) -> dict:
+        return _dict(self._call(self.inference.Generate, self._generate_request(deployment, prompt, **params), timeout_s))
+
+    def generate_stream(self, deployment: str, prompt: str | list[int], timeout_s: float | None = None,
+                        **params) -> Iterator[dict]:
+        """Token messages as they arrive ({token_id, text, finish_reason}); closing the iterator
+        early cancels the call, which cancels the request on the server."""
+        call = self.inference.GenerateStream(self._generate_request(deployment, prompt, **params),
+                                             metadata=self._metadata, timeout=timeout_s)
+        try:
+            for msg in call:
+                yield _dict(msg)
+        except grpc.RpcError as err:
+            raise ShardwrightError(err.code(), err.details() or "") from None
+        finally:
+            call.cancel()
+
+    # ---- cluster and health
+    def cluster(self) -> dict:
+        return _dict(self._call(self.cluster_stub.GetCluster, cluster_pb2.GetClusterRequest()))
+
+    def health(self, service: str = "", timeout_s: float = 5.0) -> str:
+        """'SERVING', 'NOT_SERVING', ... from the standard health service (no token needed)."""
+        resp = self._call(self.health_stub.Check, health_pb2.HealthCheckRequest(service=service), timeout_s)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
