@@ -90,12 +90,11 @@ class InferenceEngine:
 
     def _build(self) -> None:
         c = self.config
-        gang = WorkerGang(GangConfig(layout=c.layout, model_dir=str(c.model_dir), dtype=c.dtype,
-                                     num_blocks=c.num_blocks, block_size=c.block_size,
-                                     collective_timeout_s=c.collective_timeout_s,
+        gang = WorkerGang(GangConfig(layout=c.layout, collective_timeout_s=c.collective_timeout_s,
                                      threads_per_worker=c.threads_per_worker, bundle_nodes=c.bundle_nodes))
+        phases = [("load", (str(c.model_dir), c.dtype)), ("allocate_cache", (c.num_blocks, c.block_size))]
         try:
-            gang.start()
+            gang.start(phases)
         except Exception:
             gang.kill()
             raise

@@ -1,4 +1,4 @@
-"""A deployment's gang of ShardWorker actors: placement, start-up phases, step dispatch, death.
+"""A job's gang of ShardWorker actors: placement, start-up phases, step dispatch, death.
 
 One worker per (logical) GPU, all in one Ray placement group (bundle i = rank i, packed so a TP
 group, which is a run of consecutive ranks, lands on one node whenever the gang allows it).
@@ -29,10 +29,13 @@ class GangError(RuntimeError):
 
 @ray.remote
 class ShardWorker:
-    """Thin Ray shell over ShardRunner: one process per (logical) GPU holding one shard."""
+    """Thin Ray shell: one process per (logical) GPU around a plain runner object.
 
-    def __init__(self, rank: int, layout: dict, threads_per_worker: int | None) -> None:
-        self.runner = ShardRunner(rank, ParallelLayout(**layout), threads_per_worker=threads_per_worker)
+    `runner_cls(rank, layout, **kwargs)` must be importable and derive from GroupMember.
+    """
+
+    def __init__(self, runner_cls, rank: int, layout: dict, kwargs: dict) -> None:
+        self.runner = runner_cls(rank, ParallelLayout(**layout), **kwargs)
 
     def where(self) -> dict:
         import os
@@ -40,32 +43,13 @@ class ShardWorker:
         return {"node_id": ray.get_runtime_context().get_node_id(),
                 "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
-    def open_store(self, host: str, timeout_s: float) -> int:
-        return self.runner.open_store(host, timeout_s)
-
-    def init_group(self, host: str, port: int, timeout_s: float) -> None:
-        self.runner.init_group(host, port, timeout_s)
-
-    def load(self, model_dir: str, dtype: str | None) -> int:
-        return self.runner.load(model_dir, dtype)
-
-    def allocate_cache(self, num_blocks: int, block_size: int) -> int:
-        return self.runner.allocate_cache(num_blocks, block_size)
-
-    def step(self, msg: StepMessage) -> list[int] | None:
-        return self.runner.step(msg)
-
-    def ping(self) -> float:
-        return self.runner.ping()
+    def call(self, method: str, *args):
+        return getattr(self.runner, method)(*args)
 
 
 @dataclass(frozen=True)
 class GangConfig:
     layout: ParallelLayout
-    model_dir: str
-    dtype: str | None
-    num_blocks: int
-    block_size: int
     gpus_per_worker: float = 1.0
     collective_timeout_s: float = 30.0
     placement_timeout_s: float = 60.0
@@ -75,26 +59,28 @@ class GangConfig:
 
 
 class WorkerGang:
-    """Creates, starts, drives and tears down the workers of one deployment."""
+    """Creates, starts, drives and tears down the workers of one job (inference or training)."""
 
-    def __init__(self, config: GangConfig) -> None:
+    def __init__(self, config: GangConfig, runner_cls=ShardRunner, runner_kwargs: dict | None = None) -> None:
         self.config = config
+        self.runner_cls = runner_cls
+        self.runner_kwargs = dict(runner_kwargs or {})
         self.workers: list = []
         self.nodes: list[dict] = []
         self.pg = None
-        self.shard_bytes: list[int] = []
-        self.cache_bytes: list[int] = []
+        self.phase_results: dict[str, list] = {}
 
-    def start(self) -> None:
-        """Place the gang, then run the start-up phases; raises GangError naming rank and node."""
+    def start(self, phases: list[tuple[str, tuple]] = ()) -> None:
+        """Place the gang, join the process groups, then run each (method, args) phase on every
+        worker in order; raises GangError naming the rank and node of the first failure."""
         self._place()
         self._create_workers()
         host = self.nodes[0]["ip"]
         timeout = self.config.collective_timeout_s
         port = self._call_one(0, "open_store", host, timeout)
         self._call_all("init_group", host, port, timeout)
-        self.shard_bytes = self._call_all("load", self.config.model_dir, self.config.dtype)
-        self.cache_bytes = self._call_all("allocate_cache", self.config.num_blocks, self.config.block_size)
+        for method, args in phases:
+            self.phase_results[method] = self._call_all(method, *args)
 
     def _place(self) -> None:
         n = self.config.layout.world_size
@@ -120,22 +106,25 @@ class WorkerGang:
         layout = self.config.layout.model_dump()
         for rank in range(self.config.layout.world_size):
             strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=rank)
+            kwargs = {"threads_per_worker": self.config.threads_per_worker, **self.runner_kwargs}
             worker = ShardWorker.options(num_gpus=self.config.gpus_per_worker, num_cpus=0.001,
-                                         scheduling_strategy=strategy).remote(
-                rank, layout, self.config.threads_per_worker)
+                                        scheduling_strategy=strategy).remote(self.runner_cls, rank, layout, kwargs)
             self.workers.append(worker)
-        self.nodes = self._call_all("where")
+        self.nodes = self.get([w.where.remote() for w in self.workers], list(range(len(self.workers))))
 
     def describe(self, rank: int) -> str:
         node = self.nodes[rank] if rank < len(self.nodes) else {}
         return f"rank {rank} on node {node.get('ip', '?')} ({str(node.get('node_id', '?'))[:12]})"
 
     def _call_one(self, rank: int, method: str, *args):
-        return self.get([getattr(self.workers[rank], method).remote(*args)], [rank])[0]
+        return self.get([self.workers[rank].call.remote(method, *args)], [rank])[0]
 
     def _call_all(self, method: str, *args) -> list:
-        refs = [getattr(w, method).remote(*args) for w in self.workers]
-        return self.get(refs, list(range(len(refs))))
+        return self.get(self.submit_all(method, *args), list(range(len(self.workers))))
+
+    def submit_all(self, method: str, *args) -> list:
+        """Call `method(*args)` on every worker's runner; returns the result refs by rank."""
+        return [w.call.remote(method, *args) for w in self.workers]
 
     def get(self, refs: list, ranks: list[int], timeout_s: float | None = None,
             poll_s: float = 1.0) -> list:
@@ -191,7 +180,7 @@ class WorkerGang:
 
     def dispatch(self, msg: StepMessage) -> list:
         """Send one step to every worker (one message each); returns their result refs."""
-        return [w.step.remote(msg) for w in self.workers]
+        return self.submit_all("step", msg)
 
     def sampler_rank(self) -> int:
         """Rank whose step returns the sampled tokens: TP rank 0 of the last pipeline stage."""
@@ -200,7 +189,7 @@ class WorkerGang:
 
     def ping(self, timeout_s: float = 10.0) -> None:
         """A real probe: an all-reduce through the whole gang."""
-        refs = [w.ping.remote() for w in self.workers]
+        refs = self.submit_all("ping")
         values = self.get(refs, list(range(len(refs))), timeout_s=timeout_s)
         expected = float(len(self.workers))
         if any(v != expected for v in values):
