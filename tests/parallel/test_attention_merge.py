@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardwright.parallel.attention import merge_attention
+from shardwright.parallel.attention import merge_attention, merge_attention_
 
 EXACT = 1e-12  # fp64: the merge reassociates a softmax over <= 64 parts; observed ~1e-15
 
@@ -88,3 +88,20 @@ def test_row_masked_everywhere_is_zero_and_minus_inf():
 def test_bad_shapes_raise_value_error():
     with pytest.raises(ValueError, match="lses must be"):
         merge_attention(torch.zeros(2, 5, 3, 4), torch.zeros(2, 5, 3))
+
+
+def test_in_place_merge_into_row_views_equals_one_merge():
+    # ring attention merges each query tile of each step into views of one running accumulator
+    gen = torch.Generator().manual_seed(4)
+    outs = torch.randn(3, 10, 2, 4, generator=gen, dtype=torch.float64)
+    lses = torch.randn(3, 2, 10, generator=gen, dtype=torch.float64)
+    lses[1, :, 7:] = float("-inf")  # split 1 saw no key for the last rows
+    want_out, want_lse = merge_attention(outs, lses)
+    out, lse = outs[0].clone(), lses[0].clone()
+    storage = out.data_ptr(), lse.data_ptr()
+    for s in (1, 2):
+        for rows in (slice(0, 4), slice(4, 10)):
+            merge_attention_(out[rows], lse[:, rows], outs[s][rows], lses[s][:, rows])
+    assert (out.data_ptr(), lse.data_ptr()) == storage
+    assert (out - want_out).abs().max().item() < EXACT
+    assert (lse - want_lse).abs().max().item() < EXACT

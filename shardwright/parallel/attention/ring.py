@@ -5,10 +5,10 @@ Every rank holds its shard of every packed sequence (see `plan.py`: contiguous o
 k and v. Forward: the K/V shards travel around the ring; at step s rank r holds the shard of rank
 r - s, starts sending it on to r + 1 (batch_isend_irecv), computes its queries' attention over it
 meanwhile, and merges each query tile's partial (out, lse) into its running result in place with
-`merge_attention_`. P-1 exchanges in all. Backward: the K/V shards travel the same way, and the dK/dV accumulated for each
-shard travels one step behind it, each rank adding its contribution, with one last hop back to the
-owner: P-1 KV exchanges and P dKV exchanges (`ring_comm_formula` gives the bytes). No collective
-other than these point-to-point exchanges is issued.
+`merge_attention_`. P-1 exchanges in all. Backward: the K/V shards travel the same way, and the
+dK/dV accumulated for each shard travels one step behind it, each rank adding its contribution,
+with one last hop back to the owner: P-1 KV exchanges and P dKV exchanges (`ring_comm_formula`
+gives the bytes). No collective other than these point-to-point exchanges is issued.
 
 Shapes per rank: q [T_r, H, D], k, v [T_r, Hkv, D], T_r = plan.ring_tokens(r); returns out
 [T_r, H, D] in q's dtype and lse [H, T_r] (float32 for 16-bit inputs). Works on any device: buffers
