@@ -1,0 +1,427 @@
+"""The live scheduler: a controller that reconciles the jobs stored in Redis with runners on Ray.
+
+API (thread-safe; jobs are returned as JSON-able dicts of `JobRecord` fields, events as dicts of
+`JobEvent` fields): `submit`, `submit_text`, `get`, `list`, `cancel`, `events`, `wait_events`,
+`cluster_info`, `engine`, `health`. `start()` runs the reconcile loop in a thread; `stop()` ends it.
+
+Guarantees:
+- Persisted before acted on. Every state change is one Redis transaction with its event. An action
+  is preceded by its intent and followed by its outcome: `placed` (with the placement) before the
+  gang is started, then `running`; `preempting` before the checkpoint is asked for, then
+  `preempted` (with the checkpoint path, back in the queue); a cancel request (`cancel_requested`
+  and an event) before the gang is stopped, then `cancelled`. A job that ends by itself is recorded
+  `succeeded`/`failed` before its gang is released, so a crash in between cannot re-run it.
+- Idempotent: `submit` with the same (tenant, idempotency key) returns the same job; `cancel` of a
+  cancelled or finished job returns it unchanged; `reconcile_once` acts only on stored state, so
+  running it again after a crash repeats nothing that was recorded as done.
+- One acting scheduler per store: the loop holds a lease in Redis (renewed every `lease_ttl_s`/3); a
+  second scheduler waits for it, so a crashed scheduler is replaced within `lease_ttl_s`.
+- Restart: runners (and so the jobs' Ray workers) belong to the scheduler's process and die with it.
+  A new scheduler rebuilds its queue from Redis: queued and preempted jobs stay queued in their
+  order; jobs that were placed/running/preempting are requeued (`queued`, with a message) and
+  training resumes from its last recorded checkpoint; jobs whose cancel was requested become
+  `cancelled`. No job is lost and none is duplicated (ids and queue membership live in Redis only).
+  Run one scheduler per process: a scheduler object dropped inside a live process leaves its gangs
+  running, and the next one would not know them (their GPUs stay unavailable to it, never shared).
+
+Checkpoints of training jobs go to `<state_dir>/checkpoints/<job id>/`; on a multi-node cluster that
+directory must be shared storage, since a job may resume on other nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, TypeAdapter
+
+from shardwright.cluster import inventory
+from shardwright.cluster.ray_connect import connect
+from shardwright.cluster.state_store import HOLDING, TERMINAL, WAITING, JobRecord, JobState, StateStore
+from shardwright.cluster.state_store import TransitionError
+from shardwright.config import InferenceDeployment, JobSpec, ModelSpec, Settings, StrictModel, TrainingJob, parse_job
+from shardwright.scheduler.model import GangShape, Job, PriorityClass, RunningJob
+from shardwright.scheduler.placement import Placement
+from shardwright.scheduler.policies import PreemptJob, StartJob, make_policy
+from shardwright.scheduler.runners import JobRunner, Progress, make_runner
+
+log = logging.getLogger(__name__)
+S = JobState
+PRIORITY_CLASSES: dict[str, PriorityClass] = {  # the spec's class name -> the policies' class
+    "low": PriorityClass.BEST_EFFORT, "batch": PriorityClass.TRAINING,
+    "serving": PriorityClass.INFERENCE, "high": PriorityClass.CRITICAL,
+}
+_SPEC = TypeAdapter(JobSpec)
+
+
+class SchedulerConfig(StrictModel):
+    """How the live scheduler decides and how often it looks."""
+
+    policy: Literal["fifo", "priority", "fairshare", "backfill", "las"] = Field(
+        "priority", description="Scheduling policy (scheduler.policies).")
+    policy_options: dict[str, Any] = Field(default_factory=dict,
+                                           description="Keyword options of the policy, e.g. quotas_gpus.")
+    namespace: str = Field("shardwright", min_length=1, description="Redis key prefix.")
+    reconcile_interval_s: float = Field(0.5, gt=0, description="Pause between passes (submit/cancel wake it).")
+    lease_ttl_s: float = Field(5.0, gt=0, description="A dead scheduler's lease expires after this.")
+    checkpoint_timeout_s: float = Field(300.0, gt=0, description="How long a preempted job may take to checkpoint.")
+    progress_event_interval_s: float = Field(10.0, gt=0, description="Least time between progress events of a job.")
+
+
+class JobNotFoundError(LookupError):
+    """No such job for this tenant."""
+
+
+class SchedulerService:
+    """The control plane of jobs: API calls write Redis; the reconcile loop acts on it."""
+
+    def __init__(self, settings: Settings | None = None, config: SchedulerConfig | None = None, *,
+                 runner_factory=make_runner) -> None:
+        self.settings = settings or Settings.from_env()
+        self.config = config or SchedulerConfig()
+        self.policy = make_policy(self.config.policy, **self.config.policy_options)
+        connect(self.settings)
+        self.store = StateStore.open(self.settings, self.config.namespace)
+        self.runner_factory = runner_factory
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._runners: dict[str, JobRunner] = {}
+        self._progress_event_at: dict[str, float] = {}
+        self._wake, self._stopping, self._lease_lost = threading.Event(), threading.Event(), threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ---- API ------------------------------------------------------------------------------
+    def submit(self, spec: TrainingJob | InferenceDeployment, tenant: str,
+               idempotency_key: str | None = None) -> dict:
+        """Validate and queue a job; with a known idempotency key, return that job instead."""
+        spec = spec.model_copy(update={"tenant": tenant})
+        self.check_submission(spec)
+        now = time.time()
+        record = JobRecord(job_id=f"{spec.name}-{uuid.uuid4().hex[:8]}", name=spec.name, kind=spec.kind,
+                           tenant=tenant, state=S.QUEUED, priority=spec.priority, layout=spec.layout.model_dump(),
+                           spec=spec.model_dump(mode="json"), submitted_at_s=now, updated_at_s=now,
+                           idempotency_key=idempotency_key, queued_since_s=now)
+        gpus = spec.layout.world_size
+        record, _ = self.store.create_job(record, [(S.SUBMITTED, f"submitted by tenant {tenant}: {gpus} GPUs"),
+                                                   (S.QUEUED, "queued")])
+        self._wake.set()
+        return record.model_dump(mode="json")
+
+    def submit_text(self, text: str, tenant: str, idempotency_key: str | None = None) -> dict:
+        """`submit` of a job file's text (YAML or JSON)."""
+        return self.submit(parse_job(text), tenant, idempotency_key)
+
+    def check_submission(self, spec: TrainingJob | InferenceDeployment) -> None:
+        """Raise ValueError (UnplaceableJobError) for a job that could never run on this cluster."""
+        model_dir = spec.model if isinstance(spec, InferenceDeployment) else spec.model.path
+        if model_dir is not None and (Path(model_dir) / "config.json").is_file():
+            spec.layout.validate_for(ModelSpec.from_hf_dir(model_dir))
+        job = Job(spec.name, spec.tenant, spec.kind, GangShape.from_layout(spec.layout), time.time(),
+                  priority=int(PRIORITY_CLASSES[spec.priority]))
+        self.policy.check_submission(job, inventory.empty_inventory(inventory.list_nodes()))
+
+    def get(self, job_id: str, tenant: str | None = None) -> dict:
+        return self._record(job_id, tenant).model_dump(mode="json")
+
+    def list(self, tenant: str | None, page_size: int = 50, page_token: str | None = None,
+             state: str | None = None, kind: str | None = None) -> tuple[list[dict], str | None]:
+        """The tenant's jobs (all jobs for tenant None) in submission order, a page at a time."""
+        if state is not None and state not in {s.value for s in S}:
+            raise ValueError(f"state={state!r} is not a job state; choose one of {[s.value for s in S]}")
+        if kind not in (None, "training", "inference"):
+            raise ValueError(f"kind={kind!r} is not a job kind; choose 'training' or 'inference'")
+        records, token = self.store.list_jobs(tenant, page_size, page_token, state, kind)
+        return [r.model_dump(mode="json") for r in records], token
+
+    def cancel(self, job_id: str, tenant: str | None = None) -> dict:
+        """Cancel now if waiting; if holding GPUs, record the request and let the loop stop it."""
+        for _ in range(5):  # the loop may move the job between our read and our write: re-read
+            record = self._record(job_id, tenant)
+            try:
+                if record.state in WAITING:
+                    record = self.store.transition(job_id, S.CANCELLED, f"cancelled by tenant {record.tenant}",
+                                                   expect=WAITING)
+                elif record.state in HOLDING and not record.cancel_requested:
+                    record = self.store.annotate(job_id, "cancel requested; stopping its gang",
+                                                 fields={"cancel_requested": True}, expect=HOLDING)
+                self._wake.set()
+                return record.model_dump(mode="json")
+            except TransitionError:
+                continue
+        raise RuntimeError(f"job {job_id} kept changing state while being cancelled; try again")
+
+    def events(self, job_id: str, from_sequence: int = 0, tenant: str | None = None) -> list[dict]:
+        self._record(job_id, tenant)
+        return [e.model_dump(mode="json") for e in self.store.events(job_id, from_sequence)]
+
+    def wait_events(self, job_id: str, from_sequence: int, timeout_s: float = 1.0,
+                    tenant: str | None = None) -> tuple[list[dict], bool]:
+        """Events from `from_sequence` (waiting up to `timeout_s` for one), and whether the job has
+        ended and every one of its events has been returned (for a WatchJob stream to end)."""
+        self._record(job_id, tenant)
+        events = self.store.wait_events(job_id, from_sequence, timeout_s)
+        record = self._record(job_id, tenant)
+        seen = from_sequence + len(events) if events else from_sequence
+        return [e.model_dump(mode="json") for e in events], record.state in TERMINAL and seen >= record.num_events
+
+    def cluster_info(self, tenant: str | None = None) -> dict:
+        """Nodes (GPUs, memory) and the gangs placed on them (the tenant's only, if given)."""
+        nodes = inventory.list_nodes()
+        address = {n.node_id: n.address for n in nodes}
+        gangs = [{"job_id": r.job_id, "kind": r.kind, "layout": r.layout,
+                  "workers": [f"rank {rank} on node {address.get(node, '?')} ({node[:12]})"
+                              for rank, node in enumerate(r.placement)]}
+                 for r in self.store.get_jobs(self.store.active_ids()) if tenant in (None, r.tenant)]
+        return {"nodes": [asdict(n) for n in nodes], "gangs": gangs}
+
+    def engine(self, tenant: str, name: str):
+        """The InferenceEngine of the tenant's running deployment `name` (this process's loop only)."""
+        runners = self._runners.copy()  # the loop thread changes the dict
+        for record in self.store.get_jobs(runners):
+            runner = runners.get(record.job_id)
+            if (record.tenant, record.name, record.state) == (tenant, name, S.RUNNING) and \
+                    getattr(runner, "engine", None) is not None:
+                return runner.engine
+        raise LookupError(f"tenant {tenant!r} has no running inference deployment named {name!r}; "
+                          "see `shardwright status` for its jobs and their states")
+
+    def runner(self, job_id: str) -> JobRunner | None:
+        """The runner of a job this scheduler is running, if any."""
+        return self._runners.get(job_id)
+
+    def health(self) -> dict:
+        """A real probe: a Redis round trip, and whether the loop runs and holds the lease."""
+        return {"redis_round_trip_s": self.store.ping(), "loop_running": any(t.is_alive() for t in self._threads),
+                "lease_lost": self._lease_lost.is_set(), "jobs_running_here": len(self._runners)}
+
+    def _record(self, job_id: str, tenant: str | None) -> JobRecord:
+        record = self.store.get_job(job_id)
+        if record is None or tenant not in (None, record.tenant):
+            raise JobNotFoundError(f"job {job_id!r} not found for tenant {tenant!r}; list your jobs with "
+                                   "`shardwright status`")
+        return record
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> SchedulerService:
+        """Take the lease (waiting up to 2 x lease_ttl_s for a dead scheduler's to expire), requeue
+        what a previous scheduler left holding GPUs, and start the loop."""
+        deadline = time.monotonic() + 2 * self.config.lease_ttl_s
+        while (holder := self.store.acquire_lease(self.owner, self.config.lease_ttl_s)) is not None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"scheduler {holder} holds the lease of namespace {self.config.namespace!r}; "
+                                   "stop it first, or give this one another SchedulerConfig.namespace")
+            time.sleep(0.1)
+        self._recover()
+        for target in (self._heartbeat, self._loop):
+            thread = threading.Thread(target=target, name=f"shardwright-scheduler{target.__name__}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self, requeue_jobs: bool = True) -> None:
+        """End the loop and stop every job it runs; with `requeue_jobs`, checkpoint them and record
+        them `preempted` (back in the queue), else leave their records for the next scheduler."""
+        self._stopping.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=self.config.checkpoint_timeout_s + 30)
+        for job_id in list(self._runners):
+            try:
+                if requeue_jobs:
+                    self._preempt(job_id, "the scheduler is shutting down")
+            except Exception:  # keep stopping the others; this job is requeued by the next scheduler
+                log.exception("could not requeue job %s at shutdown", job_id)
+            self._release(job_id)
+        self.store.release_lease(self.owner)
+
+    def close(self) -> None:
+        """`stop()` (if started), then close the state store."""
+        if self._threads:
+            self.stop()
+        self.store.close()
+
+    def _recover(self) -> None:
+        for record in self.store.get_jobs(self.store.active_ids()):
+            if record.job_id in self._runners:
+                continue
+            if record.cancel_requested:
+                self.store.transition(record.job_id, S.CANCELLED, "cancelled (requested before the scheduler "
+                                      "restarted; its gang ended with the previous scheduler)",
+                                      fields=_released(record))
+                continue
+            resume = f"resumes from checkpoint {record.checkpoint}" if record.checkpoint else "starts over"
+            self.store.transition(record.job_id, S.QUEUED, f"requeued: the scheduler restarted and this job's "
+                                  f"gang ended with the previous scheduler's process; {resume}",
+                                  fields={**_released(record), "queued_since_s": time.time()})
+
+    def _heartbeat(self) -> None:
+        """Renew the lease; once it is lost (taken, or not renewed for lease_ttl_s), stop acting."""
+        renewed, holder = time.monotonic(), None
+        while not self._stopping.wait(self.config.lease_ttl_s / 3):
+            try:
+                holder = self.store.acquire_lease(self.owner, self.config.lease_ttl_s)
+                renewed = time.monotonic() if holder is None else renewed
+            except Exception as err:  # Redis unreachable: keep trying until the lease would have expired
+                log.warning("cannot renew the scheduler lease: %s", err)
+            if holder is not None or time.monotonic() - renewed > self.config.lease_ttl_s:
+                log.error("scheduler lease lost (holder %s): stopping this scheduler's jobs", holder)
+                self._lease_lost.set()
+                self._wake.set()
+                return
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set() and not self._lease_lost.is_set():
+            try:
+                self.reconcile_once()
+            except Exception:  # Redis or Ray hiccup: log it and try again next pass
+                log.exception("scheduler pass failed; retrying in %.1f s", self.config.reconcile_interval_s)
+            self._wake.wait(self.config.reconcile_interval_s)
+            self._wake.clear()
+        if self._lease_lost.is_set():  # another scheduler owns the jobs now: stop ours, write nothing
+            for job_id in list(self._runners):
+                self._release(job_id)
+
+    # ---- one pass ------------------------------------------------------------------------------
+    def reconcile_once(self) -> list:
+        """Poll runners, then run the policy on the stored queue and carry out its decisions."""
+        self._poll_runners()
+        queue = self.store.get_jobs(self.store.queued_ids())
+        active = self.store.get_jobs(self.store.active_ids())
+        if not queue:
+            return []
+        now = time.time()
+        cluster = inventory.gpu_inventory(inventory.list_nodes(), Counter(n for r in active for n in r.placement))
+        running = [_running_job(r, now) for r in active
+                   if r.placement and all(n in cluster.total_by_node for n in r.placement)]
+        decisions = self.policy.schedule([_scheduler_job(r) for r in queue], running, cluster, now)
+        for decision in decisions:
+            if self._stopping.is_set() or self._lease_lost.is_set():
+                break
+            if isinstance(decision, PreemptJob):
+                self._preempt(decision.job_id, decision.reason)
+            elif isinstance(decision, StartJob):
+                self._start(decision.job_id, decision.placement)
+        return decisions
+
+    def _poll_runners(self) -> None:
+        for job_id, runner in list(self._runners.items()):
+            record = self.store.get_job(job_id)
+            if record is None or record.state not in HOLDING:
+                self._release(job_id)
+            elif record.cancel_requested:
+                self._release(job_id)
+                self.store.transition(job_id, S.CANCELLED, f"cancelled by tenant {record.tenant}",
+                                      fields=_released(record))
+            else:
+                self._observe(record, runner.progress())
+
+    def _observe(self, record: JobRecord, progress: Progress) -> None:
+        """Store a runner's progress: its outcome if it ended, else step and checkpoint when they moved."""
+        step, checkpoint = progress["step"], progress["checkpoint"] or record.checkpoint
+        metrics = {"step": float(step)}
+        if progress.get("loss") is not None:
+            metrics["loss"] = float(progress["loss"])
+        fields = {"step": step, "checkpoint": checkpoint}
+        if progress["state"] in ("succeeded", "failed"):
+            outcome = S(progress["state"])
+            message = f"{outcome.value} at step {step}" + (f": {progress['error']}" if progress["error"] else "")
+            self.store.transition(record.job_id, outcome, message, fields={**fields, **_released(record)},
+                                  metrics=metrics)
+            self._release(record.job_id)  # after the outcome is stored: a crash now cannot re-run it
+        elif (step, checkpoint) != (record.step, record.checkpoint):
+            self._record_progress(record.job_id, fields, metrics)
+
+    def _record_progress(self, job_id: str, fields: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Progress fields every pass; an event at most every progress_event_interval_s."""
+        now = time.monotonic()
+        due = now - self._progress_event_at.get(job_id, 0.0) >= self.config.progress_event_interval_s
+        if due:
+            self._progress_event_at[job_id] = now
+        try:
+            self.store.annotate(job_id, f"step {fields['step']}" if due else None, fields=fields,
+                                metrics=metrics, expect=HOLDING)
+        except TransitionError:
+            pass  # it left HOLDING meanwhile; the next pass handles it
+
+    def _start(self, job_id: str, placement: Placement) -> None:
+        record, nodes = self.store.get_job(job_id), placement.rank_nodes
+        where = ", ".join(f"{count} on {node[:12]}" for node, count in placement.node_gpus)
+        try:
+            record = self.store.transition(job_id, S.PLACED, f"placed: {where}", expect=WAITING,
+                                           fields={"placement": list(nodes), "started_at_s": time.time(),
+                                                   "attempts": record.attempts + 1})
+        except TransitionError:  # cancelled since the queue was read
+            return
+        runner = self.runner_factory(_SPEC.validate_python(record.spec), bundle_nodes=nodes,
+                                     checkpoint_dir=Path(self.settings.state_dir) / "checkpoints" / job_id)
+        try:
+            runner.start(record.checkpoint)
+        except Exception as err:
+            _stop_quietly(runner)
+            self.store.transition(job_id, S.FAILED, f"could not start: {err}", fields=_released(record))
+            return
+        self._runners[job_id] = runner
+        step = runner.progress()["step"]
+        resumed = f"; resumed from checkpoint {record.checkpoint} at step {step}" if record.checkpoint else ""
+        self.store.transition(job_id, S.RUNNING, f"running{resumed}", fields={"step": step},
+                              metrics={"step": float(step)}, expect=[S.PLACED])
+
+    def _preempt(self, job_id: str, reason: str) -> None:
+        record = self.store.transition(job_id, S.PREEMPTING, f"preempting: {reason}", expect=[S.RUNNING])
+        runner, checkpoint, note = self._runners.pop(job_id, None), record.checkpoint, ""
+        step = record.step
+        if runner is not None:
+            try:
+                checkpoint = runner.checkpoint_and_stop(self.config.checkpoint_timeout_s) or checkpoint
+                step = runner.progress()["step"]
+            except Exception as err:
+                note = f" (checkpoint failed: {err}; the last recorded checkpoint is kept)"
+                _stop_quietly(runner)
+        where = f"checkpoint {checkpoint} at step {step}" if checkpoint else "no checkpoint"
+        fields = {**_released(record), "checkpoint": checkpoint, "step": step, "queued_since_s": time.time()}
+        if self.store.get_job(job_id).cancel_requested:  # asked while we preempted: honour the cancel
+            self.store.transition(job_id, S.CANCELLED, f"cancelled by tenant {record.tenant} ({where})",
+                                  fields=fields, metrics={"step": float(step)})
+            return
+        self.store.transition(job_id, S.PREEMPTED, f"preempted; requeued with {where}{note}",
+                              fields=fields, metrics={"step": float(step)})
+
+    def _release(self, job_id: str) -> None:
+        runner = self._runners.pop(job_id, None)
+        self._progress_event_at.pop(job_id, None)
+        if runner is not None:
+            _stop_quietly(runner)
+
+
+def _released(record: JobRecord) -> dict[str, Any]:
+    """Fields of a job that gives its GPUs back: no placement, its run added to its service."""
+    ran_s = max(0.0, time.time() - record.started_at_s) if record.started_at_s else 0.0
+    gpus = len(record.placement)
+    return {"placement": [], "started_at_s": None,
+            "attained_service_gpu_s": record.attained_service_gpu_s + gpus * ran_s}
+
+
+def _stop_quietly(runner: JobRunner) -> None:
+    try:
+        runner.stop()
+    except Exception:  # stopping must not stop the scheduler; the gang dies with the process anyway
+        log.exception("stopping a runner failed")
+
+
+def _scheduler_job(record: JobRecord) -> Job:
+    deadline = record.spec.get("deadline_s")
+    return Job(record.job_id, record.tenant, record.kind, GangShape(**record.layout), record.submitted_at_s,
+               priority=int(PRIORITY_CLASSES[record.priority]),
+               deadline_s=record.submitted_at_s + deadline if deadline else None,
+               attained_service_gpu_s=record.attained_service_gpu_s, queued_since_s=record.queued_since_s)
+
+
+def _running_job(record: JobRecord, now: float) -> RunningJob:
+    return RunningJob(_scheduler_job(record), dict(Counter(record.placement)), record.started_at_s or now)

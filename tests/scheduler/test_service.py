@@ -1,0 +1,269 @@
+"""The live scheduler on a real 3-node local Ray cluster with embedded Redis and real engines.
+
+One cluster for the module: `ray.cluster_utils.Cluster` with 3 nodes (the head included) of 4
+logical GPUs each, 12 GPUs in all. Each test gets its own state dir (its own embedded Redis) and
+stops its scheduler, so its gangs are gone before the next test. Tests that need a full cluster
+without starting 12 workers hold the other GPUs with a plain Ray placement group, which the
+scheduler sees as GPUs in use by someone else (the inventory takes Ray's available GPUs into account).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+
+import pytest
+
+from model_helpers import tiny_spec
+from shardwright.config import InferenceDeployment, ModelSource, ParallelLayout, Settings, TrainingJob
+from shardwright.models.random_init import write_random_checkpoint
+from shardwright.scheduler.model import UnplaceableJobError
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+from ray.util.placement_group import placement_group, remove_placement_group  # noqa: E402
+
+from shardwright.scheduler.service import SchedulerConfig, SchedulerService  # noqa: E402
+
+pytestmark = pytest.mark.slow
+GPUS_PER_NODE = 4
+FAST = dict(reconcile_interval_s=0.2, lease_ttl_s=2.0)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": GPUS_PER_NODE,
+                                                      "include_dashboard": False})
+    for _ in range(2):
+        c.add_node(num_cpus=2, num_gpus=GPUS_PER_NODE)
+    ray.init(address=c.address, log_to_driver=False, configure_logging=False)
+    c.wait_for_nodes()
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_random_checkpoint(tmp_path_factory.mktemp("served") / "llama",
+                                   tiny_spec("llama", vocab_size=256), seed=5, std=0.15)
+
+
+@pytest.fixture
+def make_service(cluster, tmp_path):
+    made = []
+
+    def make(policy: str = "priority", start: bool = True, state_dir=None, **options) -> SchedulerService:
+        settings = Settings(state_dir=state_dir or tmp_path / "state", ray_address=cluster.address)
+        service = SchedulerService(settings, SchedulerConfig(policy=policy, policy_options=options, **FAST))
+        made.append(service)
+        return service.start() if start else service
+
+    yield make
+    for service in made:
+        service.close()
+
+
+def node_ids() -> list[str]:
+    return sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+
+
+@pytest.fixture
+def hold_gpus(cluster):
+    """Hold GPUs with a placement group: hold({node: count}) leaves the scheduler only the rest."""
+    groups = []
+
+    def hold(by_node: dict[str, int]) -> None:
+        nodes = [node for node, count in by_node.items() for _ in range(count)]
+        pg = placement_group([{"GPU": 1}] * len(nodes), bundle_label_selector=[{"ray.io/node-id": n} for n in nodes])
+        ray.get(pg.ready(), timeout=30)
+        groups.append(pg)
+
+    yield hold
+    for pg in groups:
+        remove_placement_group(pg)
+
+
+def deployment(name: str, model_dir, tp: int = 1, pp: int = 1, **fields) -> InferenceDeployment:
+    return InferenceDeployment(name=name, model=model_dir, layout=ParallelLayout(tp=tp, pp=pp),
+                               engine={"num_blocks": 64}, **fields)
+
+
+def wait_state(service: SchedulerService, job_id: str, state: str, timeout_s: float = 90.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = service.get(job_id)
+        if job["state"] == state:
+            return job
+        if job["state"] in ("failed", "succeeded", "cancelled") and state != job["state"]:
+            raise AssertionError(f"{job_id} ended {job['state']}: {job['message']}")
+        time.sleep(0.1)
+    raise AssertionError(f"{job_id} is {service.get(job_id)['state']}, not {state}, after {timeout_s} s: "
+                         f"{[e['message'] for e in service.events(job_id)]}")
+
+
+def states(service: SchedulerService, job_id: str) -> list[str]:
+    return [e["state"] for e in service.events(job_id)]
+
+
+def test_job_larger_than_the_cluster_is_rejected_at_submission(make_service, model_dir):
+    service = make_service(start=False)
+    big = TrainingJob(name="big", model=ModelSource(preset="tiny"), layout=ParallelLayout(tp=4, dp=4))
+    with pytest.raises(UnplaceableJobError, match=r"asks for 16 GPUs .* larger than the whole cluster "
+                                                   r"\(12 GPUs on 3 nodes\); shrink the gang or add nodes"):
+        service.submit(big, "t1")
+    with pytest.raises(ValueError, match="pp=4 exceeds num_layers=2"):
+        service.submit(deployment("deep", model_dir, tp=4, pp=4), "t1")
+    assert service.list(None) == ([], None)  # nothing was stored
+
+
+def test_submission_is_idempotent_by_key(make_service, model_dir):
+    service = make_service(start=False)
+    first = service.submit(deployment("chat", model_dir), "t1", idempotency_key="k-1")
+    again = service.submit(deployment("chat", model_dir), "t1", idempotency_key="k-1")
+    assert again["job_id"] == first["job_id"] and again["state"] == "queued"
+    other = service.submit(deployment("chat-2", model_dir), "t1", idempotency_key="k-2")
+    assert other["job_id"] != first["job_id"]
+    with pytest.raises(ValueError, match="already has an unfinished job named 'chat'"):
+        service.submit(deployment("chat", model_dir), "t1")
+    jobs, _ = service.list("t1")
+    assert [j["job_id"] for j in jobs] == [first["job_id"], other["job_id"]]
+    assert states(service, first["job_id"]) == ["submitted", "queued"]
+    with pytest.raises(LookupError):
+        service.get(first["job_id"], "t2")  # another tenant does not see it
+
+
+def test_tp4_lands_on_one_node_and_tp2pp2_pairs_each_on_one_node(make_service, model_dir):
+    service = make_service()
+    tp4 = service.submit(deployment("tp4", model_dir, tp=4), "t1")["job_id"]
+    tp2pp2 = service.submit(deployment("tp2pp2", model_dir, tp=2, pp=2), "t1")["job_id"]
+    for job_id in (tp4, tp2pp2):
+        wait_state(service, job_id, "running")
+    workers = service.runner(tp4).worker_nodes()
+    assert len(workers) == 4 and len(set(workers)) == 1 and workers == service.get(tp4)["placement"]
+    workers = service.runner(tp2pp2).worker_nodes()
+    assert workers == service.get(tp2pp2)["placement"]
+    assert workers[0] == workers[1] and workers[2] == workers[3]  # each TP pair on one node
+    assert len(set(workers) | {service.get(tp4)["placement"][0]}) >= 2  # the tp=4 node is full
+    gangs = {g["job_id"]: g for g in service.cluster_info("t1")["gangs"]}
+    assert len(gangs[tp2pp2]["workers"]) == 4
+    out = service.engine("t1", "tp2pp2").generate([[1, 2, 3]], timeout_s=60)[0]
+    assert len(out.token_ids) > 0
+    for job_id in (tp4, tp2pp2):
+        service.cancel(job_id)
+        wait_state(service, job_id, "cancelled")
+    assert states(service, tp4) == ["submitted", "queued", "placed", "running", "running", "cancelled"]
+
+
+def test_a_job_that_fits_later_waits_then_runs(make_service, model_dir, hold_gpus):
+    nodes = node_ids()
+    hold_gpus({nodes[0]: 4, nodes[1]: 4, nodes[2]: 3})  # one GPU left for the scheduler
+    service = make_service()
+    first = service.submit(deployment("first", model_dir), "t1")["job_id"]
+    wait_state(service, first, "running")
+    second = service.submit(deployment("second", model_dir), "t1")["job_id"]
+    time.sleep(1.0)  # several passes
+    assert service.get(second)["state"] == "queued"
+    service.cancel(first)
+    wait_state(service, first, "cancelled")
+    job = wait_state(service, second, "running")
+    assert job["placement"] == [nodes[2]]
+    assert states(service, second) == ["submitted", "queued", "placed", "running"]
+
+
+def test_tenant_over_quota_waits_while_others_run(make_service, model_dir):
+    service = make_service("fairshare", quotas_gpus={"team-a": 1})
+    a1 = service.submit(deployment("a1", model_dir), "team-a")["job_id"]
+    a2 = service.submit(deployment("a2", model_dir), "team-a")["job_id"]
+    b1 = service.submit(deployment("b1", model_dir), "team-b")["job_id"]
+    wait_state(service, a1, "running")
+    wait_state(service, b1, "running")
+    time.sleep(1.0)
+    assert service.get(a2)["state"] == "queued"  # 10 GPUs free, but team-a holds its quota
+    with pytest.raises(UnplaceableJobError, match="quota of 1 GPUs"):
+        service.submit(deployment("a3", model_dir, tp=2), "team-a")
+    service.cancel(a1)
+    wait_state(service, a2, "running")
+    assert service.get(b1)["state"] == "running"
+
+
+SCHEDULER_PROCESS = textwrap.dedent("""
+    import time
+    from shardwright.scheduler.service import SchedulerConfig, SchedulerService
+    service = SchedulerService(config=SchedulerConfig(reconcile_interval_s=0.2, lease_ttl_s=2.0)).start()
+    time.sleep(3600)
+""")
+
+
+def test_scheduler_killed_with_jobs_queued_and_running_loses_nothing(cluster, make_service, model_dir,
+                                                                    hold_gpus, tmp_path):
+    nodes = node_ids()
+    hold_gpus({nodes[0]: 4, nodes[1]: 4, nodes[2]: 2})  # two GPUs left
+    api = make_service(start=False)  # API only: writes Redis; the scheduler runs in a child process
+    ids = {name: api.submit(deployment(name, model_dir, tp=tp), "t1", idempotency_key=name)["job_id"]
+           for name, tp in (("r1", 1), ("r2", 1), ("q1", 1), ("q2", 2))}
+    env = {**os.environ, "SHARDWRIGHT_STATE_DIR": str(tmp_path / "state"), "SHARDWRIGHT_RAY_ADDRESS": cluster.address}
+    log_path = tmp_path / "scheduler.log"
+    with open(log_path, "w") as log:
+        child = subprocess.Popen([sys.executable, "-c", SCHEDULER_PROCESS], env=env, stdout=log, stderr=log,
+                                 start_new_session=True)
+    try:
+        for name in ("r1", "r2"):
+            wait_state(api, ids[name], "running", timeout_s=120)
+        assert [api.get(ids[n])["state"] for n in ("q1", "q2")] == ["queued", "queued"]
+    except AssertionError as err:
+        raise AssertionError(f"{err}\nscheduler process log:\n{log_path.read_text()[-3000:]}") from err
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)  # no clean-up at all: as if the machine lost the process
+        child.wait()
+    restarted = make_service(start=False)
+    restarted.start()  # waits for the dead scheduler's lease, then rebuilds the queue from Redis
+    jobs, _ = restarted.list("t1")
+    assert sorted(j["job_id"] for j in jobs) == sorted(ids.values())  # nothing lost, nothing duplicated
+    by_name = {j["name"]: j for j in jobs}
+    assert {n: by_name[n]["state"] for n in ids} == dict.fromkeys(ids, "queued")
+    assert "requeued: the scheduler restarted" in by_name["r1"]["message"]
+    for name in ("r1", "r2"):
+        wait_state(restarted, ids[name], "running")
+        assert Counter(states(restarted, ids[name]))["running"] == 2
+    assert [restarted.get(ids[n])["state"] for n in ("q1", "q2")] == ["queued", "queued"]
+    assert restarted.submit(deployment("r1", model_dir), "t1", idempotency_key="r1")["job_id"] == ids["r1"]
+    assert len(restarted.list(None)[0]) == 4
+
+
+def test_inference_preempts_training_which_resumes_from_its_checkpoint(make_service, model_dir, hold_gpus,
+                                                                       tmp_path):
+    pytest.importorskip("shardwright.actors.training")
+    nodes = node_ids()
+    hold_gpus({nodes[0]: 4, nodes[1]: 4, nodes[2]: 2})  # two GPUs left: the cluster is full with `train`
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    service = make_service("priority")
+    train = TrainingJob(name="train", model=ModelSource(path=model_dir), layout=ParallelLayout(tp=2),
+                        train={"data": {"path": str(corpus), "seq_len": 32, "global_batch_size": 2},
+                               "steps": 100_000, "num_micro_batches": 1})
+    train_id = service.submit(train, "t1")["job_id"]
+    wait_state(service, train_id, "running")
+    deadline = time.monotonic() + 60
+    while service.get(train_id)["step"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    serve_id = service.submit(deployment("serve", model_dir, tp=2), "t2")["job_id"]
+    wait_state(service, serve_id, "running")
+    preempted = service.get(train_id)
+    assert preempted["state"] == "preempted" and preempted["checkpoint"]
+    step_at_preemption = preempted["step"]
+    assert step_at_preemption >= 3
+    service.cancel(serve_id)
+    resumed = wait_state(service, train_id, "running")
+    run_events = [e for e in service.events(train_id) if e["state"] == "running"]
+    assert "resumed from checkpoint" in run_events[-1]["message"]
+    assert run_events[-1]["metrics"]["step"] >= step_at_preemption  # not back to step 0
+    assert resumed["attempts"] == 2
+    assert states(service, train_id)[:6] == ["submitted", "queued", "placed", "running", "preempting", "preempted"]
