@@ -174,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_sim(sub)
     from shardwright.api.cli_remote import add_remote_commands
+    from shardwright.api.serve import add_serve_command
 
     add_remote_commands(sub)
+    add_serve_command(sub)
     return parser
 
 

@@ -1,0 +1,75 @@
+"""`shardwright serve`: the control plane (scheduler on Ray, state in Redis) behind gRPC.
+
+Prints one JSON line `{"address": "HOST:PORT", ...}` once it is serving (so scripts and tests
+can wait for it), then serves until SIGTERM/SIGINT, which drains calls for up to --grace-s
+seconds and checkpoints running training jobs back into the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+
+from shardwright.config import Settings
+
+
+def _health_watch(server, service, stop: threading.Event, interval_s: float = 5.0) -> None:
+    """Keep the standard health status true: NOT_SERVING while Redis or the loop is down."""
+    while not stop.wait(interval_s):
+        try:
+            status = service.health()
+            ok = status["loop_running"] and not status["lease_lost"]
+        except Exception:  # a failed Redis round trip is exactly what this reports
+            ok = False
+        server.set_serving(ok)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from shardwright.api.server import ServerOptions, ShardwrightServer
+    from shardwright.cluster.ray_connect import connect
+    from shardwright.scheduler.service import SchedulerConfig, SchedulerService
+
+    settings = Settings.from_env()
+    options = ServerOptions(host=args.host, port=args.port, health_port=args.health_port,
+                            grace_s=args.grace_s, settings=settings)
+    connect(settings)
+    service = SchedulerService(settings, SchedulerConfig(policy=args.policy)).start()
+    try:
+        server = ShardwrightServer(service, options)
+        port = server.start()
+    except Exception:
+        service.close()
+        raise
+    stop = threading.Event()
+    threading.Thread(target=_health_watch, args=(server, service, stop), daemon=True).start()
+
+    def shutdown(signum, frame) -> None:
+        stop.set()
+        threading.Thread(target=server.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    print(json.dumps({"address": f"{args.host}:{port}", "policy": args.policy,
+                      "auth": "tokens" if settings.tokens_file else "open (loopback only)",
+                      "tls": bool(settings.tls_cert)}), flush=True)
+    server.wait()
+    service.close()
+    return 0
+
+
+def add_serve_command(sub) -> None:
+    p = sub.add_parser("serve", help="run the gRPC server (scheduler + engines on Ray, state in Redis)",
+                       description="Serve JobService, InferenceService and ClusterService. Joins the Ray "
+                                   "cluster in SHARDWRIGHT_RAY_ADDRESS/RAY_ADDRESS or starts a local one; "
+                                   "state in embedded Redis under SHARDWRIGHT_STATE_DIR unless "
+                                   "SHARDWRIGHT_REDIS_URL is set; tokens from SHARDWRIGHT_TOKENS_FILE; TLS from "
+                                   "SHARDWRIGHT_TLS_CERT/KEY (and _CLIENT_CA for mutual TLS).")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50051, help="port (0 picks a free one; default 50051)")
+    p.add_argument("--health-port", type=int, default=None, help="extra plaintext port serving only health")
+    p.add_argument("--policy", default="priority", choices=["fifo", "priority", "fairshare", "backfill", "las"],
+                   help="scheduling policy (default priority)")
+    p.add_argument("--grace-s", type=float, default=10.0, help="drain time on shutdown (default 10 s)")
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,135 @@
+"""The Shardwright gRPC server (`shardwright serve`).
+
+Serves JobService, InferenceService and ClusterService over one control plane, plus the
+standard grpc.health.v1 health service and server reflection. Guarantees:
+- every call but health and reflection needs a bearer token when a tokens file is configured;
+  without one the server runs single-tenant and refuses to listen beyond loopback;
+- requests larger than `max_message_bytes` are refused by gRPC (RESOURCE_EXHAUSTED);
+- shutdown (SIGTERM/SIGINT or `stop()`) first reports NOT_SERVING, then stops accepting calls
+  and lets running calls and streams finish for up to `grace_s` seconds;
+- TLS (and mutual TLS with a client CA) from PEM files; an optional plaintext port serves only
+  health checks (Kubernetes' gRPC probes cannot speak TLS).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shardwright.api.auth import AuthInterceptor, Authenticator, load_tokens
+from shardwright.api.gen.shardwright.v1 import cluster_pb2, cluster_pb2_grpc, inference_pb2, inference_pb2_grpc
+from shardwright.api.gen.shardwright.v1 import jobs_pb2, jobs_pb2_grpc
+from shardwright.api.servicers.inference import InferenceServicer
+from shardwright.api.servicers.jobs import ClusterServicer, JobServicer
+from shardwright.config import Settings
+
+log = logging.getLogger(__name__)
+SERVICES = ("shardwright.v1.JobService", "shardwright.v1.InferenceService", "shardwright.v1.ClusterService")
+
+
+@dataclass
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    health_port: int | None = None
+    max_message_bytes: int = 4 * 1024 * 1024
+    grace_s: float = 10.0
+    max_workers: int = 32
+    settings: Settings = field(default_factory=Settings.from_env)
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None and settings.tls_key is None:
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise ValueError("TLS needs both SHARDWRIGHT_TLS_CERT and SHARDWRIGHT_TLS_KEY")
+    pair = [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
+    if settings.tls_client_ca is None:
+        return grpc.ssl_server_credentials(pair)
+    return grpc.ssl_server_credentials(pair, root_certificates=settings.tls_client_ca.read_bytes(),
+                                       require_client_auth=True)
+
+
+class ShardwrightServer:
+    """The gRPC front of one control plane."""
+
+    def __init__(self, control, options: ServerOptions) -> None:
+        self.control, self.options = control, options
+        tokens = load_tokens(options.settings.tokens_file) if options.settings.tokens_file else None
+        if tokens is None and not _is_loopback(options.host):
+            raise ValueError(f"refusing to listen on {options.host} without authentication: set "
+                             "SHARDWRIGHT_TOKENS_FILE (token: tenant lines) or listen on 127.0.0.1")
+        self.auth = Authenticator(tokens)
+        self.stopping = threading.Event()
+        self.health = health.HealthServicer()
+        self.server = self._build()
+        self.health_server = self._build_health_only() if options.health_port else None
+        self.port = 0
+
+    def _build(self) -> grpc.Server:
+        opts = [("grpc.max_receive_message_length", self.options.max_message_bytes),
+                ("grpc.max_send_message_length", self.options.max_message_bytes)]
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.options.max_workers),
+                             interceptors=[AuthInterceptor(self.auth)], options=opts)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.control, self.auth, self.stopping), server)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.control, self.auth), server)
+        cluster_pb2_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(self.control, self.auth), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+                 inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+                 cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name,
+                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, server)
+        return server
+
+    def _build_health_only(self) -> grpc.Server:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        return server
+
+    def start(self) -> int:
+        """Bind and start; returns the bound port (an OS-chosen one when options.port is 0)."""
+        address = f"{self.options.host}:{self.options.port}"
+        creds = _credentials(self.options.settings)
+        self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot bind {address}: in use or not permitted; choose another --port")
+        if self.health_server is not None:
+            self.health_server.add_insecure_port(f"{self.options.host}:{self.options.health_port}")
+            self.health_server.start()
+        self.server.start()
+        self.set_serving(True)
+        log.info("shardwright serving on %s:%d (%s)", self.options.host, self.port, "TLS" if creds else "plaintext")
+        return self.port
+
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICES):
+            self.health.set(name, status)
+
+    def stop(self) -> None:
+        """Graceful: NOT_SERVING first, then drain calls and streams for up to grace_s."""
+        self.set_serving(False)
+        self.stopping.set()
+        self.server.stop(self.options.grace_s).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0)
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()

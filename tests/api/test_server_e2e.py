@@ -1,0 +1,130 @@
+"""End to end: `shardwright serve` as a subprocess on a free port, driven through the client.
+
+Real parts only: the server starts its own local Ray cluster and embedded Redis (in a temporary
+state directory); deployments run InferenceEngines on Ray workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from model_helpers import tiny_spec
+from shardwright.api.client import Client, ShardwrightError
+from shardwright.models.random_init import write_random_checkpoint
+
+TOKENS = {"alice-token-123": "alice", "bob-token-4567": "bob"}
+
+
+def start_server(state_dir: Path, tokens_file: Path) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "SHARDWRIGHT_STATE_DIR": str(state_dir), "SHARDWRIGHT_TOKENS_FILE": str(tokens_file)}
+    env.pop("SHARDWRIGHT_REDIS_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "shardwright.api.cli", "serve", "--port", "0", "--grace-s", "5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("{"):
+            return proc, json.loads(line)["address"]
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+    proc.kill()
+    raise TimeoutError("server did not report its address within 120 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def wait_state(client: Client, job_id: str, states: set[str], timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(job_id)
+        if job["state"] in states:
+            return job
+        time.sleep(0.5)
+    raise TimeoutError(f"{job_id} stayed {job['state']}, wanted {states}")
+
+
+@pytest.fixture(scope="module")
+def deployment_file(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("e2e")
+    model = write_random_checkpoint(root / "model", tiny_spec("llama", max_position_embeddings=512), seed=5, std=0.2)
+    spec = root / "chat.yaml"
+    spec.write_text(f"kind: inference\nname: chat\nmodel: {model}\nlayout: {{tp: 2}}\n"
+                    "engine: {num_blocks: 64, block_size: 8}\n")
+    return spec
+
+
+def test_serve_submit_stream_watch_cancel_auth_and_restart(tmp_path, deployment_file):
+    tokens_file = tmp_path / "tokens.yaml"
+    tokens_file.write_text("\n".join(f"{t}: {n}" for t, n in TOKENS.items()))
+    proc, address = start_server(tmp_path / "state", tokens_file)
+    try:
+        with Client(address, token="alice-token-123") as alice:
+            assert alice.health() == "SERVING"
+            job = alice.submit(deployment_file.read_text(), idempotency_key="chat-1")
+            assert alice.submit(deployment_file.read_text(), idempotency_key="chat-1")["job_id"] == job["job_id"]
+            wait_state(alice, job["job_id"], {"running"})
+            messages = list(alice.generate_stream("chat", [1, 2, 3], max_tokens=12, ignore_eos=True))
+            tokens = [m["token_id"] for m in messages if m["token_id"] >= 0]
+            assert len(tokens) == 12 and messages[-1]["finish_reason"] == "length"
+            unary = alice.generate("chat", [1, 2, 3], max_tokens=12, ignore_eos=True)
+            assert unary["token_ids"] == tokens
+            _check_errors(alice, address, job["job_id"])
+            cluster = alice.cluster()
+            assert sum(n["gpus_total"] for n in cluster["nodes"]) >= 2
+            assert any(g["job_id"] == job["job_id"] for g in cluster["gangs"])
+        stop_server(proc)
+        proc, address = start_server(tmp_path / "state", tokens_file)
+        with Client(address, token="alice-token-123") as alice:
+            jobs, _ = alice.list()
+            assert [j["job_id"] for j in jobs] == [job["job_id"]]  # kept, not duplicated
+            wait_state(alice, job["job_id"], {"running"})
+            assert len(alice.generate("chat", [4, 5], max_tokens=4, ignore_eos=True)["token_ids"]) == 4
+            cancelled = alice.cancel(job["job_id"])
+            wait_state(alice, job["job_id"], {"cancelled"})
+            states = [e["state"] for e in alice.watch(job["job_id"], timeout_s=30)]
+            assert states[0] == "submitted" and states[-1] == "cancelled" and "running" in states
+            assert cancelled["job_id"] == job["job_id"]
+    finally:
+        stop_server(proc)
+
+
+def _check_errors(alice: Client, address: str, job_id: str) -> None:
+    with Client(address) as anonymous:
+        with pytest.raises(ShardwrightError) as err:
+            anonymous.list()
+        assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert anonymous.health() == "SERVING"  # health needs no token
+    with Client(address, token="wrong-token-000") as wrong:
+        with pytest.raises(ShardwrightError) as err:
+            wrong.get(job_id)
+        assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+    with Client(address, token="bob-token-4567") as bob:
+        for call in (lambda: bob.get(job_id), lambda: bob.cancel(job_id),
+                     lambda: bob.generate("chat", [1], max_tokens=2)):
+            with pytest.raises(ShardwrightError) as err:
+                call()
+            assert err.value.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED)
+        assert bob.list()[0] == []
+    for bad, params in (([1] * 600, {"max_tokens": 4}), ([1, 2], {"max_tokens": 10**9}),
+                        ([1, 2], {"temperature": -1.0})):
+        with pytest.raises(ShardwrightError) as err:
+            alice.generate("chat", bad, **params)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    with pytest.raises(ShardwrightError) as err:
+        alice.submit("kind: inference\nname: x\nmodel: /nope\nbogus: 1\n")
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "bogus" in str(err.value)
