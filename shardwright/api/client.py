@@ -27,8 +27,21 @@ class ShardwrightError(RuntimeError):
         self.code = code
 
 
+INT64_FIELDS = ("sequence", "step", "memory_total_bytes", "memory_free_bytes")
+
+
 def _dict(msg) -> dict:
-    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    """A message as a dict; int64 fields as ints (the protobuf JSON mapping makes them strings)."""
+    out = MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return _ints(out)
+
+
+def _ints(value):
+    if isinstance(value, dict):
+        return {k: int(v) if k in INT64_FIELDS and isinstance(v, str) else _ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints(v) for v in value]
+    return value
 
 
 class Client:

@@ -22,6 +22,16 @@ from shardwright.api.client import Client, ShardwrightError
 from shardwright.models.random_init import write_random_checkpoint
 
 TOKENS = {"alice-token-123": "alice", "bob-token-4567": "bob"}
+CORPUS = Path(__file__).resolve().parents[2] / "examples" / "corpus"
+TRAIN_JOB = """kind: training
+name: tiny-train
+model: {{preset: tiny-llama, seed: 0}}
+layout: {{tp: 1}}
+train:
+  data: {{path: {corpus}, seq_len: 32, global_batch_size: 4}}
+  steps: 6
+  num_micro_batches: 1
+"""
 
 
 def start_server(state_dir: Path, tokens_file: Path) -> tuple[subprocess.Popen, str]:
@@ -84,6 +94,11 @@ def test_serve_submit_stream_watch_cancel_auth_and_restart(tmp_path, deployment_
             unary = alice.generate("chat", [1, 2, 3], max_tokens=12, ignore_eos=True)
             assert unary["token_ids"] == tokens
             _check_errors(alice, address, job["job_id"])
+            training = alice.submit(TRAIN_JOB.format(corpus=CORPUS))
+            events = list(alice.watch(training["job_id"], timeout_s=300))
+            assert events[-1]["state"] == "succeeded", events[-1]
+            assert [e["sequence"] for e in events] == list(range(len(events)))  # complete, in order
+            assert alice.get(training["job_id"])["step"] == 6
             cluster = alice.cluster()
             assert sum(n["gpus_total"] for n in cluster["nodes"]) >= 2
             assert any(g["job_id"] == job["job_id"] for g in cluster["gangs"])
@@ -91,7 +106,8 @@ def test_serve_submit_stream_watch_cancel_auth_and_restart(tmp_path, deployment_
         proc, address = start_server(tmp_path / "state", tokens_file)
         with Client(address, token="alice-token-123") as alice:
             jobs, _ = alice.list()
-            assert [j["job_id"] for j in jobs] == [job["job_id"]]  # kept, not duplicated
+            assert sorted(j["job_id"] for j in jobs) == sorted([job["job_id"], training["job_id"]])  # kept, once
+            assert alice.get(training["job_id"])["state"] == "succeeded"
             wait_state(alice, job["job_id"], {"running"})
             assert len(alice.generate("chat", [4, 5], max_tokens=4, ignore_eos=True)["token_ids"]) == 4
             cancelled = alice.cancel(job["job_id"])

@@ -1,0 +1,74 @@
+"""Mutual TLS: certificates made in the test, a `shardwright serve` subprocess that requires them."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+
+import grpc
+import pytest
+
+from shardwright.api.client import Client, ShardwrightError
+
+x509 = pytest.importorskip("cryptography.x509", reason="cryptography makes the test certificates")
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
+
+from test_server_e2e import start_server, stop_server  # noqa: E402
+
+
+def _cert(name: str, issuer_key, issuer_name, key, *, ca: bool, sans=()):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+               .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write(path, cert, key) -> tuple:
+    cert_path, key_path = path.with_suffix(".crt"), path.with_suffix(".key")
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def make_pki(tmp_path):
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "shardwright-test-ca")])
+    ca = _cert("shardwright-test-ca", ca_key, ca_name, ca_key, ca=True)
+    server_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    sans = (x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    server = _cert("localhost", ca_key, ca_name, server_key, ca=False, sans=sans)
+    client = _cert("alice", ca_key, ca_name, client_key, ca=False)
+    ca_path, _ = _write(tmp_path / "ca", ca, ca_key)
+    return ca_path, _write(tmp_path / "server", server, server_key), _write(tmp_path / "client", client, client_key)
+
+
+def test_mutual_tls_accepts_certified_clients_and_refuses_others(tmp_path, monkeypatch):
+    ca, (server_cert, server_key), (client_cert, client_key) = make_pki(tmp_path)
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("alice-token-123: alice\n")
+    monkeypatch.setitem(os.environ, "SHARDWRIGHT_TLS_CERT", str(server_cert))
+    monkeypatch.setitem(os.environ, "SHARDWRIGHT_TLS_KEY", str(server_key))
+    monkeypatch.setitem(os.environ, "SHARDWRIGHT_TLS_CLIENT_CA", str(ca))
+    proc, address = start_server(tmp_path / "state", tokens)
+    try:
+        with Client(address, token="alice-token-123", ca_cert=ca, client_cert=client_cert, client_key=client_key) as ok:
+            assert ok.health() == "SERVING"
+            assert ok.list()[0] == []
+        with Client(address, token="alice-token-123", ca_cert=ca) as no_client_cert:
+            with pytest.raises(ShardwrightError) as err:
+                no_client_cert.list()
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE  # the handshake is refused
+        with Client(address, token="alice-token-123") as plaintext:
+            with pytest.raises(ShardwrightError) as err:
+                plaintext.list()
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        stop_server(proc)
