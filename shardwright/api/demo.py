@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+CORPUS_PLACES = (Path(__file__).resolve().parents[2] / "examples" / "corpus", Path.cwd() / "examples" / "corpus")
 TRAIN_STEPS = 40
 
 
@@ -62,6 +62,15 @@ def _train(client, corpus: Path, steps: int) -> dict:
     return {**final, "losses": losses}
 
 
+def bundled_corpus() -> Path:
+    """examples/corpus of the source checkout (editable install) or of the current directory."""
+    for place in CORPUS_PLACES:
+        if place.is_dir():
+            return place.resolve()
+    raise FileNotFoundError("the bundled corpus examples/corpus was not found; run the demo from the "
+                            "repository root (where README.md is)")
+
+
 def run_demo(workdir: Path, steps: int, port: int) -> dict:
     from shardwright.api.client import Client
     from shardwright.api.server import ServerOptions, ShardwrightServer
@@ -70,6 +79,7 @@ def run_demo(workdir: Path, steps: int, port: int) -> dict:
     from shardwright.scheduler.service import SchedulerConfig, SchedulerService
     from shardwright.training.reshard import export_hf
 
+    corpus = bundled_corpus()  # fail before starting anything
     settings = Settings(state_dir=workdir / "state")
     connect(settings, min_gpus=4)
     service = SchedulerService(settings, SchedulerConfig(policy="priority")).start()
@@ -78,7 +88,7 @@ def run_demo(workdir: Path, steps: int, port: int) -> dict:
     _say(f"gRPC server on {address}; embedded Redis in {settings.state_dir}")
     try:
         with Client(address) as client:
-            trained = _train(client, (EXAMPLES / "corpus").resolve(), steps)
+            trained = _train(client, corpus, steps)
             model_dir = export_hf(trained["checkpoint"], workdir / "model")
             _say(f"exported {trained['checkpoint']} to {model_dir}")
             deployment = client.submit(f"kind: inference\nname: demo-chat\nmodel: {model_dir}\nlayout: {{tp: 2}}\n")
