@@ -23,7 +23,7 @@ from benchmarks.decode_baseline import baseline_decode
 from shardwright.config import ModelSpec, ParallelLayout
 
 COLUMNS = ["tp", "pp", "batch", "latency_s", "baseline_latency_s", "overhead", "tokens_per_s",
-           "baseline_tokens_per_s", "bw_util"]
+           "baseline_tokens_per_s", "mbu"]
 MACHINE_BANDWIDTH_BPS = 19e9
 PROMPT_LEN = 16
 
@@ -102,8 +102,8 @@ def row(spec: ModelSpec, tp: int, pp: int, batch: int, tps: float, base_tps: flo
     read = weight_bytes(spec) + kv_bytes_per_step(spec, batch, PROMPT_LEN + steps // 2)
     return {"tp": tp, "pp": pp, "batch": batch, "latency_s": latency, "tokens_per_s": tps,
             "baseline_latency_s": base_latency, "baseline_tokens_per_s": base_tps,
-            "overhead": latency / base_latency, "bw_util": read / latency / MACHINE_BANDWIDTH_BPS,
-            "baseline_bw_util": read / base_latency / MACHINE_BANDWIDTH_BPS}
+            "overhead": latency / base_latency, "mbu": read / latency / MACHINE_BANDWIDTH_BPS,
+            "baseline_mbu": read / base_latency / MACHINE_BANDWIDTH_BPS}
 
 
 if __name__ == "__main__":
