@@ -62,7 +62,9 @@ def cmd_generate_local(args: argparse.Namespace) -> int:
                                 top_p=args.top_p, seed=args.seed)
         config = EngineConfig(model_dir=model_dir, layout=ParallelLayout(tp=args.tp, pp=args.pp))
     except ValidationError as err:
-        raise UsageError(_one_line(err)) from err
+        from shardwright.api.errors import one_line
+
+        raise UsageError(one_line(err)) from err
     prompt = _parse_prompt_ids(args.prompt_ids) if args.prompt_ids else args.prompt
     if not prompt:
         raise UsageError("the prompt is empty; give --prompt TEXT or --prompt-ids 1,2,3")
@@ -78,10 +80,6 @@ def cmd_generate_local(args: argparse.Namespace) -> int:
     _print_result(result, args.json, lambda r: f"{r['text']!r}\n({len(r['tokens'])} tokens at tp={r['tp']} "
                                                  f"pp={r['pp']} in {r['elapsed_s']} s, including start-up)")
     return 0
-
-
-def _one_line(err: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
 
 
 def cmd_init_model(args: argparse.Namespace) -> int:
@@ -206,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _first_line(err: Exception) -> str:
-    text = _one_line(err) if isinstance(err, ValidationError) else str(err)
-    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    from shardwright.api.errors import one_line
+
+    return one_line(err)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from shardwright.actors.requests import RequestFailed
 from shardwright.actors.sampling import SamplingParams
 from shardwright.api.auth import Authenticator, tenant_of
+from shardwright.api.errors import one_line as _one_line
 from shardwright.api.gen.shardwright.v1 import inference_pb2 as pb
 from shardwright.api.gen.shardwright.v1 import inference_pb2_grpc as pb_grpc
 
@@ -27,12 +28,6 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     if msg.HasField("seed"):
         fields["seed"] = msg.seed
     return SamplingParams(**fields)
-
-
-def _one_line(err: Exception) -> str:
-    if isinstance(err, ValidationError):
-        return "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):

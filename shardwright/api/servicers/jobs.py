@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from shardwright.api.auth import Authenticator, tenant_of
 from shardwright.api.gen.shardwright.v1 import cluster_pb2, cluster_pb2_grpc, jobs_pb2, jobs_pb2_grpc
-from shardwright.api.servicers.inference import _one_line
+from shardwright.api.errors import one_line as _one_line
 
 MAX_PAGE = 500
 
