@@ -214,6 +214,26 @@ PriorityClass = Literal["serving", "high", "batch", "low"]
 JOB_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 
 
+class PoolOptions(StrictModel):
+    """A worker's memory budget and peer memory pooling (see DESIGN.md, "Peer memory pooling")."""
+
+    budget_bytes: int | None = Field(
+        None, gt=0, description="Device memory each compute worker may keep resident (weights, KV cache, "
+                                "activations, fetched layers); None: no budget, nothing pooled.")
+    peers: int = Field(0, ge=0, description="Memory peers: extra workers (one GPU each) that lend their budget.")
+    peer_budget_bytes: int | None = Field(None, gt=0, description="Budget of each peer (default budget_bytes).")
+    host_bytes: int = Field(0, ge=0, description="Host memory each worker may use for its pooled layers.")
+    prefetch_depth: int = Field(2, ge=0, description="Pooled layers fetched ahead of the one running.")
+    pooled_fraction: float | None = Field(
+        None, ge=0, le=1, description="Pool this share of every rank's layers whatever the budget (benchmarks).")
+
+    @model_validator(mode="after")
+    def _needs_budget(self) -> PoolOptions:
+        if self.budget_bytes is None and (self.peers or self.pooled_fraction is not None or self.host_bytes):
+            raise ValueError("pool: peers, host_bytes and pooled_fraction need budget_bytes (the budget they relieve)")
+        return self
+
+
 class EngineOptions(StrictModel):
     """Serving limits of one inference deployment (see actors.engine.EngineConfig)."""
 
@@ -221,6 +241,7 @@ class EngineOptions(StrictModel):
     num_blocks: int = Field(1024, ge=1, description="KV-cache blocks per worker.")
     max_running: int = Field(64, ge=1, description="Most sequences in the running batch.")
     max_tokens_per_step: int = Field(512, ge=1, description="Token budget of one step.")
+    pool: PoolOptions = Field(default_factory=PoolOptions, description="Memory budget and peer pooling.")
 
 
 class InferenceDeployment(StrictModel):

@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from pathlib import Path
 
 from pydantic import Field
@@ -28,8 +29,10 @@ from shardwright.actors.kv_blocks import BlockManager
 from shardwright.actors.requests import RequestOutput, RequestStream
 from shardwright.actors.sampling import SamplingParams
 from shardwright.actors.shard_runner import StepMessage
-from shardwright.config import DType, ModelSpec, ParallelLayout, StrictModel
+from shardwright.config import DType, ModelSpec, ParallelLayout, PoolOptions, StrictModel
 from shardwright.models.tokenizer import load_tokenizer
+from shardwright.pool.planner import HOST, Holder, RankNeed, plan_pool
+from shardwright.pool.sizing import shard_sizes
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,18 @@ class EngineConfig(StrictModel):
     threads_per_worker: int | None = Field(None, ge=1, description="CPU threads per worker (CPU only).")
     bundle_nodes: tuple[str, ...] | None = Field(
         None, description="Ray node id per rank from the scheduler's placement; None lets Ray pack the gang.")
+    pool: PoolOptions = Field(default_factory=PoolOptions, description="Memory budget and peer pooling.")
+
+
+def resident_need(spec: ModelSpec, config: EngineConfig, rank: int) -> tuple[int, tuple[int, ...]]:
+    """Bytes rank `rank` must keep resident besides its layers (non-layer weights, the KV cache,
+    the activations of the largest step the limits allow), and the bytes of each of its layers."""
+    sizes = shard_sizes(spec, config.layout, rank)
+    cache_tokens = config.num_blocks * config.block_size
+    context = min(spec.max_position_embeddings, cache_tokens)
+    fixed = (sizes.other_weight_bytes + cache_tokens * sizes.kv_bytes_per_token
+             + sizes.activation_bytes(config.max_tokens_per_step, config.max_running, context, context))
+    return fixed, sizes.layer_bytes
 
 
 class InferenceEngine:
@@ -64,11 +79,13 @@ class InferenceEngine:
         self._streams: dict[str, RequestStream] = {}
         self._incoming: deque[Request] = deque()
         self._cancelled: deque[str] = deque()
+        self._calls: deque[tuple[str, tuple, Future]] = deque()  # gang calls run between steps
         self._ids = itertools.count()
         self._stop = False
         self._healthy = False
         self._last_error: str | None = None
         self._gang: WorkerGang | None = None
+        self.pool_plan = None
         self._scheduler: StepScheduler | None = None
         self._thread: threading.Thread | None = None
         self.steps = 0
@@ -91,10 +108,19 @@ class InferenceEngine:
     def _build(self) -> None:
         c = self.config
         gang = WorkerGang(GangConfig(layout=c.layout, collective_timeout_s=c.collective_timeout_s,
-                                     threads_per_worker=c.threads_per_worker, bundle_nodes=c.bundle_nodes))
-        phases = [("load", (str(c.model_dir), c.dtype)), ("allocate_cache", (c.num_blocks, c.block_size))]
+                                     threads_per_worker=c.threads_per_worker, bundle_nodes=c.bundle_nodes,
+                                     peers=c.pool.peers),
+                          runner_kwargs={"memory_budget_bytes": c.pool.budget_bytes},
+                          peer_kwargs={"memory_budget_bytes": c.pool.peer_budget_bytes or c.pool.budget_bytes})
         try:
-            gang.start(phases)
+            gang.start()
+            pooled = self._place_pooled_layers(gang)
+            refs = [gang.workers[r].call.remote("load", str(c.model_dir), c.dtype, pooled.get(r), c.pool.prefetch_depth)
+                    for r in gang.compute_ranks]
+            gang.get(refs, gang.compute_ranks)
+            for r in gang.peer_ranks:  # every owner has mapped its segments: drop their names
+                gang.call_rank(r, "unlink")
+            gang.call_compute("allocate_cache", c.num_blocks, c.block_size)
         except Exception:
             gang.kill()
             raise
@@ -105,6 +131,53 @@ class InferenceEngine:
             max_model_len=self.spec.max_position_embeddings, decode=self.tokenizer.decode,
             micro_batches=c.layout.pp)
         self._healthy, self._last_error = True, None
+
+    def _place_pooled_layers(self, gang: WorkerGang) -> dict[int, dict]:
+        """Plan which layers each rank keeps resident (refusing what cannot fit), load the
+        pooled ones on the peers; returns, per rank, where each pooled layer lives."""
+        c, pool = self.config, self.config.pool
+        self.pool_plan = None
+        if pool.budget_bytes is None:
+            return {}
+        needs = []
+        for rank in gang.compute_ranks:
+            fixed, layers = resident_need(self.spec, c, rank)
+            needs.append(RankNeed(rank, gang.nodes[rank]["node_id"], pool.budget_bytes, fixed, layers))
+        peer_budget = pool.peer_budget_bytes or pool.budget_bytes
+        holders = [Holder(i, gang.nodes[r]["node_id"], peer_budget) for i, r in enumerate(gang.peer_ranks)]
+        plan = plan_pool(needs, holders, host_bytes=pool.host_bytes, prefetch_depth=pool.prefetch_depth,
+                         force_fraction=pool.pooled_fraction)
+        self.pool_plan = plan
+        for line in plan.describe():
+            log.info("memory pool plan: %s", line)
+        pooled: dict[int, dict] = {r: {} for r in gang.compute_ranks}
+        for i, peer_rank in enumerate(gang.peer_ranks):
+            items = plan.held_by(i)
+            if not items:
+                continue
+            handles = gang.call_rank(peer_rank, "load", str(c.model_dir), c.dtype, items)
+            same_node = gang.nodes[peer_rank]["node_id"]
+            for (rank, layer), handle in handles.items():
+                where = dict(handle, peer=gang.workers[peer_rank])
+                if gang.nodes[rank]["node_id"] != same_node:
+                    where["path"] = None  # another node: fetch through the peer actor
+                pooled[rank][layer] = where
+        for rank in gang.compute_ranks:
+            for layer, where in plan.pooled(rank).items():
+                if where == HOST:
+                    pooled[rank][layer] = {"host": True}
+        return pooled
+
+    def memory(self) -> dict:
+        """Each worker's ledger (budget, resident bytes by kind, high-water mark) and the pool plan."""
+        gang = self._gang
+        if gang is None:
+            return {}
+        ranks = list(range(len(gang.workers)))
+        snaps = gang.get([w.call.remote("memory") for w in gang.workers], ranks, timeout_s=30)
+        return {"workers": {gang.describe(r): s for r, s in zip(ranks, snaps)},
+                "plan": self.pool_plan.to_dict() if self.pool_plan else None,
+                "plan_lines": self.pool_plan.describe() if self.pool_plan else []}
 
     def shutdown(self) -> None:
         with self._lock:
@@ -161,6 +234,22 @@ class InferenceEngine:
             self._cancelled.append(request_id)
             self._lock.notify_all()
 
+    def prompt_logits(self, prompt: str | list[int], timeout_s: float = 120.0):
+        """Full-vocabulary logits [tokens, vocab] (float32, CPU) of one prompt, no KV cache.
+
+        Runs on the gang between serving steps, so it never interleaves with a step's collectives.
+        """
+        return self._between_steps("prompt_logits", (self.prompt_ids(prompt),), timeout_s)
+
+    def _between_steps(self, method: str, args: tuple, timeout_s: float):
+        if self._thread is None:
+            raise RuntimeError("the engine is not started; call start() first")
+        future: Future = Future()
+        with self._lock:
+            self._calls.append((method, args, future))
+            self._lock.notify_all()
+        return future.result(timeout=timeout_s)
+
     # ---- health ----------------------------------------------------------------------------
     def health(self, probe: bool = True) -> dict:
         """Engine state; with probe=True, a real all-reduce through the gang."""
@@ -175,6 +264,8 @@ class InferenceEngine:
             status["blocks_in_use"] = self._scheduler.blocks.num_used
         if self._gang is not None:
             status["workers"] = [self._gang.describe(r) for r in range(len(self._gang.nodes))]
+        if self.pool_plan is not None:
+            status["memory_pool"] = self.pool_plan.describe()
         return status
 
     @property
@@ -192,14 +283,32 @@ class InferenceEngine:
                     return
                 self._drain_inbox()
             try:
-                self._fill_pipeline(inflight)
+                if self._calls and not inflight:
+                    self._run_calls()
+                if not self._calls:
+                    self._fill_pipeline(inflight)
                 if inflight:
                     self._finish_oldest(inflight)
             except GangError as err:
                 self._on_gang_failure(err, inflight)
 
     def _has_work(self) -> bool:
-        return bool(self._incoming or self._cancelled or self._scheduler.has_unfinished())
+        return bool(self._incoming or self._cancelled or self._calls or self._scheduler.has_unfinished())
+
+    def _run_calls(self) -> None:
+        """Run queued gang calls (the pipeline is empty); the sampler rank's result answers."""
+        while self._calls:
+            with self._lock:
+                method, args, future = self._calls.popleft()
+            try:
+                refs = self._gang.submit_all(method, *args)
+                results = self._gang.get(refs, list(range(len(refs))),
+                                         timeout_s=self.config.collective_timeout_s + 30)
+                future.set_result(results[self._gang.sampler_rank()])
+            except Exception as err:
+                future.set_exception(err)
+                if isinstance(err, GangError):
+                    raise
 
     def _drain_inbox(self) -> None:
         while self._cancelled:
@@ -261,5 +370,8 @@ class InferenceEngine:
         with self._lock:
             streams, self._streams = self._streams, {}
             self._incoming.clear()
+            calls, self._calls = self._calls, deque()
+        for _, _, future in calls:
+            future.set_exception(RuntimeError(message))
         for stream in streams.values():
             stream.fail(message)

@@ -56,15 +56,20 @@ class GangConfig:
     threads_per_worker: int | None = None
     # Ray node id per rank, from the scheduler's placement; None lets Ray pack the gang itself.
     bundle_nodes: tuple[str, ...] | None = None
+    # Memory peers (shardwright.actors.pool_peer): ranks world_size.. of the gang, one GPU each,
+    # that lend their memory to the compute ranks and join no process group.
+    peers: int = 0
 
 
 class WorkerGang:
     """Creates, starts, drives and tears down the workers of one job (inference or training)."""
 
-    def __init__(self, config: GangConfig, runner_cls=ShardRunner, runner_kwargs: dict | None = None) -> None:
+    def __init__(self, config: GangConfig, runner_cls=ShardRunner, runner_kwargs: dict | None = None,
+                 peer_kwargs: dict | None = None) -> None:
         self.config = config
         self.runner_cls = runner_cls
         self.runner_kwargs = dict(runner_kwargs or {})
+        self.peer_kwargs = dict(peer_kwargs or {})
         self.workers: list = []
         self.nodes: list[dict] = []
         self.pg = None
@@ -78,19 +83,36 @@ class WorkerGang:
         host = self.nodes[0]["ip"]
         timeout = self.config.collective_timeout_s
         port = self._call_one(0, "open_store", host, timeout)
-        self._call_all("init_group", host, port, timeout)
+        self.call_compute("init_group", host, port, timeout)
         for method, args in phases:
-            self.phase_results[method] = self._call_all(method, *args)
+            self.phase_results[method] = self.call_compute(method, *args)
+
+    @property
+    def compute_ranks(self) -> list[int]:
+        return list(range(self.config.layout.world_size))
+
+    @property
+    def peer_ranks(self) -> list[int]:
+        return list(range(self.config.layout.world_size, len(self.workers)))
+
+    def call_compute(self, method: str, *args) -> list:
+        """Call `method(*args)` on every compute rank (not the memory peers); results by rank."""
+        ranks = self.compute_ranks
+        return self.get([self.workers[r].call.remote(method, *args) for r in ranks], ranks)
+
+    def call_rank(self, rank: int, method: str, *args):
+        return self._call_one(rank, method, *args)
 
     def _place(self) -> None:
-        n = self.config.layout.world_size
+        n = self.config.layout.world_size + self.config.peers
         bundles = [{"GPU": self.config.gpus_per_worker, "CPU": 0.001} for _ in range(n)]
         selectors = None
         if self.config.bundle_nodes is not None:
-            if len(self.config.bundle_nodes) != n:
+            if len(self.config.bundle_nodes) != self.config.layout.world_size:
                 raise GangError(f"placement names {len(self.config.bundle_nodes)} nodes for {n} ranks")
             # Ray labels every node with its id: this pins bundle i (rank i) to the planned node.
             selectors = [{"ray.io/node-id": node} for node in self.config.bundle_nodes]
+            selectors += [{} for _ in range(self.config.peers)]  # peers: wherever there is room
         self.pg = placement_group(bundles, strategy="PACK", bundle_label_selector=selectors)
         try:
             ray.get(self.pg.ready(), timeout=self.config.placement_timeout_s)
@@ -103,24 +125,31 @@ class WorkerGang:
             ) from err
 
     def _create_workers(self) -> None:
+        from shardwright.actors.pool_peer import PeerRunner
+
         layout = self.config.layout.model_dump()
-        for rank in range(self.config.layout.world_size):
+        world = self.config.layout.world_size
+        for rank in range(world + self.config.peers):
             strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=rank)
-            kwargs = {"threads_per_worker": self.config.threads_per_worker, **self.runner_kwargs}
+            is_peer = rank >= world
+            kwargs = {"threads_per_worker": self.config.threads_per_worker,
+                      **(self.peer_kwargs if is_peer else self.runner_kwargs)}
+            # A peer answers fetches from other nodes while its step calls come in.
             worker = ShardWorker.options(num_gpus=self.config.gpus_per_worker, num_cpus=0.001,
-                                        scheduling_strategy=strategy).remote(self.runner_cls, rank, layout, kwargs)
+                                        max_concurrency=4 if is_peer else 1, scheduling_strategy=strategy
+                                        ).remote(PeerRunner if is_peer else self.runner_cls, rank, layout, kwargs)
             self.workers.append(worker)
         self.nodes = self.get([w.where.remote() for w in self.workers], list(range(len(self.workers))))
 
     def describe(self, rank: int) -> str:
         node = self.nodes[rank] if rank < len(self.nodes) else {}
+        if rank >= self.config.layout.world_size:
+            return (f"memory peer {rank - self.config.layout.world_size} (rank {rank}) on node "
+                    f"{node.get('ip', '?')} ({str(node.get('node_id', '?'))[:12]})")
         return f"rank {rank} on node {node.get('ip', '?')} ({str(node.get('node_id', '?'))[:12]})"
 
     def _call_one(self, rank: int, method: str, *args):
         return self.get([self.workers[rank].call.remote(method, *args)], [rank])[0]
-
-    def _call_all(self, method: str, *args) -> list:
-        return self.get(self.submit_all(method, *args), list(range(len(self.workers))))
 
     def submit_all(self, method: str, *args) -> list:
         """Call `method(*args)` on every worker's runner; returns the result refs by rank."""
@@ -188,10 +217,13 @@ class WorkerGang:
         return (layout.pp - 1) * layout.cp * layout.tp
 
     def ping(self, timeout_s: float = 10.0) -> None:
-        """A real probe: an all-reduce through the whole gang."""
-        refs = self.submit_all("ping")
-        values = self.get(refs, list(range(len(refs))), timeout_s=timeout_s)
-        expected = float(len(self.workers))
+        """A real probe: an all-reduce through the compute ranks; the peers answer `memory`."""
+        ranks = self.compute_ranks
+        refs = [self.workers[r].call.remote("ping") for r in ranks]
+        values = self.get(refs, ranks, timeout_s=timeout_s)
+        self.get([self.workers[r].call.remote("memory") for r in self.peer_ranks], self.peer_ranks,
+                 timeout_s=timeout_s)
+        expected = float(len(ranks))
         if any(v != expected for v in values):
             raise GangError(f"gang ping returned {values}, expected {expected} on every rank")
 

@@ -18,6 +18,10 @@ from shardwright.actors.sampling import SamplingParams, sample_tokens
 from shardwright.config import ParallelLayout
 from shardwright.models import load_model
 from shardwright.models.paged import PagedBatch
+from shardwright.pool.fetch import CallSource, LayerFetcher, TensorSource
+from shardwright.pool.ledger import MemoryLedger
+from shardwright.pool.sizing import ShardSizes, shard_sizes, tensor_bytes
+from shardwright.pool.store import map_segment
 
 
 @dataclass
@@ -38,22 +42,90 @@ class StepMessage:
 class ShardRunner(GroupMember):
     """One rank of a deployment's gang: process groups, weight shard, paged KV cache."""
 
-    def __init__(self, rank: int, layout: ParallelLayout, *, threads_per_worker: int | None = None) -> None:
+    def __init__(self, rank: int, layout: ParallelLayout, *, threads_per_worker: int | None = None,
+                 memory_budget_bytes: int | None = None) -> None:
         super().__init__(rank, layout, threads_per_worker=threads_per_worker)
         self.model = None
         self.cache = None
         self.block_size = 0
+        self.ledger = MemoryLedger(memory_budget_bytes, owner=f"rank {rank}")
+        self.sizes: ShardSizes | None = None
+        self.fetcher: LayerFetcher | None = None
+        self.host_bytes = 0
 
-    def load(self, model_dir: str, dtype: str | None) -> int:
-        """Phase 2: read this rank's slice of the checkpoint; returns the shard's bytes."""
-        _, self.model = self._phase("load", load_model, model_dir, self.ctx, dtype=dtype)
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+    def load(self, model_dir: str, dtype: str | None, pooled: dict | None = None, depth: int = 2) -> int:
+        """Phase 2: read this rank's slice of the checkpoint; returns the resident weight bytes.
+
+        `pooled` maps local layer -> where its weights live instead ({"path"...} of a same-node
+        peer's segment, {"peer": handle, ...} of a peer elsewhere, or {"host": True}).
+        """
+        return self._phase("load", self._load, model_dir, dtype, pooled or {}, depth)
+
+    def _load(self, model_dir: str, dtype: str | None, pooled: dict, depth: int) -> int:
+        from shardwright.config import ModelSpec
+
+        spec = ModelSpec.from_hf_dir(model_dir, dtype=dtype)
+        self.sizes = shard_sizes(spec, self.layout, self.rank)
+        skip = frozenset(int(i) for i in pooled)
+        resident = self.sizes.other_weight_bytes + sum(
+            b for i, b in enumerate(self.sizes.layer_bytes) if i not in skip)
+        self.ledger.reserve("weights", resident)
+        _, self.model = load_model(model_dir, self.ctx, dtype=dtype, skip_blocks=skip)
+        if skip:
+            sources = {int(i): self._source(int(i), where, model_dir, spec) for i, where in pooled.items()}
+            self.fetcher = LayerFetcher(self.model.blocks, sources, self.ledger, self.ctx.device, depth)
+            self.model.layer_weights = self.fetcher
+        return resident
+
+    def _source(self, layer: int, where: dict, model_dir: str, spec):
+        if where.get("host"):  # this rank's own host memory (pinned on CUDA), outside the budget
+            from shardwright.pool.store import PeerStore
+
+            store = PeerStore(MemoryLedger(None, owner=f"rank {self.rank} host"), shared=False)
+            store.load(model_dir, spec, self.layout, [(self.rank, layer)])
+            flat = store.flat[(self.rank, layer)]
+            flat = flat.pin_memory() if self.ctx.device.type == "cuda" else flat
+            self.host_bytes += tensor_bytes([flat])
+            return TensorSource(flat, store.shapes[(self.rank, layer)])
+        if where.get("path") and self.ctx.device.type == "cpu":
+            return map_segment(where)
+        peer = where["peer"]  # another node (or CUDA): ask the peer actor for the tensors
+
+        def call(peer=peer, key=(self.rank, layer)):
+            import ray
+
+            return ray.get(peer.call.remote("tensors", *key))
+
+        return CallSource(call, where["shapes"], getattr(torch, where["dtype"]))
 
     def allocate_cache(self, num_blocks: int, block_size: int) -> int:
         """Phase 3: allocate the paged KV cache; returns its bytes."""
-        self.cache = self._phase("allocate_cache", self.model.new_paged_cache, num_blocks, block_size)
         self.block_size = block_size
+        nbytes = num_blocks * block_size * (self.sizes.kv_bytes_per_token if self.sizes else 0)
+        self.ledger.reserve("kv_cache", nbytes)
+        self.cache = self._phase("allocate_cache", self.model.new_paged_cache, num_blocks, block_size)
+        if self.sizes is not None and self.cache.nbytes != nbytes:
+            raise RuntimeError(f"rank {self.rank}: KV cache is {self.cache.nbytes} bytes, accounted {nbytes}")
         return self.cache.nbytes
+
+    def memory(self) -> dict:
+        """This rank's ledger: budget, resident bytes by kind, high-water mark; pooled traffic."""
+        snap = self.ledger.snapshot()
+        snap["host_bytes"] = self.host_bytes
+        snap["bytes_fetched"] = self.fetcher.bytes_fetched if self.fetcher else 0
+        return snap
+
+    def reset_memory_peak(self) -> None:
+        self.ledger.reset_high_water()
+
+    def _activation_bytes(self, batch: PagedBatch, msg: StepMessage) -> int:
+        if self.sizes is None:
+            return 0
+        lens = batch.context_lens
+        decode = [c for q, c in zip(msg.query_lens, lens) if q == 1]
+        prefill = [c for q, c in zip(msg.query_lens, lens) if q > 1]
+        return self.sizes.activation_bytes(len(msg.token_ids), len(decode), max(decode, default=0),
+                                           max(prefill, default=0))
 
     @torch.inference_mode()
     def step(self, msg: StepMessage) -> list[int] | None:
@@ -61,6 +133,15 @@ class ShardRunner(GroupMember):
         ctx = self.ctx
         batch = PagedBatch.build(msg.token_ids, msg.positions, msg.slot_mapping, msg.query_lens,
                                  msg.block_tables, self.block_size, msg.sample_index, ctx.device)
+        activations = self._activation_bytes(batch, msg)
+        self.ledger.reserve("activations", activations)
+        try:
+            return self._step(msg, batch)
+        finally:
+            self.ledger.release("activations", activations)
+
+    def _step(self, msg: StepMessage, batch: PagedBatch) -> list[int] | None:
+        ctx = self.ctx
         if ctx.is_first_stage:
             x = batch.token_ids
         else:
@@ -75,3 +156,31 @@ class ShardRunner(GroupMember):
         if ctx.tp_rank != 0:
             return None
         return sample_tokens(logits, msg.sampling, msg.seeds, msg.steps)
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor | None:
+        """Uncached forward of one prompt; the last stage's TP rank 0 returns [tokens, vocab] fp32 CPU."""
+        n = len(token_ids)
+        activations = self.sizes.activation_bytes(n, 0, 0, n) if self.sizes else 0
+        self.ledger.reserve("activations", activations)
+        try:
+            return self._prompt_logits(token_ids)
+        finally:
+            self.ledger.release("activations", activations)
+
+    def _prompt_logits(self, token_ids: list[int]) -> torch.Tensor | None:
+        ctx = self.ctx
+        ids = torch.tensor([token_ids], dtype=torch.long, device=ctx.device)
+        positions = torch.arange(len(token_ids), device=ctx.device).unsqueeze(0)
+        if ctx.is_first_stage:
+            x = ids
+        else:
+            x = torch.empty(1, len(token_ids), self.model.spec.hidden_size, dtype=self.model.dtype,
+                            device=ctx.device)
+            dist.recv(x, src=ctx.group_ranks["pp"][ctx.pp_rank - 1])
+        out = self.model(x, positions)
+        if not ctx.is_last_stage:
+            dist.send(out.contiguous(), dst=ctx.group_ranks["pp"][ctx.pp_rank + 1])
+            return None
+        logits = self.model.full_logits(out)[0].float().cpu()
+        return logits if ctx.tp_rank == 0 else None

@@ -20,15 +20,17 @@ from shardwright.parallel.context import ParallelContext
 __all__ = ["DecoderModel", "ModelSpec", "build_model", "load_model"]
 
 
-def build_model(spec: ModelSpec, ctx: ParallelContext) -> DecoderModel:
-    """This rank's shard of `spec`, parameters allocated but uninitialised."""
+def build_model(spec: ModelSpec, ctx: ParallelContext, skip_blocks: frozenset[int] = frozenset()) -> DecoderModel:
+    """This rank's shard of `spec`, parameters allocated but uninitialised (blocks in
+    `skip_blocks` stay on the meta device: their weights live elsewhere)."""
     spec_layout_check(spec, ctx)
     model = DecoderModel(spec, ctx, device="meta")
-    materialize(model, ctx.device)
+    keep = {id(p) for i in skip_blocks for p in model.blocks[i].parameters()}
+    materialize(model, ctx.device, keep_meta=keep)
     return model
 
 
-def materialize(module: torch.nn.Module, device: torch.device) -> None:
+def materialize(module: torch.nn.Module, device: torch.device, keep_meta: set[int] = frozenset()) -> None:
     """Replace meta parameters by uninitialised ones on `device`, touching no memory.
 
     (`Module.to_empty` writes to the new storage, which makes the whole shard resident before
@@ -36,24 +38,26 @@ def materialize(module: torch.nn.Module, device: torch.device) -> None:
     """
     for sub in module.modules():
         for name, param in list(sub._parameters.items()):
-            if param is not None and param.is_meta:
+            if param is not None and param.is_meta and id(param) not in keep_meta:
                 fresh = torch.empty(param.shape, dtype=param.dtype, device=device)
                 sub._parameters[name] = torch.nn.Parameter(fresh, requires_grad=param.requires_grad)
 
 
 def load_model(
-    directory: str | Path, ctx: ParallelContext, *, dtype: DType | None = None
+    directory: str | Path, ctx: ParallelContext, *, dtype: DType | None = None,
+    skip_blocks: frozenset[int] = frozenset(),
 ) -> tuple[ModelSpec, DecoderModel]:
     """Build this rank's shard of the checkpoint in `directory` and load its slices.
 
     Parameters are created on the meta device and materialised at their sharded size, then
     filled one at a time from slices of the checkpoint: peak memory is this rank's shard plus
-    one parameter's slice.
+    one parameter's slice. Blocks in `skip_blocks` (local indices) are not loaded: their
+    parameters stay on the meta device until `model.layer_weights` binds them (peer pooling).
     """
     spec = ModelSpec.from_hf_dir(directory, dtype=dtype)
-    model = build_model(spec, ctx)
+    model = build_model(spec, ctx, frozenset(skip_blocks))
     with CheckpointReader(directory) as reader:
-        load_weights(model, reader)
+        load_weights(model, reader, frozenset(skip_blocks))
     return spec, model.eval()
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from contextlib import nullcontext
+
 from shardwright.config import ModelSpec
 from shardwright.models.blocks import DecoderBlock, make_norm
 from shardwright.models.kv_cache import KVCache
@@ -78,6 +80,12 @@ class DecoderModel(nn.Module):
         self.rotary = None
         if spec.architecture == "llama":
             self.rotary = Rotary(spec.head_dim, spec.rope_theta, spec.rope_scaling)
+        # Optional source of blocks' weights that are not resident (peer memory pooling): an
+        # object with begin_pass() and a context manager layer(i); see shardwright.pool.fetch.
+        self.layer_weights = None
+
+    def _block_weights(self, i: int):
+        return self.layer_weights.layer(i) if self.layer_weights is not None else nullcontext()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -88,8 +96,11 @@ class DecoderModel(nn.Module):
         rotary = None
         if self.rotary is not None:
             rotary = (self.rotary, *self.rotary.cos_sin(positions, h.dtype))
+        if self.layer_weights is not None:
+            self.layer_weights.begin_pass()
         for i, block in enumerate(self.blocks):
-            h = block(h, rotary, cache.layer(i) if cache is not None else None)
+            with self._block_weights(i):
+                h = block(h, rotary, cache.layer(i) if cache is not None else None)
         if cache is not None:
             cache.advance(positions.shape[-1])
         if self.norm is None:
@@ -110,8 +121,11 @@ class DecoderModel(nn.Module):
         rotary = None
         if self.rotary is not None:
             rotary = (self.rotary, *self.rotary.cos_sin(positions, h.dtype))
+        if self.layer_weights is not None:
+            self.layer_weights.begin_pass()
         for i, block in enumerate(self.blocks):
-            h = block.forward_packed(h, rotary, i, cache, batch)
+            with self._block_weights(i):
+                h = block.forward_packed(h, rotary, i, cache, batch)
         if self.norm is None:
             return h[0]
         h = h[0].index_select(0, batch.sample_index)

@@ -99,10 +99,18 @@ def weight_plan(model: DecoderModel, reader: CheckpointReader) -> Plan:
 
 
 @torch.no_grad()
-def load_weights(model: DecoderModel, reader: CheckpointReader) -> None:
-    """Fill every parameter of `model` from `reader`, slice by slice; check every shape."""
+def load_weights(model: DecoderModel, reader: CheckpointReader, skip_blocks: frozenset[int] = frozenset()) -> None:
+    """Fill every parameter of `model` from `reader`, slice by slice; check every shape.
+
+    Blocks in `skip_blocks` (local indices) are left as they are (on the meta device when
+    their weights are pooled elsewhere).
+    """
     seen = set()
+    skipped = {id(p) for i in skip_blocks for p in model.blocks[i].parameters()}
     for name, param, reads in weight_plan(model, reader):
+        if id(param) in skipped:
+            seen.add(id(param))
+            continue
         parts = [reader.read(r) for r in reads]
         value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if tuple(value.shape) != tuple(param.shape):

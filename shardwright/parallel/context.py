@@ -122,7 +122,7 @@ class ParallelContext:
             return None
         if size == self.tp:
             return self.tp_group
-        if size not in self.tp_block_groups:
+        if size not in self.tp_block_groups:  # (a coordinates() context maps sizes to None)
             raise ValueError(f"tp={self.tp} has no sub-groups of size {size}")
         return self.tp_block_groups[size]
 
@@ -132,6 +132,19 @@ class ParallelContext:
         dev = torch.device(device) if device is not None else default_device()
         return cls(layout=ParallelLayout(), rank=0, device=dev, backend="none",
                    group_ranks={axis: [0] for axis in AXES})
+
+    @classmethod
+    def coordinates(cls, layout: ParallelLayout, rank: int, device: torch.device | str = "meta") -> ParallelContext:
+        """Rank `rank`'s place in the mesh with no process groups.
+
+        For sizing a rank's shard and for loading another rank's slices (a memory peer does);
+        a model built on it must never run a collective.
+        """
+        coords = mesh_coords(rank, layout)
+        blocks = {d: None for d in range(2, layout.tp) if layout.tp % d == 0}
+        return cls(layout=layout, rank=rank, device=torch.device(device), backend="none",
+                   tp_rank=coords["tp"], pp_rank=coords["pp"], cp_rank=coords["cp"], dp_rank=coords["dp"],
+                   tp_block_groups=blocks)
 
     @classmethod
     def from_initialized(

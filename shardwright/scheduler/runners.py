@@ -61,7 +61,8 @@ class InferenceRunner:
         s, e = self.spec, self.spec.engine
         config = EngineConfig(model_dir=s.model, layout=s.layout, dtype=s.dtype, block_size=e.block_size,
                               num_blocks=e.num_blocks, max_running=e.max_running,
-                              max_tokens_per_step=e.max_tokens_per_step, bundle_nodes=self.bundle_nodes)
+                              max_tokens_per_step=e.max_tokens_per_step, bundle_nodes=self.bundle_nodes,
+                              pool=e.pool)
         self.engine = InferenceEngine(config).start()
 
     def progress(self) -> Progress:

@@ -1,0 +1,96 @@
+"""Peer memory pooling in the Ray engine: a model needing twice a worker's budget.
+
+Exactness: pooled layers are the same weights copied from the peer into the same kernels, so the
+greedy tokens must equal the single-process reference exactly (no tolerance), at tp=1 and tp=2.
+Budget: every worker's ledger high-water mark (weights, KV cache, step activations, fetched
+layers) must stay within its budget for the whole run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from shardwright.actors.engine import EngineConfig, InferenceEngine, resident_need
+from shardwright.actors.requests import RequestFailed
+from shardwright.actors.sampling import SamplingParams
+from shardwright.config import ModelSpec, ParallelLayout, PoolOptions
+from shardwright.models import load_model
+from shardwright.models.generate import greedy_generate
+from shardwright.parallel.context import ParallelContext
+from shardwright.pool import PoolAdmissionError
+
+ray = pytest.importorskip("ray")
+
+LIMITS = dict(block_size=16, num_blocks=16, max_tokens_per_step=32, max_running=4)
+NEW_TOKENS = 24
+
+
+def config(model_dir, tp: int, **pool) -> EngineConfig:
+    return EngineConfig(model_dir=model_dir, layout=ParallelLayout(tp=tp), pool=PoolOptions(**pool), **LIMITS)
+
+
+def half_budget(model_dir, tp: int) -> int:
+    """Half of what the most demanding rank needs with every layer resident."""
+    cfg = config(model_dir, tp)
+    spec = ModelSpec.from_hf_dir(model_dir)
+    return max(fixed + sum(layers) for fixed, layers in (resident_need(spec, cfg, r) for r in range(tp))) // 2
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_model_needing_twice_the_budget_generates_the_reference_tokens(ray_cluster, pool_model, tp):
+    _, ref_model = load_model(pool_model, ParallelContext.single("cpu"))
+    prompts = [[3, 14, 15, 92, 65, 35], [7, 1], list(range(40, 80))]
+    refs = [greedy_generate(ref_model, p, NEW_TOKENS) for p in prompts]
+    assert len(set(refs[0])) > 4, "reference continuation too repetitive to be a test"
+    budget = half_budget(pool_model, tp)
+    cfg = config(pool_model, tp, budget_bytes=budget, peers=2, peer_budget_bytes=4 * budget, prefetch_depth=1)
+    with InferenceEngine(cfg).start() as eng:
+        plan = eng.health(probe=False)["memory_pool"]
+        assert all("layers resident" in line and "fetched per step" in line for line in plan), plan
+        outs = eng.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True), timeout_s=300)
+        assert [o.token_ids for o in outs] == refs
+        memory = eng.memory()
+    compute = [m for who, m in memory["workers"].items() if who.startswith("rank")]
+    assert len(compute) == tp
+    for m in compute:
+        assert m["budget_bytes"] == budget
+        assert 0 < m["high_water_bytes"] <= budget, m
+        assert m["bytes_fetched"] > 0, "nothing was fetched: the layers were not pooled"
+    peers = [m for who, m in memory["workers"].items() if who.startswith("memory peer")]
+    assert sum(m["by_kind"].get("held_for_peers", 0) for m in peers) > 0
+
+
+def test_no_room_on_any_peer_is_refused_at_admission_with_the_missing_bytes(ray_cluster, pool_model):
+    budget = half_budget(pool_model, 1)
+    cfg = config(pool_model, 1, budget_bytes=budget, peers=1, peer_budget_bytes=budget // 8, prefetch_depth=1)
+    started = time.monotonic()
+    with pytest.raises(PoolAdmissionError, match=r"MiB missing for ranks on node \w+.*peer 0 on node"):
+        InferenceEngine(cfg).start()
+    assert time.monotonic() - started < 120
+    deadline = time.monotonic() + 20  # removing a placement group is asynchronous
+    while ray.available_resources().get("GPU", 0) < ray.cluster_resources()["GPU"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("GPU", 0) == ray.cluster_resources()["GPU"], "gang not released"
+
+
+def test_a_dead_peer_fails_the_deployment_which_rebuilds(ray_cluster, pool_model):
+    budget = half_budget(pool_model, 1)
+    cfg = config(pool_model, 1, budget_bytes=budget, peers=1, peer_budget_bytes=4 * budget, prefetch_depth=1,
+                 ).model_copy(update={"collective_timeout_s": 10})
+    with InferenceEngine(cfg).start() as eng:
+        stream = eng.submit([1, 2, 3], SamplingParams(max_tokens=100_000 // 1000, ignore_eos=True))
+        next(iter(stream))
+        peer = eng._gang.workers[eng._gang.peer_ranks[0]]
+        ray.kill(peer, no_restart=True)
+        started = time.monotonic()
+        with pytest.raises(RequestFailed, match="memory peer 0"):
+            stream.result(timeout_s=60)
+        assert time.monotonic() - started < 60
+        deadline = time.monotonic() + 120
+        while not eng.health(probe=False)["healthy"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        out = eng.generate([[4, 5, 6]], SamplingParams(max_tokens=8, ignore_eos=True), timeout_s=60)
+        assert len(out[0].token_ids) == 8
+        assert eng.health()["healthy"] is True
