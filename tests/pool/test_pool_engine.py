@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from shardwright.actors.engine import EngineConfig, InferenceEngine, resident_need
+from pool_helpers import config, half_budget
+from shardwright.actors.engine import InferenceEngine
 from shardwright.actors.requests import RequestFailed
 from shardwright.actors.sampling import SamplingParams
-from shardwright.config import ModelSpec, ParallelLayout, PoolOptions
 from shardwright.models import load_model
 from shardwright.models.generate import greedy_generate
 from shardwright.parallel.context import ParallelContext
@@ -23,29 +23,17 @@ from shardwright.pool import PoolAdmissionError
 
 ray = pytest.importorskip("ray")
 
-LIMITS = dict(block_size=16, num_blocks=16, max_tokens_per_step=32, max_running=4)
 NEW_TOKENS = 24
 
 
-def config(model_dir, tp: int, **pool) -> EngineConfig:
-    return EngineConfig(model_dir=model_dir, layout=ParallelLayout(tp=tp), pool=PoolOptions(**pool), **LIMITS)
-
-
-def half_budget(model_dir, tp: int) -> int:
-    """Half of what the most demanding rank needs with every layer resident."""
-    cfg = config(model_dir, tp)
-    spec = ModelSpec.from_hf_dir(model_dir)
-    return max(fixed + sum(layers) for fixed, layers in (resident_need(spec, cfg, r) for r in range(tp))) // 2
-
-
-@pytest.mark.parametrize("tp", [1, 2])
-def test_model_needing_twice_the_budget_generates_the_reference_tokens(ray_cluster, pool_model, tp):
+@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2)])
+def test_model_needing_twice_the_budget_generates_the_reference_tokens(ray_cluster, pool_model, tp, pp):
     _, ref_model = load_model(pool_model, ParallelContext.single("cpu"))
     prompts = [[3, 14, 15, 92, 65, 35], [7, 1], list(range(40, 80))]
     refs = [greedy_generate(ref_model, p, NEW_TOKENS) for p in prompts]
     assert len(set(refs[0])) > 4, "reference continuation too repetitive to be a test"
-    budget = half_budget(pool_model, tp)
-    cfg = config(pool_model, tp, budget_bytes=budget, peers=2, peer_budget_bytes=4 * budget, prefetch_depth=1)
+    budget = half_budget(pool_model, tp, pp)
+    cfg = config(pool_model, tp, pp, budget_bytes=budget, peers=2, peer_budget_bytes=4 * budget, prefetch_depth=1)
     with InferenceEngine(cfg).start() as eng:
         plan = eng.health(probe=False)["memory_pool"]
         assert all("layers resident" in line and "fetched per step" in line for line in plan), plan
@@ -53,7 +41,7 @@ def test_model_needing_twice_the_budget_generates_the_reference_tokens(ray_clust
         assert [o.token_ids for o in outs] == refs
         memory = eng.memory()
     compute = [m for who, m in memory["workers"].items() if who.startswith("rank")]
-    assert len(compute) == tp
+    assert len(compute) == tp * pp
     for m in compute:
         assert m["budget_bytes"] == budget
         assert 0 < m["high_water_bytes"] <= budget, m
@@ -77,10 +65,10 @@ def test_no_room_on_any_peer_is_refused_at_admission_with_the_missing_bytes(ray_
 
 def test_a_dead_peer_fails_the_deployment_which_rebuilds(ray_cluster, pool_model):
     budget = half_budget(pool_model, 1)
-    cfg = config(pool_model, 1, budget_bytes=budget, peers=1, peer_budget_bytes=4 * budget, prefetch_depth=1,
-                 ).model_copy(update={"collective_timeout_s": 10})
+    cfg = config(pool_model, 1, budget_bytes=budget, peers=1, peer_budget_bytes=4 * budget,
+                 prefetch_depth=1).model_copy(update={"collective_timeout_s": 10})
     with InferenceEngine(cfg).start() as eng:
-        stream = eng.submit([1, 2, 3], SamplingParams(max_tokens=100_000 // 1000, ignore_eos=True))
+        stream = eng.submit([1, 2, 3], SamplingParams(max_tokens=240, ignore_eos=True))
         next(iter(stream))
         peer = eng._gang.workers[eng._gang.peer_ranks[0]]
         ray.kill(peer, no_restart=True)
