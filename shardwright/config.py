@@ -250,7 +250,7 @@ class InferenceDeployment(StrictModel):
     kind: Literal["inference"] = Field("inference", description="Job kind discriminator.")
     name: str = Field(pattern=JOB_NAME_PATTERN, description="DNS-style name, unique per tenant.")
     model: Path = Field(description="Hugging Face directory (config.json + safetensors) on every node.")
-    layout: ParallelLayout = Field(default_factory=ParallelLayout, description="tp and pp (cp, dp = 1).")
+    layout: ParallelLayout = Field(default_factory=ParallelLayout, description="tp, pp and cp (dp = 1); cp shards the KV cache.")
     tenant: str = Field("default", min_length=1, description="Owner; set by the server from the token.")
     priority: PriorityClass = Field("serving", description="Serving is never preempted by training.")
     dtype: DType | None = Field(None, description="Override the checkpoint's dtype.")
@@ -258,9 +258,9 @@ class InferenceDeployment(StrictModel):
 
     @model_validator(mode="after")
     def _serving_layout(self) -> InferenceDeployment:
-        if self.layout.cp != 1 or self.layout.dp != 1:
-            raise ValueError(f"layout: inference deployments use tp and pp only; got cp={self.layout.cp}, "
-                             f"dp={self.layout.dp} (deploy several copies for replicas)")
+        if self.layout.dp != 1:
+            raise ValueError(f"layout: inference deployments use tp, pp and cp; got dp={self.layout.dp} "
+                             "(deploy several copies for replicas)")
         return self
 
 

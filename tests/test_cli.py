@@ -27,9 +27,9 @@ def tiny_model(tmp_path_factory):
     return directory
 
 
-def test_generate_tp2_json_equals_the_reference(tiny_model):
+def test_generate_tp2_cp2_json_equals_the_reference(tiny_model):
     # Starts its own local Ray cluster (a fresh process), as a user's first command would.
-    done = run_cli("generate", "--model", str(tiny_model), "--tp", "2", "--prompt", "Hello",
+    done = run_cli("generate", "--model", str(tiny_model), "--tp", "2", "--cp", "2", "--prompt", "Hello",
                    "--max-tokens", "12", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.splitlines()[-1])
@@ -40,7 +40,7 @@ def test_generate_tp2_json_equals_the_reference(tiny_model):
 
 @pytest.mark.parametrize("args, message", [
     (["--tp", "3", "--prompt", "x"], "tp=3 does not divide num_heads=4"),
-    (["--cp", "2", "--prompt", "x"], "not wired into the engine yet"),
+    (["--cp", "0", "--prompt", "x"], "cp"),
     (["--temperature", "-1", "--prompt", "x"], "temperature"),
     (["--prompt-ids", "1,x"], "comma-separated integers"),
     (["--prompt-ids", "1,999"], "outside the vocabulary"),

@@ -58,8 +58,8 @@ def resident_need(spec: ModelSpec, config: EngineConfig, rank: int) -> tuple[int
     """Bytes rank `rank` must keep resident besides its layers (non-layer weights, the KV cache,
     the activations of the largest step the limits allow), and the bytes of each of its layers."""
     sizes = shard_sizes(spec, config.layout, rank)
-    cache_tokens = config.num_blocks * config.block_size
-    context = min(spec.max_position_embeddings, cache_tokens)
+    cache_tokens = len(range(sizes.cp_rank, config.num_blocks, config.layout.cp)) * config.block_size
+    context = min(spec.max_position_embeddings, config.num_blocks * config.block_size)
     fixed = (sizes.other_weight_bytes + cache_tokens * sizes.kv_bytes_per_token
              + sizes.activation_bytes(config.max_tokens_per_step, config.max_running, context, context))
     return fixed, sizes.layer_bytes
@@ -72,8 +72,12 @@ class InferenceEngine:
         self.config = config
         self.spec = ModelSpec.from_hf_dir(config.model_dir, dtype=config.dtype)
         config.layout.validate_for(self.spec)
-        if config.layout.cp != 1 or config.layout.dp != 1:
-            raise ValueError("the inference engine runs tp and pp; cp and dp must be 1 for now")
+        if config.layout.dp != 1:
+            raise ValueError(f"layout: the inference engine runs tp, pp and cp; dp={config.layout.dp} must be 1 "
+                             "(deploy several copies for replicas)")
+        if config.num_blocks < config.layout.cp:
+            raise ValueError(f"num_blocks={config.num_blocks}: the KV cache is sharded over cp={config.layout.cp} "
+                             "ranks, so it needs at least cp blocks")
         self.tokenizer = load_tokenizer(config.model_dir)
         self._lock = threading.Condition()
         self._streams: dict[str, RequestStream] = {}

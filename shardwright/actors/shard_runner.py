@@ -101,7 +101,8 @@ class ShardRunner(GroupMember):
     def allocate_cache(self, num_blocks: int, block_size: int) -> int:
         """Phase 3: allocate the paged KV cache; returns its bytes."""
         self.block_size = block_size
-        nbytes = num_blocks * block_size * (self.sizes.kv_bytes_per_token if self.sizes else 0)
+        local_blocks = len(range(self.ctx.cp_rank, num_blocks, self.ctx.cp))  # CP shards the blocks
+        nbytes = local_blocks * block_size * (self.sizes.kv_bytes_per_token if self.sizes else 0)
         self.ledger.reserve("kv_cache", nbytes)
         self.cache = self._phase("allocate_cache", self.model.new_paged_cache, num_blocks, block_size)
         if self.sizes is not None and self.cache.nbytes != nbytes:

@@ -50,9 +50,6 @@ def cmd_generate_local(args: argparse.Namespace) -> int:
     from shardwright.cluster.ray_connect import connect
     from shardwright.config import ParallelLayout
 
-    if args.cp != 1:
-        raise UsageError("--cp above 1 is not wired into the engine yet (ring attention exists; "
-                         "the engine integration is open work)")
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"{model_dir} has no config.json; pass a Hugging Face model directory "
@@ -60,7 +57,7 @@ def cmd_generate_local(args: argparse.Namespace) -> int:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed)
-        config = EngineConfig(model_dir=model_dir, layout=ParallelLayout(tp=args.tp, pp=args.pp))
+        config = EngineConfig(model_dir=model_dir, layout=ParallelLayout(tp=args.tp, pp=args.pp, cp=args.cp))
     except ValidationError as err:
         from shardwright.api.errors import one_line
 
@@ -75,7 +72,7 @@ def cmd_generate_local(args: argparse.Namespace) -> int:
     with engine.start():
         out = engine.generate([prompt], params)[0]
     result = {"tokens": out.token_ids, "text": out.text, "prompt_tokens": len(out.prompt_ids),
-              "finish_reason": out.finish_reason, "tp": args.tp, "pp": args.pp,
+              "finish_reason": out.finish_reason, "tp": args.tp, "pp": args.pp, "cp": args.cp,
               "elapsed_s": round(time.perf_counter() - start, 3)}
     _print_result(result, args.json, lambda r: f"{r['text']!r}\n({len(r['tokens'])} tokens at tp={r['tp']} "
                                                  f"pp={r['pp']} in {r['elapsed_s']} s, including start-up)")
@@ -111,7 +108,7 @@ def _add_generate(sub) -> None:
                    help="server host:port for --deployment (default SHARDWRIGHT_ADDRESS or 127.0.0.1:50051)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (default 1)")
-    p.add_argument("--cp", type=int, default=1, help="context-parallel degree (not wired yet)")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel degree: the KV cache is sharded over cp ranks (default 1)")
     p.add_argument("--max-tokens", type=int, default=32, help="new tokens to generate (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")

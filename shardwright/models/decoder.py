@@ -136,7 +136,8 @@ class DecoderModel(nn.Module):
         """A paged KV cache for this stage's layers and this rank's kv heads."""
         kv_heads = self.blocks[0].attn.num_kv_heads if len(self.blocks) else 0
         return PagedKVCache(len(self.blocks), num_blocks, block_size, kv_heads, self.spec.head_dim,
-                            dtype=self.dtype, device=self.ctx.device)
+                            dtype=self.dtype, device=self.ctx.device, cp_rank=self.ctx.cp_rank, cp=self.ctx.cp,
+                            cp_group=self.ctx.cp_group)
 
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.embed(ids)

@@ -99,14 +99,22 @@ def _slots(table: list[int], num_tokens: int, block_size: int) -> torch.Tensor:
 
 
 class PagedKVCache:
-    """Per-layer key/value slot tensors [num_blocks * block_size, kv_heads, head_dim]."""
+    """Per-layer key/value slot tensors [local blocks * block_size, kv_heads, head_dim].
+
+    With context parallelism (cp > 1) the controller's `num_blocks` blocks are sharded over the
+    CP ranks: block b lives on rank b % cp as local block b // cp, so each rank stores about
+    1/cp of every long sequence's keys and values, and attention is split-KV (`paged_attention`).
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, *, dtype: torch.dtype, device: torch.device | str) -> None:
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+                 head_dim: int, *, dtype: torch.dtype, device: torch.device | str,
+                 cp_rank: int = 0, cp: int = 1, cp_group=None) -> None:
+        local_blocks = len(range(cp_rank, num_blocks, cp))
+        shape = (local_blocks * block_size, num_kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.cp_rank, self.cp, self.cp_group = cp_rank, cp, cp_group
 
     @property
     def nbytes(self) -> int:
@@ -127,6 +135,8 @@ def paged_attention(
     q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim] (this step's
     tokens, written to the cache here). Returns [num_tokens, heads, head_dim].
     """
+    if cache.cp > 1:
+        return _paged_attention_cp(q, k, v, layer, cache, batch, scale)
     keys, values = cache.keys[layer], cache.values[layer]
     keys.index_copy_(0, batch.slot_mapping, k)
     values.index_copy_(0, batch.slot_mapping, v)
@@ -151,6 +161,68 @@ def paged_attention(
                   gqa, causal=mask is None)
         out[start : start + n] = o[0].transpose(0, 1)
     return out
+
+
+@dataclass
+class LocalShare:
+    """This CP rank's share of a step: the new K/V rows it stores, and per sequence the local
+    slots and positions of the context keys it holds."""
+
+    write_rows: torch.Tensor
+    write_slots: torch.Tensor
+    slots: list[torch.Tensor]
+    key_positions: list[torch.Tensor]
+
+    @classmethod
+    def build(cls, batch: PagedBatch, cache: PagedKVCache) -> LocalShare:
+        bs, cp, r = cache.block_size, cache.cp, cache.cp_rank
+
+        def local(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            block = slots // bs
+            mine = (block % cp) == r
+            return mine.nonzero().flatten(), (block[mine] // cp) * bs + slots[mine] % bs
+
+        write_rows, write_slots = local(batch.slot_mapping)
+        slots, positions = [], []
+        for ctx_slots in batch.context_slots:
+            idx, loc = local(ctx_slots)
+            slots.append(loc)
+            positions.append(idx)  # context slot i holds position i
+        return cls(write_rows, write_slots, slots, positions)
+
+
+def _paged_attention_cp(q, k, v, layer: int, cache: PagedKVCache, batch: PagedBatch, scale: float) -> torch.Tensor:
+    """Split-KV attention over a CP-sharded cache: every rank has every query; each computes the
+    partial (out, lse) over the keys it holds, then one all-gather and the exact merge
+    (shardwright.parallel.attention.merge) give every rank the full result."""
+    from shardwright.parallel.attention.splitkv import gather_and_merge
+
+    share = batch.__dict__.get("_cp_share")
+    if share is None:
+        share = batch.__dict__["_cp_share"] = LocalShare.build(batch, cache)
+    keys, values = cache.keys[layer], cache.values[layer]
+    keys.index_copy_(0, share.write_slots, k.index_select(0, share.write_rows))
+    values.index_copy_(0, share.write_slots, v.index_select(0, share.write_rows))
+    heads, dim = q.shape[1], q.shape[2]
+    groups = heads // k.shape[1]
+    out = torch.zeros_like(q)
+    lse = torch.full((heads, q.shape[0]), float("-inf"), dtype=q.dtype, device=q.device)
+    for i, (start, n) in enumerate(zip(batch.query_starts, batch.query_lens)):
+        if share.slots[i].numel() == 0:
+            continue  # this rank holds none of the sequence: an empty split
+        qs = q[start:start + n].transpose(0, 1)  # [H, n, D]
+        ks = keys[share.slots[i]].transpose(0, 1).repeat_interleave(groups, dim=0)  # [H, m, D]
+        vs = values[share.slots[i]].transpose(0, 1).repeat_interleave(groups, dim=0)
+        scores = torch.matmul(qs, ks.transpose(1, 2)) * scale  # [H, n, m]
+        q_pos = batch.positions[start:start + n]
+        visible = share.key_positions[i][None, :] <= q_pos[:, None]  # [n, m]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        part_lse = torch.logsumexp(scores, dim=-1)  # [H, n]; -inf where nothing is visible
+        probs = torch.exp(scores - part_lse.unsqueeze(-1).masked_fill(part_lse.unsqueeze(-1).isinf(), 0))
+        out[start:start + n] = torch.matmul(probs, vs).transpose(0, 1)
+        lse[:, start:start + n] = part_lse
+    merged, _ = gather_and_merge(out, lse, cache.cp_group)
+    return merged.to(q.dtype)
 
 
 def _offset_causal_mask(num_queries: int, context: int, device: torch.device) -> torch.Tensor:

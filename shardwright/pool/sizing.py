@@ -24,6 +24,7 @@ class ShardSizes:
     """Bytes of one rank's shard: per decoder layer of its stage, and everything else."""
 
     rank: int
+    cp_rank: int
     layer_ids: tuple[int, ...]  # global layer index of each local layer
     layer_bytes: tuple[int, ...]
     other_weight_bytes: int  # embedding, final norm, LM head
@@ -70,7 +71,7 @@ def shard_sizes(spec: ModelSpec, layout: ParallelLayout, rank: int) -> ShardSize
         heads, kv_heads = block.attn.num_heads, block.attn.num_kv_heads
         width = max(p.shape[0] for p in block.parameters() if p.dim() == 2)
     kv_per_token = 2 * len(model.blocks) * kv_heads * spec.head_dim * e
-    return ShardSizes(rank=rank, layer_ids=tuple(model.layer_ids), layer_bytes=layer_bytes,
+    return ShardSizes(rank=rank, cp_rank=ctx.cp_rank, layer_ids=tuple(model.layer_ids), layer_bytes=layer_bytes,
                       other_weight_bytes=other, kv_bytes_per_token=kv_per_token, hidden_size=spec.hidden_size,
                       local_width=width, local_heads=heads, local_kv_heads=kv_heads, head_dim=spec.head_dim,
                       vocab_size=spec.vocab_size, element_size=e)

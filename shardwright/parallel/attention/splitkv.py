@@ -57,8 +57,7 @@ def splitkv_attention(
         q, k, v, q_pieces, k_pieces, causal=q_positions is not None,
         scale=default_scale(q, softmax_scale), block_size=block_size,
     )
-    if group is not None and dist.get_world_size(group) > 1:
-        out, lse = merge_attention(*_gather_partials(out, lse, group))
+    out, lse = gather_and_merge(out, lse, group)
     return out.to(q.dtype), lse
 
 
@@ -87,6 +86,16 @@ def _pieces(bounds_q, bounds_k, kv_positions, q_positions, tokens_q, tokens_k):
 
 def _piece(bounds: list[int], seq: int, pos: int) -> Piece:
     return Piece(seq, bounds[seq], bounds[seq + 1] - bounds[seq], int(pos))
+
+
+def gather_and_merge(
+    out: torch.Tensor, lse: torch.Tensor, group: Group
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's partial (out [T, H, D], lse [H, T]) over its own keys -> the exact full
+    result on every rank: one all-gather, then `merge_attention` (the identity for one rank)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return out, lse
+    return merge_attention(*_gather_partials(out, lse, group))
 
 
 def _gather_partials(
