@@ -13,7 +13,12 @@ Guarantees:
   admission is first come, first served: a request that does not fit yet blocks later ones;
 - a sequence is in at most one plan in flight: with pipeline parallelism (up to P plans in
   flight) a sequence is not scheduled again until `update` of its plan, when its next token is
-  known (this also holds for prompt chunks that sample nothing);
+  known (this also holds for prompt chunks that sample nothing) -- except with `lookahead`
+  (async scheduling, one pipeline stage): a sequence whose one in-flight chunk samples its next
+  token may be scheduled once more, its first token being that not-yet-known one
+  (`SeqChunk.feedback`: the workers put in the token they sampled for it in the previous step).
+  Only when that token will not be the last (max_tokens); if it turns out to stop the sequence,
+  the extra chunk's work is dropped on update like a cancelled one's;
 - plans are updated in the order they were scheduled; a cancelled sequence's blocks are freed at
   once and its chunks in plans still in flight are dropped on update. Slots a cancelled chunk
   still writes are rewritten by their new owner in a later plan before they are read, provided
@@ -56,7 +61,8 @@ class SequenceState:
     num_prompt_tokens: int
     num_scheduled: int = 0  # tokens dispatched to the workers
     num_computed: int = 0  # tokens whose K/V an updated plan has written
-    in_flight: bool = False  # in a plan not yet updated
+    in_flight: int = 0  # plans holding a chunk of this sequence, not yet updated
+    last_chunk_samples: bool = False  # the newest in-flight chunk samples the next token
     status: SeqStatus = "waiting"
     finish_reason: FinishReason | None = None
 
@@ -84,6 +90,7 @@ class SeqChunk:
     params: SamplingParams
     seed: int
     step: int  # index (within the request) of the token sampled from this chunk
+    feedback: bool = False  # token_ids[0] is unknown here: the token sampled in the previous step
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,18 @@ class StepPlan:
     chunks: tuple[SeqChunk, ...]
 
     def token_ids(self) -> list[int]:
+        """Packed token ids; a feedback chunk's first token is -1 (see `feedback()`)."""
         return [t for c in self.chunks for t in c.token_ids]
+
+    def feedback(self) -> tuple[list[int], list[int]]:
+        """(packed indices, seq_ids) of tokens the workers fill in from their previous step."""
+        index, seqs, at = [], [], 0
+        for c in self.chunks:
+            if c.feedback:
+                index.append(at)
+                seqs.append(c.seq_id)
+            at += len(c.token_ids)
+        return index, seqs
 
     def positions(self) -> list[int]:
         return [p for c in self.chunks for p in range(c.start_pos, c.start_pos + len(c.token_ids))]
@@ -152,11 +170,15 @@ class StepScheduler:
 
     def __init__(self, blocks: BlockManager, max_tokens_per_step: int, max_running: int,
                  eos_ids: list[int], max_model_len: int, *, decode: Decode | None = None,
-                 seed: int | None = None, micro_batches: int = 1) -> None:
+                 seed: int | None = None, micro_batches: int = 1, lookahead: bool = False) -> None:
         _check_limits(max_tokens_per_step, max_running, max_model_len)
         if micro_batches < 1:
             raise ValueError(f"micro_batches={micro_batches} must be >= 1 (the pipeline depth)")
+        if lookahead and micro_batches != 1:
+            raise ValueError("lookahead (async scheduling) needs micro_batches=1: with pipeline stages the "
+                             "first stage cannot see the last stage's sampled tokens")
         self.micro_batches = micro_batches
+        self.lookahead = lookahead
         self.blocks = blocks
         self.max_tokens_per_step = max_tokens_per_step
         self.max_running = max_running
@@ -259,7 +281,10 @@ class StepScheduler:
         cap = -(-len(self._running) // self.micro_batches)
         for seq in self._running.values():
             if seq.in_flight:
-                continue  # in a plan not yet updated: its next token may be unknown
+                if self._can_look_ahead(seq) and len(chunks) < cap:
+                    chunks.append(self._lookahead_chunk(seq))
+                    budget -= 1
+                continue  # otherwise its next token may be unknown
             if len(chunks) >= cap:
                 break
             if seq.num_scheduled < seq.num_prompt_tokens:
@@ -290,11 +315,29 @@ class StepScheduler:
     def _chunk(self, seq: SequenceState, n: int) -> SeqChunk:
         start, end = seq.num_scheduled, seq.num_scheduled + n
         table = self.blocks.ensure(seq.seq_id, end)
-        seq.num_scheduled, seq.in_flight = end, True
+        sample = end == len(seq.tokens)
+        seq.num_scheduled, seq.in_flight, seq.last_chunk_samples = end, seq.in_flight + 1, sample
         return SeqChunk(
             seq.seq_id, seq.request.request_id, tuple(seq.tokens[start:end]), start, tuple(table),
-            tuple(self.blocks.slots(seq.seq_id, start, end)), end == len(seq.tokens),
+            tuple(self.blocks.slots(seq.seq_id, start, end)), sample,
             seq.request.params, seq.seed, len(seq.tokens) - seq.num_prompt_tokens,
+        )
+
+    def _can_look_ahead(self, seq: SequenceState) -> bool:
+        """One chunk in flight, it samples the next token, and that token will not be the last."""
+        generated_after = len(seq.tokens) + 1 - seq.num_prompt_tokens
+        return (self.lookahead and seq.in_flight == 1 and seq.last_chunk_samples
+                and generated_after < seq.request.params.max_tokens)
+
+    def _lookahead_chunk(self, seq: SequenceState) -> SeqChunk:
+        """Decode of the token the in-flight chunk samples (its id comes from the workers)."""
+        start = seq.num_scheduled  # == len(seq.tokens): the position of the pending token
+        table = self.blocks.ensure(seq.seq_id, start + 1)
+        seq.num_scheduled, seq.in_flight, seq.last_chunk_samples = start + 1, seq.in_flight + 1, True
+        return SeqChunk(
+            seq.seq_id, seq.request.request_id, (-1,), start, tuple(table),
+            tuple(self.blocks.slots(seq.seq_id, start, start + 1)), True,
+            seq.request.params, seq.seed, len(seq.tokens) + 1 - seq.num_prompt_tokens, feedback=True,
         )
 
     # ----------------------------------------------------------------------- update
@@ -312,7 +355,7 @@ class StepScheduler:
             seq = self._running.get(c.seq_id)
             if seq is None:
                 continue  # cancelled while in flight
-            seq.num_computed, seq.in_flight = c.start_pos + len(c.token_ids), False
+            seq.num_computed, seq.in_flight = c.start_pos + len(c.token_ids), seq.in_flight - 1
             if c.sample:
                 events.append(self._append(seq, int(sampled[c.seq_id])))
         return events

@@ -49,6 +49,9 @@ class EngineConfig(StrictModel):
     max_running: int = Field(64, ge=1, description="Most sequences in the running batch.")
     collective_timeout_s: float = Field(30.0, gt=0, description="Worker collective/step timeout.")
     threads_per_worker: int | None = Field(None, ge=1, description="CPU threads per worker (CPU only).")
+    async_scheduling: bool = Field(
+        True, description="With one pipeline stage, dispatch step k+1 before step k returns (the workers "
+                          "feed their own sampled tokens back), hiding the controller's per-step work.")
     bundle_nodes: tuple[str, ...] | None = Field(
         None, description="Ray node id per rank from the scheduler's placement; None lets Ray pack the gang.")
     pool: PoolOptions = Field(default_factory=PoolOptions, description="Memory budget and peer pooling.")
@@ -133,7 +136,7 @@ class InferenceEngine:
             BlockManager(c.num_blocks, c.block_size), max_tokens_per_step=c.max_tokens_per_step,
             max_running=c.max_running, eos_ids=self.spec.eos_token_id,
             max_model_len=self.spec.max_position_embeddings, decode=self.tokenizer.decode,
-            micro_batches=c.layout.pp)
+            micro_batches=c.layout.pp, lookahead=self._lookahead)
         self._healthy, self._last_error = True, None
 
     def _place_pooled_layers(self, gang: WorkerGang) -> dict[int, dict]:
@@ -324,8 +327,13 @@ class InferenceEngine:
         while self._incoming:
             self._scheduler.add(self._incoming.popleft())
 
+    @property
+    def _lookahead(self) -> bool:
+        return self.config.async_scheduling and self.config.layout.pp == 1
+
     def _fill_pipeline(self, inflight: deque) -> None:
-        while len(inflight) < self.config.layout.pp:
+        depth = 2 if self._lookahead else self.config.layout.pp
+        while len(inflight) < depth:
             plan = self._scheduler.schedule()
             if plan is None:
                 return
@@ -349,7 +357,10 @@ class InferenceEngine:
 
     def _message(self, plan) -> StepMessage:
         sampled = plan.sampled_chunks()
+        feedback_index, feedback_seq = plan.feedback()
         return StepMessage(
+            feedback_index=feedback_index, feedback_seq=feedback_seq,
+            sampled_seq=[c.seq_id for c in sampled] if self._lookahead else [],
             token_ids=plan.token_ids(), positions=plan.positions(), slot_mapping=plan.slot_mapping(),
             query_lens=plan.query_lens, block_tables=[c.block_table for c in plan.chunks],
             sample_index=plan.sample_indices(), sampling=[c.params for c in sampled],

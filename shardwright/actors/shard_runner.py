@@ -37,6 +37,11 @@ class StepMessage:
     sampling: list[SamplingParams] = field(default_factory=list)  # one per sampled token
     seeds: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
+    # Async scheduling (one pipeline stage): token_ids[feedback_index[i]] is the token this rank
+    # sampled for seq feedback_seq[i] in the previous step; sampled_seq names each sampled row.
+    feedback_index: list[int] = field(default_factory=list)
+    feedback_seq: list[int] = field(default_factory=list)
+    sampled_seq: list[int] = field(default_factory=list)
 
 
 class ShardRunner(GroupMember):
@@ -52,6 +57,7 @@ class ShardRunner(GroupMember):
         self.sizes: ShardSizes | None = None
         self.fetcher: LayerFetcher | None = None
         self.host_bytes = 0
+        self._last_sampled: dict[int, int] = {}  # seq_id -> token sampled in the previous step
 
     def load(self, model_dir: str, dtype: str | None, pooled: dict | None = None, depth: int = 2) -> int:
         """Phase 2: read this rank's slice of the checkpoint; returns the resident weight bytes.
@@ -132,6 +138,11 @@ class ShardRunner(GroupMember):
     def step(self, msg: StepMessage) -> list[int] | None:
         """Run one packed step; the last stage's TP rank 0 returns the sampled token ids."""
         ctx = self.ctx
+        if msg.feedback_index:
+            token_ids = list(msg.token_ids)
+            for i, seq in zip(msg.feedback_index, msg.feedback_seq):
+                token_ids[i] = self._last_sampled[seq]
+            msg.token_ids = token_ids
         batch = PagedBatch.build(msg.token_ids, msg.positions, msg.slot_mapping, msg.query_lens,
                                  msg.block_tables, self.block_size, msg.sample_index, ctx.device)
         activations = self._activation_bytes(batch, msg)
@@ -154,6 +165,10 @@ class ShardRunner(GroupMember):
             dist.send(out.contiguous(), dst=ctx.group_ranks["pp"][ctx.pp_rank + 1])
             return None
         logits = self.model.full_logits(out).float()
+        if msg.sampled_seq:  # async scheduling: every rank samples (identical logits, same seeds)
+            tokens = sample_tokens(logits, msg.sampling, msg.seeds, msg.steps)
+            self._last_sampled = dict(zip(msg.sampled_seq, tokens))
+            return tokens if ctx.tp_rank == 0 and ctx.cp_rank == 0 else None
         if ctx.tp_rank != 0:
             return None
         return sample_tokens(logits, msg.sampling, msg.seeds, msg.steps)

@@ -8,6 +8,7 @@ slot, a block shared by two live sequences or a missing write fails the check.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import deque
 
@@ -310,3 +311,75 @@ def test_micro_batches_split_decode_sequences_across_plans_in_flight():
     assert len(first.chunks) == 3 and len(second.chunks) == 3
     assert not set(first.sampled_seq_ids()) & set(second.sampled_seq_ids())
     assert sched.schedule() is None  # every sequence is in flight
+
+
+# ------------------------------------------------------------ lookahead (async scheduling)
+class LookaheadFakeEngine(FakeEngine):
+    """The workers of async scheduling: a feedback token (-1 in the plan) is the token this
+    'worker' sampled for that sequence in the previous plan, which must have just run."""
+
+    def __init__(self, sched: StepScheduler) -> None:
+        super().__init__(sched, depth=2)
+        self.last: dict[int, int] = {}
+        self.lookahead_chunks = 0
+
+    def run_plan(self, plan: StepPlan) -> dict[int, int]:
+        index, seqs = plan.feedback()
+        ids = plan.token_ids()
+        for i, seq in zip(index, seqs):
+            assert ids[i] == -1
+            ids[i] = self.last[seq]  # KeyError if the previous plan did not sample it
+        self.lookahead_chunks += len(index)
+        at, chunks = 0, []
+        for c in plan.chunks:
+            n = len(c.token_ids)
+            chunks.append(dataclasses.replace(c, token_ids=tuple(ids[at:at + n]), feedback=False))
+            at += n
+        self.last = super().run_plan(dataclasses.replace(plan, chunks=tuple(chunks)))
+        return self.last
+
+    def _check_plan(self, plan: StepPlan, in_flight) -> None:
+        assert 0 < len(plan.token_ids()) <= self.sched.max_tokens_per_step
+        busy = {c.seq_id for p, _ in in_flight for c in p.chunks}
+        for c in plan.chunks:  # only a feedback chunk may join a sequence already in flight
+            assert c.feedback == (c.seq_id in busy), c
+
+
+def test_lookahead_produces_the_same_tokens_with_two_plans_in_flight():
+    rng = random.Random(7)
+    lengths = [1, 40] + [rng.randint(1, 60) for _ in range(10)]
+    max_tokens = [rng.randint(1, 20) for _ in lengths]
+    sched = make(num_blocks=96, block_size=8, budget=64, max_running=6, max_model_len=200, lookahead=True)
+    for i, (n, m) in enumerate(zip(lengths, max_tokens)):
+        sched.add(Request(f"r{i}", [rng.randint(1, 999) for _ in range(n)], SamplingParams(max_tokens=m)))
+    engine = LookaheadFakeEngine(sched)
+    engine.loop()
+    for i, m in enumerate(max_tokens):
+        assert engine.outputs[f"r{i}"] == [fake_token(f"r{i}", s) for s in range(m)]
+    assert engine.lookahead_chunks > 50, "decode steps should be dispatched ahead"
+    assert sched.blocks.num_used == 0 and sched.num_in_flight == 0
+
+
+def test_lookahead_never_passes_max_tokens_and_drops_work_after_a_stop():
+    sched = make(lookahead=True)
+    sched.add(Request("a", [5, 6], SamplingParams(max_tokens=2)))
+    p0 = sched.schedule()  # prompt, samples token 0
+    p1 = sched.schedule()  # feeds token 0 back, samples token 1 (the last)
+    assert [c.feedback for c in p1.chunks] == [True] and p1.chunks[0].start_pos == 2
+    assert sched.schedule() is None  # token 1 is the last: nothing to look ahead to
+    sched.update(p0, {0: 7})
+    assert sched.schedule() is None
+    events = sched.update(p1, {0: 8})
+    assert [(e.token_id, e.finish_reason) for e in events] == [(8, "length")]
+    # A stop: the chunk dispatched ahead is dropped on update, and the blocks are free at once.
+    sched.add(Request("b", [5], SamplingParams(max_tokens=10)))
+    q0, q1 = sched.schedule(), sched.schedule()
+    assert q1.chunks[0].feedback
+    assert [e.finish_reason for e in sched.update(q0, {1: 0})] == ["stop"]  # eos id 0
+    assert sched.blocks.num_used == 0
+    assert sched.update(q1, {1: 9}) == []
+
+
+def test_lookahead_needs_one_pipeline_stage():
+    with pytest.raises(ValueError, match="micro_batches=1"):
+        make(lookahead=True, micro_batches=2)
