@@ -17,6 +17,8 @@ from shardwright.config import ModelSpec
 from shardwright.models.kv_cache import LayerKV
 from shardwright.models.paged import PagedBatch, PagedKVCache, paged_attention
 from shardwright.models.rotary import Rotary
+from shardwright.parallel.attention.plan import ShardPlan
+from shardwright.parallel.attention.ring import ring_attention
 from shardwright.parallel.context import ParallelContext
 from shardwright.parallel.layers import ColumnParallelLinear, RowParallelLinear, RowRange
 
@@ -120,6 +122,7 @@ class Attention(nn.Module):
             q_rows, spec.hidden_size, ctx.tp_group, bias=spec.attention_bias, device=device, dtype=dtype
         )
         self.head_dim = hd
+        self.cp_group = ctx.cp_group
         self.num_heads = q_rows.length // hd
         self.num_kv_heads = kv_rows.length // hd
         self.scale = 1.0 / math.sqrt(hd)
@@ -138,9 +141,13 @@ class Attention(nn.Module):
             q, k = rope(q, k, cos, sin)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, rotary, cache: LayerKV | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary, cache: LayerKV | None, plan: ShardPlan | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self._project(x, rotary)
+        if plan is not None:  # context parallel: x is this CP rank's share of a packed batch (b = 1)
+            out, _ = ring_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), plan,
+                                    self.cp_group, causal=True, softmax_scale=self.scale)
+            return self.o(out.reshape(1, t, self.num_heads * self.head_dim))
         past = 0
         if cache is not None:
             past = cache.cache.length
@@ -183,8 +190,8 @@ class DecoderBlock(nn.Module):
         self.mlp_norm = make_norm(spec, device=device, dtype=dtype)
         self.mlp = make_mlp(spec, ctx, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, rotary, cache: LayerKV | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rotary, cache)
+    def forward(self, x: torch.Tensor, rotary, cache: LayerKV | None, plan: ShardPlan | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rotary, cache, plan)
         return x + self.mlp(self.mlp_norm(x))
 
     def forward_packed(self, x: torch.Tensor, rotary, layer: int, cache: PagedKVCache,

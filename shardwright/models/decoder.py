@@ -91,7 +91,10 @@ class DecoderModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return TORCH_DTYPES[self.spec.dtype]
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+                plan=None) -> torch.Tensor:
+        """`plan` (a parallel.attention ShardPlan): x [1, tokens] is this CP rank's share of a
+        packed batch and attention is ring attention over the CP group (training)."""
         h = self._embed(x, positions) if self.embed is not None else x
         rotary = None
         if self.rotary is not None:
@@ -100,7 +103,7 @@ class DecoderModel(nn.Module):
             self.layer_weights.begin_pass()
         for i, block in enumerate(self.blocks):
             with self._block_weights(i):
-                h = block(h, rotary, cache.layer(i) if cache is not None else None)
+                h = block(h, rotary, cache.layer(i) if cache is not None else None, plan)
         if cache is not None:
             cache.advance(positions.shape[-1])
         if self.norm is None:

@@ -82,6 +82,9 @@ class ParallelContext:
     pp_group: dist.ProcessGroup | None = None
     cp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
+    # Ranks that differ only in dp and cp (they hold the same parameters: gradients are summed
+    # over it); the dp or cp group when the other axis has size 1.
+    dp_cp_group: dist.ProcessGroup | None = None
     # Global ranks of each group this rank belongs to, in group-rank order.
     group_ranks: dict[str, list[int]] = field(default_factory=dict)
     # For every divisor d of tp with 1 < d < tp: the group of d consecutive TP ranks holding
@@ -174,6 +177,7 @@ class ParallelContext:
                 if rank in ranks:
                     groups[axis], members[axis] = group, ranks
         blocks = _tp_block_groups(layout, rank)
+        dp_cp = groups["dp"] if layout.cp == 1 else groups["cp"] if layout.dp == 1 else _dp_cp_group(layout, rank)
         dev = torch.device(device) if device is not None else default_device(rank)
         return cls(
             layout=layout,
@@ -188,9 +192,23 @@ class ParallelContext:
             pp_group=groups["pp"],
             cp_group=groups["cp"],
             dp_group=groups["dp"],
+            dp_cp_group=dp_cp,
             group_ranks=members,
             tp_block_groups=blocks,
         )
+
+
+def _dp_cp_group(layout: ParallelLayout, rank: int) -> dist.ProcessGroup:
+    """Collective: every (pp, tp) position's group of dp * cp ranks; returns this rank's."""
+    mine = None
+    for pp_rank in range(layout.pp):
+        for tp_rank in range(layout.tp):
+            ranks = [mesh_rank({"dp": d, "pp": pp_rank, "cp": c, "tp": tp_rank}, layout)
+                     for d in range(layout.dp) for c in range(layout.cp)]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                mine = group
+    return mine
 
 
 def _tp_block_groups(layout: ParallelLayout, rank: int) -> dict[int, dist.ProcessGroup]:

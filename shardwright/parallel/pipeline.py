@@ -47,6 +47,7 @@ class MicroBatch:
     inputs: torch.Tensor
     targets: torch.Tensor
     positions: torch.Tensor
+    plan: object | None = None  # context parallel: the ShardPlan of the packed batch (inputs [1, local])
 
 
 # forward(x, mb): x is mb.inputs on the first stage, the received activation [b, T, hidden]

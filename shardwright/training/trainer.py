@@ -2,12 +2,14 @@
 
 Start-up runs in named phases — `init_context`, `build_model`, `build_optimizer`, `build_data`
 (or `start` for all four) — and a failure names the phase and the rank. Every rank of the
-job's torch.distributed world (tp * pp * dp ranks) holds one and calls the same methods in
+job's torch.distributed world (tp * pp * cp * dp ranks) holds one and calls the same methods in
 the same order; `build_model`, `train_step`, `save` and `load` are collective.
 
 One `train_step()`: the next global batch (this DP rank's slice) cut into m micro-batches, a
-pipeline schedule (1F1B or GPipe) over this rank's TP shard of its stage, gradients summed over
-DP (overlapped with the last micro-batch's backward) and between tied embedding copies, global
+pipeline schedule (1F1B or GPipe) over this rank's TP shard of its stage (with cp > 1 each
+micro-batch packed into one row of which this CP rank holds the zigzag share, attention being
+ring attention over the CP group), gradients summed over DP and CP (overlapped with the last
+micro-batch's backward) and between tied embedding copies, global
 norm clipping, AdamW with the scheduled LR. The loss is the mean over the global batch's tokens,
 equal to the single-process loss on the same batch (see parallel.pipeline for the scaling).
 """
@@ -27,6 +29,7 @@ from pydantic import Field
 from shardwright.config import ModelSource, ModelSpec, ParallelLayout, StrictModel
 from shardwright.models import load_model
 from shardwright.models.tokenizer import ByteTokenizer, load_tokenizer
+from shardwright.parallel.attention.plan import make_shard_plan
 from shardwright.parallel.context import ParallelContext
 from shardwright.parallel.loss import IGNORE_INDEX, vocab_parallel_cross_entropy
 from shardwright.parallel.pipeline import MicroBatch, PipelineSchedule, PipelineStats, Schedule
@@ -113,7 +116,7 @@ class TrainerRank:
         self.tied = TiedEmbeddings(self.spec, self.ctx)
         self.params = list(self.model.parameters())
         self.owned = owned_rows(self.model, self.ctx, skip=self.tied.norm_skip(self.model))
-        self.grad_sync = DataParallelGrads(self.params, self.ctx.dp_group, self.config.num_micro_batches)
+        self.grad_sync = DataParallelGrads(self.params, self.ctx.dp_cp_group, self.config.num_micro_batches)
         self.pipeline = PipelineSchedule(self.ctx, hidden_size=self.spec.hidden_size, dtype=self.model.dtype,
                                          schedule=self.config.schedule)
         return sum(p.numel() for p in self.params)
@@ -159,14 +162,27 @@ class TrainerRank:
     def _micro_batches(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[MicroBatch]:
         dev, m = self.ctx.device, self.config.num_micro_batches
         positions = torch.arange(inputs.shape[1]).expand_as(inputs)
-        return [MicroBatch(i.to(dev), t.to(dev), p.to(dev))
-                for i, t, p in zip(inputs.chunk(m), targets.chunk(m), positions.chunk(m))]
+        micro = [MicroBatch(i.to(dev), t.to(dev), p.to(dev))
+                 for i, t, p in zip(inputs.chunk(m), targets.chunk(m), positions.chunk(m))]
+        return [self._cp_share(mb) for mb in micro] if self.ctx.cp > 1 else micro
+
+    def _cp_share(self, mb: MicroBatch) -> MicroBatch:
+        """Context parallel: the micro-batch packed into one row, this CP rank's zigzag share of
+        every sequence (ring attention balances causal work over the ranks)."""
+        b, t = mb.inputs.shape
+        plan = make_shard_plan([i * t for i in range(b + 1)], self.ctx.cp, split="zigzag")
+        index = plan.token_index(self.ctx.cp_rank).to(mb.inputs.device)
+
+        def share(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(-1).index_select(0, index).unsqueeze(0)
+
+        return MicroBatch(share(mb.inputs), share(mb.targets), share(mb.positions), plan)
 
     def _global_token_count(self, micro: list[MicroBatch]) -> int:
         local = sum(int((mb.targets != IGNORE_INDEX).sum()) for mb in micro)
         count = torch.tensor(local, device=self.ctx.device)
-        if self.ctx.dp_group is not None:
-            dist.all_reduce(count, group=self.ctx.dp_group)
+        if self.ctx.dp_cp_group is not None:
+            dist.all_reduce(count, group=self.ctx.dp_cp_group)
         return int(count)
 
     def _stage_forward(self, num_tokens: int) -> Callable[[torch.Tensor, MicroBatch], torch.Tensor]:
@@ -176,7 +192,7 @@ class TrainerRank:
 
         def forward(x: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = model(x, mb.positions)
+                out = model(x, mb.positions, plan=mb.plan)
             if not ctx.is_last_stage:
                 return out.to(model.dtype)
             losses = vocab_parallel_cross_entropy(out, mb.targets, vocab_start=model.vocab_rows.start,
@@ -188,7 +204,7 @@ class TrainerRank:
     def _reduce_metrics(self, stats: PipelineStats) -> tuple[float, float]:
         """(global mean loss, bubble averaged over ranks): one all-reduce over the world."""
         ctx = self.ctx
-        holder = ctx.is_last_stage and ctx.tp_rank == 0 and ctx.cp_rank == 0
+        holder = ctx.is_last_stage and ctx.tp_rank == 0  # each DP and CP rank: its tokens' share
         values = torch.tensor([stats.loss if holder else 0.0, stats.bubble_measured], dtype=torch.float64)
         if dist.is_initialized() and ctx.world_size > 1:
             values = values.to(ctx.device)
@@ -227,8 +243,6 @@ class TrainerRank:
 
 
 def _check_config(config: TrainConfig, layout: ParallelLayout) -> None:
-    if layout.cp != 1:
-        raise ValueError(f"cp={layout.cp}: context parallelism is not supported for training yet; use cp=1")
     per_step = layout.dp * config.num_micro_batches
     if config.data.global_batch_size % per_step:
         raise ValueError(f"global_batch_size={config.data.global_batch_size} must be divisible by "

@@ -1,4 +1,5 @@
-"""Training at (tp, pp, dp) in {(2,1,1), (1,2,1), (1,1,2), (2,2,1)} against the single-process run.
+"""Training at (tp, pp, dp) in {(2,1,1), (1,2,1), (1,1,2), (2,2,1)}, and cp = 2 (ring attention over
+zigzag shares of every sequence), against the single-process run.
 
 Same models (llama with GQA; gpt2 with tied embeddings), same data and seed, m = 4 micro-batches,
 fp32, clipping active: the loss and global gradient norm of each of the first 20 steps agree
@@ -42,7 +43,7 @@ def test_first_20_losses_and_grad_norms_match_single_process(layout_run, referen
             assert losses(other[name]["metrics"]) == losses(got)
 
 
-@pytest.mark.parametrize("key", ["tp2", "tp2pp2", "dp2"])
+@pytest.mark.parametrize("key", ["tp2", "tp2pp2", "dp2", "cp2"])
 def test_resume_from_step_10_is_bitwise_equal(layout_run, key):
     _, result, _ = layout_run(key)
     for name in MODELS:

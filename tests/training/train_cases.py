@@ -26,7 +26,7 @@ MODEL_SHAPES = {
     "gpt2": dict(architecture="gpt2", vocab_size=259),  # tied embeddings: an LM-head copy at pp=2
 }
 LAYOUTS = {"tp2": ParallelLayout(tp=2), "pp2": ParallelLayout(pp=2), "dp2": ParallelLayout(dp=2),
-           "tp2pp2": ParallelLayout(tp=2, pp=2)}
+           "tp2pp2": ParallelLayout(tp=2, pp=2), "cp2": ParallelLayout(cp=2)}
 CORPUS = Path(__file__).resolve().parents[2] / "examples" / "corpus"
 STEPS, RESUME_AT = 20, 10
 PROMPT = (torch.arange(24) * 37 % 250).unsqueeze(0)
