@@ -203,7 +203,7 @@ def _paged_attention_cp(q, k, v, layer: int, cache: PagedKVCache, batch: PagedBa
     keys, values = cache.keys[layer], cache.values[layer]
     keys.index_copy_(0, share.write_slots, k.index_select(0, share.write_rows))
     values.index_copy_(0, share.write_slots, v.index_select(0, share.write_rows))
-    heads, dim = q.shape[1], q.shape[2]
+    heads = q.shape[1]
     groups = heads // k.shape[1]
     out = torch.zeros_like(q)
     lse = torch.full((heads, q.shape[0]), float("-inf"), dtype=q.dtype, device=q.device)

@@ -105,7 +105,7 @@ class PeerStore:
 
     def close(self) -> None:
         self.unlink()
-        for key, flat in self.flat.items():
+        for flat in self.flat.values():
             self.ledger.release("held_for_peers", flat.numel() * flat.element_size())
         self.flat.clear()
 
