@@ -2,7 +2,8 @@
 
 Thin: converts protobuf to the pydantic SamplingParams at the edge, finds the caller's
 deployment, and maps failures to status codes (INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE,
-DEADLINE_EXCEEDED). A stream whose client goes away cancels its request, freeing its KV blocks.
+DEADLINE_EXCEEDED). A call whose client goes away or whose deadline passes cancels its request,
+freeing its KV blocks before the engine's next step.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from shardwright.api.gen.shardwright.v1 import inference_pb2 as pb
 from shardwright.api.gen.shardwright.v1 import inference_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_TOKENS = 16
+# grpc reports "no deadline" as ~9.2e18 s left, which threading waits cannot take (OverflowError).
+NO_DEADLINE_S = 10**7
 
 
 def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
@@ -46,20 +49,27 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give a prompt: text or token_ids")
         prompt = request.text if which == "text" else list(request.token_ids.ids)
         try:
-            return engine, engine.submit(prompt, sampling_params(request.params))
+            stream = engine.submit(prompt, sampling_params(request.params))
         except (ValueError, ValidationError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, _one_line(err))
         except RuntimeError as err:
             context.abort(grpc.StatusCode.UNAVAILABLE, _one_line(err))
+        # Runs when the call ends for any reason: a client gone or a deadline passed frees the blocks
+        # (cancelling a finished request is a no-op).
+        if not context.add_callback(lambda: engine.cancel(stream.request_id)):
+            engine.cancel(stream.request_id)  # the call had already ended
+        return engine, stream
 
     def Generate(self, request, context):
         engine, stream = self._submit(request, context)
         timeout = context.time_remaining()
         try:
-            out = stream.result(timeout_s=timeout)
+            out = stream.result(timeout_s=timeout if timeout < NO_DEADLINE_S else None)
         except TimeoutError:
             engine.cancel(stream.request_id)
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{stream.request_id} did not finish in time")
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"{stream.request_id} did not finish within the call's deadline ({timeout:.1f} s); it was "
+                          "cancelled: raise the client timeout, lower max_tokens or use GenerateStream")
         except RequestFailed as err:
             context.abort(grpc.StatusCode.UNAVAILABLE, _one_line(err))
         return pb.GenerateResponse(request_id=out.request_id, token_ids=out.token_ids, text=out.text,
@@ -67,7 +77,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     def GenerateStream(self, request, context):
         engine, stream = self._submit(request, context)
-        context.add_callback(lambda: engine.cancel(stream.request_id))  # client gone: free its blocks
         try:
             for token, text in stream.events():
                 if not context.is_active():
