@@ -27,13 +27,14 @@ def _health_watch(server, service, stop: threading.Event, interval_s: float = 5.
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from shardwright.api.limits import MIB
     from shardwright.api.server import ServerOptions, ShardwrightServer
     from shardwright.cluster.ray_connect import connect
     from shardwright.scheduler.service import SchedulerConfig, SchedulerService
 
     settings = Settings.from_env()
-    options = ServerOptions(host=args.host, port=args.port, health_port=args.health_port,
-                            grace_s=args.grace_s, settings=settings)
+    options = ServerOptions(host=args.host, port=args.port, health_port=args.health_port, grace_s=args.grace_s,
+                            max_message_bytes=int(args.max_request_mib * MIB), settings=settings)
     connect(settings)
     service = SchedulerService(settings, SchedulerConfig(policy=args.policy)).start()
     try:
@@ -59,6 +60,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of MiB, got {text}")
+    return value
+
+
 def add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="run the gRPC server (scheduler + engines on Ray, state in Redis)",
                        description="Serve JobService, InferenceService and ClusterService. Joins the Ray "
@@ -72,4 +80,6 @@ def add_serve_command(sub) -> None:
     p.add_argument("--policy", default="priority", choices=["fifo", "priority", "fairshare", "backfill", "las"],
                    help="scheduling policy (default priority)")
     p.add_argument("--grace-s", type=float, default=10.0, help="drain time on shutdown (default 10 s)")
+    p.add_argument("--max-request-mib", type=_positive, default=4.0,
+                   help="largest request accepted, in MiB; larger ones get RESOURCE_EXHAUSTED (default 4)")
     p.set_defaults(func=cmd_serve)

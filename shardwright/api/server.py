@@ -4,9 +4,12 @@ Serves JobService, InferenceService and ClusterService over one control plane, p
 standard grpc.health.v1 health service and server reflection. Guarantees:
 - every call but health and reflection needs a bearer token when a tokens file is configured;
   without one the server runs single-tenant and refuses to listen beyond loopback;
-- requests larger than `max_message_bytes` are refused by gRPC (RESOURCE_EXHAUSTED);
-- shutdown (SIGTERM/SIGINT or `stop()`) first reports NOT_SERVING, then stops accepting calls
-  and lets running calls and streams finish for up to `grace_s` seconds;
+- requests larger than `max_message_bytes` are refused with RESOURCE_EXHAUSTED and a message naming
+  the limit (api/limits.py), and the server keeps serving;
+- a call's deadline bounds its work: a generation still running when it passes is cancelled;
+- shutdown (SIGTERM/SIGINT or `stop()`) first reports NOT_SERVING (and keeps reporting it), then
+  refuses new calls (UNAVAILABLE) and lets running calls and streams finish for up to `grace_s`
+  seconds; WatchJob streams end at once with UNAVAILABLE and the sequence to resume from;
 - TLS (and mutual TLS with a client CA) from PEM files; an optional plaintext port serves only
   health checks (Kubernetes' gRPC probes cannot speak TLS).
 """
@@ -24,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shardwright.api.auth import AuthInterceptor, Authenticator, load_tokens
+from shardwright.api.limits import RequestSizeInterceptor, core_limit_bytes
 from shardwright.api.gen.shardwright.v1 import cluster_pb2, cluster_pb2_grpc, inference_pb2, inference_pb2_grpc
 from shardwright.api.gen.shardwright.v1 import jobs_pb2, jobs_pb2_grpc
 from shardwright.api.servicers.inference import InferenceServicer
@@ -83,10 +87,12 @@ class ShardwrightServer:
         self.port = 0
 
     def _build(self) -> grpc.Server:
-        opts = [("grpc.max_receive_message_length", self.options.max_message_bytes),
-                ("grpc.max_send_message_length", self.options.max_message_bytes)]
+        limit = self.options.max_message_bytes
+        opts = [("grpc.max_receive_message_length", core_limit_bytes(limit)),
+                ("grpc.max_send_message_length", limit)]
+        interceptors = [AuthInterceptor(self.auth), RequestSizeInterceptor(limit)]  # the first runs first
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.options.max_workers),
-                             interceptors=[AuthInterceptor(self.auth)], options=opts)
+                             interceptors=interceptors, options=opts)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.control, self.auth, self.stopping), server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.control, self.auth), server)
         cluster_pb2_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(self.control, self.auth), server)
@@ -125,7 +131,7 @@ class ShardwrightServer:
 
     def stop(self) -> None:
         """Graceful: NOT_SERVING first, then drain calls and streams for up to grace_s."""
-        self.set_serving(False)
+        self.health.enter_graceful_shutdown()  # NOT_SERVING everywhere; later set_serving calls are ignored
         self.stopping.set()
         self.server.stop(self.options.grace_s).wait()
         if self.health_server is not None:

@@ -86,6 +86,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 yield event_message(event)
             if finished:
                 return
+        if self.stopping.is_set():  # not a finished job: tell the client to come back
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"the server is shutting down; watch {request.job_id} "
+                                                       f"again from sequence {sequence} once it is back")
 
 
 class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
