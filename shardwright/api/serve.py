@@ -33,7 +33,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from shardwright.scheduler.service import SchedulerConfig, SchedulerService
 
     settings = Settings.from_env()
-    options = ServerOptions(host=args.host, port=args.port, health_port=args.health_port, grace_s=args.grace_s,
+    options = ServerOptions(host=args.host, port=args.port, health_port=args.health_port,
+                            health_host=args.health_host, grace_s=args.grace_s,
                             max_message_bytes=int(args.max_request_mib * MIB), settings=settings)
     connect(settings)
     service = SchedulerService(settings, SchedulerConfig(policy=args.policy)).start()
@@ -77,6 +78,8 @@ def add_serve_command(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="port (0 picks a free one; default 50051)")
     p.add_argument("--health-port", type=int, default=None, help="extra plaintext port serving only health")
+    p.add_argument("--health-host", default=None,
+                   help="listen address of the health port (default: --host); health needs no token")
     p.add_argument("--policy", default="priority", choices=["fifo", "priority", "fairshare", "backfill", "las"],
                    help="scheduling policy (default priority)")
     p.add_argument("--grace-s", type=float, default=10.0, help="drain time on shutdown (default 10 s)")

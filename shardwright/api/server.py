@@ -11,7 +11,8 @@ standard grpc.health.v1 health service and server reflection. Guarantees:
   refuses new calls (UNAVAILABLE) and lets running calls and streams finish for up to `grace_s`
   seconds; WatchJob streams end at once with UNAVAILABLE and the sequence to resume from;
 - TLS (and mutual TLS with a client CA) from PEM files; an optional plaintext port serves only
-  health checks (Kubernetes' gRPC probes cannot speak TLS).
+  health checks (Kubernetes' gRPC probes cannot speak TLS), on its own host if given (so that an
+  unauthenticated server on loopback can still be probed from outside its pod).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 50051
     health_port: int | None = None
+    health_host: str | None = None  # None: `host`; health needs no token, so it may listen wider
     max_message_bytes: int = 4 * 1024 * 1024
     grace_s: float = 10.0
     max_workers: int = 32
@@ -56,6 +58,13 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def check_listen(host: str, authenticated: bool) -> None:
+    """Raise ValueError unless the API may listen on `host`: beyond loopback only with tokens."""
+    if not authenticated and not _is_loopback(host):
+        raise ValueError(f"refusing to listen on {host} without authentication: set "
+                         "SHARDWRIGHT_TOKENS_FILE (token: tenant lines) or listen on 127.0.0.1")
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -76,9 +85,7 @@ class ShardwrightServer:
     def __init__(self, control, options: ServerOptions) -> None:
         self.control, self.options = control, options
         tokens = load_tokens(options.settings.tokens_file) if options.settings.tokens_file else None
-        if tokens is None and not _is_loopback(options.host):
-            raise ValueError(f"refusing to listen on {options.host} without authentication: set "
-                             "SHARDWRIGHT_TOKENS_FILE (token: tenant lines) or listen on 127.0.0.1")
+        check_listen(options.host, authenticated=tokens is not None)
         self.auth = Authenticator(tokens)
         self.stopping = threading.Event()
         self.health = health.HealthServicer()
@@ -117,7 +124,10 @@ class ShardwrightServer:
         if self.port == 0:
             raise OSError(f"cannot bind {address}: in use or not permitted; choose another --port")
         if self.health_server is not None:
-            self.health_server.add_insecure_port(f"{self.options.host}:{self.options.health_port}")
+            health_host = self.options.health_host or self.options.host
+            if self.health_server.add_insecure_port(f"{health_host}:{self.options.health_port}") == 0:
+                raise OSError(f"cannot bind the health port {health_host}:{self.options.health_port}; "
+                              "choose another --health-port")
             self.health_server.start()
         self.server.start()
         self.set_serving(True)

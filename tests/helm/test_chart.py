@@ -77,10 +77,14 @@ def test_default_renders_cluster_server_redis_and_test_pod(renders):
 def test_server_command_args_and_probes_by_default(renders):
     srv = server(renders["default"])
     assert srv["command"] == ["shardwright", "serve"]
-    assert srv["args"] == ["--host", "0.0.0.0", "--port", "50051"]
-    assert srv["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"}]
+    # Auth is off by default: the API on loopback (the server refuses 0.0.0.0 without tokens),
+    # health on a port of its own that the kubelet can reach.
+    assert srv["args"] == ["--host", "127.0.0.1", "--port", "50051", "--health-port", "50052",
+                           "--health-host", "0.0.0.0"]
+    assert srv["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
+                            {"name": "health", "containerPort": 50052, "protocol": "TCP"}]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert srv[probe]["grpc"] == {"port": 50051}, probe
+        assert srv[probe]["grpc"] == {"port": 50052}, probe
     assert (srv["startupProbe"]["failureThreshold"], srv["livenessProbe"]["periodSeconds"]) == (60, 20)
     assert env(srv)["RAY_ADDRESS"]["value"] == "127.0.0.1:6379"
     assert {m["mountPath"] for m in srv["volumeMounts"]} == {"/tmp/ray"}  # shared with ray-head
@@ -102,16 +106,33 @@ def test_service_routes_to_the_server_and_nothing_else(renders, case):
 @pytest.mark.parametrize("case", CASES)
 def test_probes_call_grpc_health_on_a_plaintext_port(renders, case):
     srv = server(renders[case])
-    tls = "SHARDWRIGHT_TLS_CERT" in env(srv)
+    tls, auth = "SHARDWRIGHT_TLS_CERT" in env(srv), "SHARDWRIGHT_TOKENS_FILE" in env(srv)
     ports = {p["name"]: p["containerPort"] for p in srv["ports"]}
     health = ports.get("health", ports["grpc"])
-    # The kubelet's gRPC probe cannot speak TLS: with TLS on, health must be a port of its own.
-    assert (health != ports["grpc"]) == tls
+    # The kubelet's gRPC probe cannot speak TLS nor reach the loopback port of a server without auth:
+    # then health must be a port of its own, on every interface.
+    assert (health != ports["grpc"]) == (tls or not auth)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert set(srv[probe]) - {"periodSeconds", "timeoutSeconds", "failureThreshold"} == {"grpc"}
         assert srv[probe]["grpc"]["port"] == health
-    if tls:
-        assert srv["args"][4:6] == ["--health-port", str(health)]
+    if health != ports["grpc"]:
+        assert srv["args"][4:8] == ["--health-port", str(health), "--health-host", "0.0.0.0"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_real_serve_command_accepts_the_rendered_arguments(renders, case):
+    """The rendered args parse with `shardwright serve`'s own parser and pass its listen check
+    (it refuses to start on a non-loopback host without tokens)."""
+    from shardwright.api.cli import build_parser
+    from shardwright.api.server import check_listen
+
+    srv = server(renders[case])
+    assert srv["command"][0] == "shardwright"
+    args = build_parser().parse_args([*srv["command"][1:], *srv["args"]])
+    assert args.func.__name__ == "cmd_serve" and args.port == 50051
+    check_listen(args.host, authenticated="SHARDWRIGHT_TOKENS_FILE" in env(srv))
+    if args.health_port is not None:
+        assert args.health_host == "0.0.0.0" and args.health_port != args.port
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -223,7 +244,7 @@ def test_tls_from_values_creates_the_secrets(helm):
     assert secrets == {f"{RELEASE}-shardwright-tls", f"{RELEASE}-shardwright-client-ca"}
 
 
-@pytest.mark.parametrize(("case", "port"), [("default", 50051), ("tls", 50052)])
+@pytest.mark.parametrize(("case", "port"), [("default", 50052), ("external-redis", 50051), ("tls", 50052)])
 def test_helm_test_hook_calls_the_health_check(renders, case, port):
     r = renders[case]
     pod = r.one("Pod", f"{RELEASE}-shardwright-test-health")

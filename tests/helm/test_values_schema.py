@@ -62,6 +62,7 @@ def test_schema_rejects(helm, values, needle):
                  "needs tls.enabled=true", id="mutual-tls-without-tls"),
     pytest.param({"tls": {"enabled": True, "existingSecret": "t"}, "server": {"healthPort": 50051}},
                  "cannot speak TLS", id="tls-probes-on-the-tls-port"),
+    pytest.param({"server": {"healthPort": 50051}}, "listens on 127.0.0.1 only", id="no-auth-probes-on-loopback"),
 ])
 def test_chart_checks_reject(helm, values, needle):
     done = helm.template(values)

@@ -91,16 +91,25 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/*
 The plaintext port that serves grpc.health.v1 to the kubelet's probes: server.healthPort when set,
-else the gRPC port itself, or port + 1 when TLS is on (gRPC probes cannot speak TLS).
+else the gRPC port itself, or port + 1 when TLS is on (gRPC probes cannot speak TLS) or auth is
+off (the gRPC port then listens on loopback only; see shardwright.serverHost).
 */}}
 {{- define "shardwright.healthPort" -}}
 {{- if not (kindIs "invalid" .Values.server.healthPort) }}
 {{- .Values.server.healthPort | int }}
-{{- else if .Values.tls.enabled }}
+{{- else if or .Values.tls.enabled (not .Values.auth.enabled) }}
 {{- add .Values.server.port 1 }}
 {{- else }}
 {{- .Values.server.port | int }}
 {{- end }}
+{{- end }}
+
+{{/*
+Where the gRPC port listens: every interface with auth on; loopback with auth off, because the
+server refuses unauthenticated calls from other hosts (reach it with kubectl port-forward).
+*/}}
+{{- define "shardwright.serverHost" -}}
+{{- ternary "0.0.0.0" "127.0.0.1" .Values.auth.enabled }}
 {{- end }}
 
 {{/* "true" when the health port is a port of its own; empty otherwise. */}}
@@ -199,5 +208,8 @@ grpc:
 {{- end }}
 {{- if and .Values.tls.enabled (not (include "shardwright.separateHealthPort" .)) }}
 {{- fail (printf "tls.enabled=true with server.healthPort=%v equal to server.port: the kubelet's gRPC probes cannot speak TLS; set server.healthPort to another port (or null for port + 1)" .Values.server.healthPort) }}
+{{- end }}
+{{- if and (not .Values.auth.enabled) (not (include "shardwright.separateHealthPort" .)) }}
+{{- fail (printf "auth.enabled=false with server.healthPort=%v equal to server.port: without auth the gRPC port listens on 127.0.0.1 only, so the kubelet's probes need a health port of their own; set server.healthPort to another port (or null for port + 1), or enable auth" .Values.server.healthPort) }}
 {{- end }}
 {{- end }}

@@ -14,12 +14,14 @@ command:
   {{- toYaml .Values.server.command | nindent 2 }}
 args:
   - --host
-  - 0.0.0.0
+  - {{ include "shardwright.serverHost" . }}
   - --port
   - {{ $port | quote }}
   {{- if include "shardwright.separateHealthPort" . }}
   - --health-port
   - {{ $healthPort | quote }}
+  - --health-host
+  - 0.0.0.0
   {{- end }}
   {{- range .Values.server.extraArgs }}
   - {{ . | quote }}
