@@ -1,4 +1,4 @@
-"""Mutual TLS: certificates made in the test, a `shardwright serve` subprocess that requires them."""
+"""TLS and mutual TLS: certificates made in the test, `shardwright serve` subprocesses that use them."""
 
 from __future__ import annotations
 
@@ -69,6 +69,35 @@ def test_mutual_tls_accepts_certified_clients_and_refuses_others(tmp_path, monke
         with Client(address, token="alice-token-123") as plaintext:
             with pytest.raises(ShardwrightError) as err:
                 plaintext.list()
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        stop_server(proc)
+
+
+def test_server_tls_without_client_certificates(tmp_path, monkeypatch):
+    """TLS with a server certificate only: clients that trust the CA get in with a token alone;
+    plaintext clients and clients that do not trust the certificate are refused."""
+    ca, (server_cert, server_key), _ = make_pki(tmp_path)
+    (tmp_path / "other").mkdir()
+    make_pki(tmp_path / "other")  # a second, unrelated CA that the last client trusts instead
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("alice-token-123: alice\n")
+    monkeypatch.setitem(os.environ, "SHARDWRIGHT_TLS_CERT", str(server_cert))
+    monkeypatch.setitem(os.environ, "SHARDWRIGHT_TLS_KEY", str(server_key))
+    monkeypatch.delitem(os.environ, "SHARDWRIGHT_TLS_CLIENT_CA", raising=False)
+    proc, address = start_server(tmp_path / "state", tokens)
+    try:
+        with Client(address, token="alice-token-123", ca_cert=ca) as ok:
+            assert ok.health() == "SERVING"
+            assert ok.list()[0] == []
+        with Client(address, ca_cert=ca) as no_token:  # TLS does not replace the token
+            with pytest.raises(ShardwrightError) as err:
+                no_token.list()
+            assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+        for refused in (Client(address, token="alice-token-123"),
+                        Client(address, token="alice-token-123", ca_cert=tmp_path / "other" / "ca.crt")):
+            with refused, pytest.raises(ShardwrightError) as err:
+                refused.list()
             assert err.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         stop_server(proc)
