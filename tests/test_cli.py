@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +61,23 @@ def test_missing_model_directory(tmp_path):
 def test_init_model_refuses_to_overwrite(tiny_model):
     done = run_cli("init-model", str(tiny_model))
     assert done.returncode == 2 and "--force" in done.stderr
+
+
+def test_bench_api_reports_grpc_beside_in_process_figures():
+    """`shardwright bench api`: gRPC streamed-generation overhead and Redis-persisted submissions per
+    second, each beside the same calls in-process (the baseline), as the last line of JSON."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "shardwright.api.cli", "bench", "api", "--quick", "--json"],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["benchmark"] == "api" and report["quick"] is True
+    rows = {(r["path"], r["what"]): r for r in report["results"]}
+    assert set(rows) == {("generate_stream", "time to first token"), ("generate_stream", "16 tokens"),
+                         ("submit", "jobs per second (Redis-persisted)")}
+    for row in rows.values():
+        assert row["value"] > 0 and row["baseline"] > 0
+        assert row["ratio"] == pytest.approx(row["value"] / row["baseline"])
+    # A 16-token stream must take longer than its first token on both paths (the figures are real).
+    total, first = rows[("generate_stream", "16 tokens")], rows[("generate_stream", "time to first token")]
+    assert total["value"] > first["value"] and total["baseline"] > first["baseline"]
