@@ -79,7 +79,12 @@ def cmd_cluster(args) -> int:
         info = c.cluster()
     lines = [f"{n['node_id'][:12]} {n['address']:<15} GPUs {n['gpus_free']:g}/{n['gpus_total']:g} free "
              f"mem {int(n['memory_free_bytes']) / 2**30:.1f} GiB free" for n in info.get("nodes", [])]
-    lines += [f"gang {g['job_id']} ({g['kind']}): {', '.join(g.get('workers', []))}" for g in info.get("gangs", [])]
+    for g in info.get("gangs", []):
+        lines.append(f"gang {g['job_id']} ({g['kind']}): {', '.join(g.get('workers', []))}")
+        if g.get("memory_budget_bytes"):
+            lines.append(f"  memory budget {g['memory_budget_bytes']} bytes per worker, "
+                         f"{g.get('memory_peers', 0)} memory peers")
+        lines += [f"  {line}" for line in g.get("memory_plan", [])]
     _emit(info, args.json, "\n".join(lines))
     return 0
 

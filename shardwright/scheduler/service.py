@@ -177,9 +177,17 @@ class SchedulerService:
         address = {n.node_id: n.address for n in nodes}
         gangs = [{"job_id": r.job_id, "kind": r.kind, "layout": r.layout,
                   "workers": [f"rank {rank} on node {address.get(node, '?')} ({node[:12]})"
-                              for rank, node in enumerate(r.placement)]}
+                              for rank, node in enumerate(r.placement)], **self._memory(r)}
                  for r in self.store.get_jobs(self.store.active_ids()) if tenant in (None, r.tenant)]
         return {"nodes": [asdict(n) for n in nodes], "gangs": gangs}
+
+    def _memory(self, record: JobRecord) -> dict:
+        """An inference gang's memory budget and peers (from its spec) and pooling plan (if run here)."""
+        pool = (record.spec.get("engine") or {}).get("pool") or {}
+        engine = getattr(self._runners.get(record.job_id), "engine", None)
+        plan = engine.pool_plan.describe() if engine is not None and engine.pool_plan is not None else []
+        return {"memory_budget_bytes": pool.get("budget_bytes"), "memory_peers": pool.get("peers", 0),
+                "memory_plan": plan}
 
     def engine(self, tenant: str, name: str):
         """The InferenceEngine of the tenant's running deployment `name` (this process's loop only)."""

@@ -162,6 +162,21 @@ def test_tp4_lands_on_one_node_and_tp2pp2_pairs_each_on_one_node(make_service, m
     assert states(service, tp4) == ["submitted", "queued", "placed", "running", "running", "cancelled"]
 
 
+def test_cluster_info_reports_a_deployments_memory_budget_and_pooling_plan(make_service, model_dir):
+    service = make_service()
+    pool = {"budget_bytes": 10**9, "peers": 1, "pooled_fraction": 0.5}
+    job = service.submit(InferenceDeployment(name="pooled", model=model_dir, engine={"num_blocks": 64, "pool": pool}),
+                         "t1")["job_id"]
+    wait_state(service, job, "running")
+    gang = {g["job_id"]: g for g in service.cluster_info("t1")["gangs"]}[job]
+    assert gang["memory_budget_bytes"] == 10**9 and gang["memory_peers"] == 1
+    assert len(gang["memory_plan"]) == 1 and "1/2 layers resident" in gang["memory_plan"][0], gang
+    out = service.engine("t1", "pooled").generate([[1, 2, 3]], timeout_s=60)[0]
+    assert len(out.token_ids) > 0
+    service.cancel(job)
+    wait_state(service, job, "cancelled")
+
+
 def test_a_job_that_fits_later_waits_then_runs(make_service, model_dir, hold_gpus):
     nodes = node_ids()
     hold_gpus({nodes[0]: 4, nodes[1]: 4, nodes[2]: 3})  # one GPU left for the scheduler

@@ -104,5 +104,8 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
         return cluster_pb2.ClusterInfo(
             nodes=[cluster_pb2.Node(**n) for n in info["nodes"]],
             gangs=[cluster_pb2.Gang(job_id=g["job_id"], kind=g["kind"], workers=g.get("workers", []),
-                                    layout={k: int(g.get("layout", {}).get(k, 1)) for k in ("tp", "pp", "cp", "dp")})
+                                    layout={k: int(g.get("layout", {}).get(k, 1)) for k in ("tp", "pp", "cp", "dp")},
+                                    memory_budget_bytes=int(g.get("memory_budget_bytes") or 0),
+                                    memory_peers=int(g.get("memory_peers") or 0),
+                                    memory_plan=g.get("memory_plan", []))
                    for g in info["gangs"]])

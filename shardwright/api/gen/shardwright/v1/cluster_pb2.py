@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shardwright.api.gen.shardwright.v1 import common_pb2 as shardwright_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshardwright/v1/cluster.proto\x12\x0eshardwright.v1\x1a\x1bshardwright/v1/common.proto\"\x13\n\x11GetClusterRequest\"\x95\x01\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\ngpus_total\x18\x03 \x01(\x01\x12\x11\n\tgpus_free\x18\x04 \x01(\x01\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x03\x12\x19\n\x11memory_free_bytes\x18\x06 \x01(\x03\x12\r\n\x05\x61live\x18\x07 \x01(\x08\"e\n\x04Gang\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12.\n\x06layout\x18\x03 \x01(\x0b\x32\x1e.shardwright.v1.ParallelLayout\x12\x0f\n\x07workers\x18\x04 \x03(\t\"W\n\x0b\x43lusterInfo\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.shardwright.v1.Node\x12#\n\x05gangs\x18\x02 \x03(\x0b\x32\x14.shardwright.v1.Gang2^\n\x0e\x43lusterService\x12L\n\nGetCluster\x12!.shardwright.v1.GetClusterRequest\x1a\x1b.shardwright.v1.ClusterInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshardwright/v1/cluster.proto\x12\x0eshardwright.v1\x1a\x1bshardwright/v1/common.proto\"\x13\n\x11GetClusterRequest\"\x95\x01\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\ngpus_total\x18\x03 \x01(\x01\x12\x11\n\tgpus_free\x18\x04 \x01(\x01\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x03\x12\x19\n\x11memory_free_bytes\x18\x06 \x01(\x03\x12\r\n\x05\x61live\x18\x07 \x01(\x08\"\xad\x01\n\x04Gang\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12.\n\x06layout\x18\x03 \x01(\x0b\x32\x1e.shardwright.v1.ParallelLayout\x12\x0f\n\x07workers\x18\x04 \x03(\t\x12\x1b\n\x13memory_budget_bytes\x18\x05 \x01(\x03\x12\x14\n\x0cmemory_peers\x18\x06 \x01(\x05\x12\x13\n\x0bmemory_plan\x18\x07 \x03(\t\"W\n\x0b\x43lusterInfo\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.shardwright.v1.Node\x12#\n\x05gangs\x18\x02 \x03(\x0b\x32\x14.shardwright.v1.Gang2^\n\x0e\x43lusterService\x12L\n\nGetCluster\x12!.shardwright.v1.GetClusterRequest\x1a\x1b.shardwright.v1.ClusterInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETCLUSTERREQUEST']._serialized_end=96
   _globals['_NODE']._serialized_start=99
   _globals['_NODE']._serialized_end=248
-  _globals['_GANG']._serialized_start=250
-  _globals['_GANG']._serialized_end=351
-  _globals['_CLUSTERINFO']._serialized_start=353
-  _globals['_CLUSTERINFO']._serialized_end=440
-  _globals['_CLUSTERSERVICE']._serialized_start=442
-  _globals['_CLUSTERSERVICE']._serialized_end=536
+  _globals['_GANG']._serialized_start=251
+  _globals['_GANG']._serialized_end=424
+  _globals['_CLUSTERINFO']._serialized_start=426
+  _globals['_CLUSTERINFO']._serialized_end=513
+  _globals['_CLUSTERSERVICE']._serialized_start=515
+  _globals['_CLUSTERSERVICE']._serialized_end=609
 # @@protoc_insertion_point(module_scope)

@@ -30,16 +30,22 @@ class Node(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., gpus_total: _Optional[float] = ..., gpus_free: _Optional[float] = ..., memory_total_bytes: _Optional[int] = ..., memory_free_bytes: _Optional[int] = ..., alive: _Optional[bool] = ...) -> None: ...
 
 class Gang(_message.Message):
-    __slots__ = ("job_id", "kind", "layout", "workers")
+    __slots__ = ("job_id", "kind", "layout", "workers", "memory_budget_bytes", "memory_peers", "memory_plan")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_PEERS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_PLAN_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     kind: str
     layout: _common_pb2.ParallelLayout
     workers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job_id: _Optional[str] = ..., kind: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.ParallelLayout, _Mapping]] = ..., workers: _Optional[_Iterable[str]] = ...) -> None: ...
+    memory_budget_bytes: int
+    memory_peers: int
+    memory_plan: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[str] = ..., kind: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.ParallelLayout, _Mapping]] = ..., workers: _Optional[_Iterable[str]] = ..., memory_budget_bytes: _Optional[int] = ..., memory_peers: _Optional[int] = ..., memory_plan: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ClusterInfo(_message.Message):
     __slots__ = ("nodes", "gangs")
