@@ -37,3 +37,25 @@ def test_greedy_equals_reference_for_every_layout(ray_cluster, served_models, tp
             assert [o.token_ids for o in outs] == refs, f"{name} at tp={tp} pp={pp}"
             assert all(o.finish_reason == "length" for o in outs)
             assert eng.blocks_in_use == 0
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_async_scheduling_equals_reference_greedy_and_seeded(ray_cluster, served_models, tp):
+    """Step k+1 dispatched before step k returns, tokens fed back by the workers (on by default
+    only with CUDA): greedy equals the reference, seeded sampling equals the synchronous engine,
+    and a stop token ends the request exactly there."""
+    model_dir = served_models["llama"]
+    prompts = [[3, 14, 15, 92, 65, 35], [7], list(range(1, 40))]
+    greedy = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    refs = [reference(model_dir, p, NEW_TOKENS) for p in prompts]
+    seeded = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True)
+    stop_at = refs[0][10]
+    stopping = SamplingParams(max_tokens=NEW_TOKENS, stop_token_ids=[stop_at], ignore_eos=True)
+    with engine(model_dir, tp, async_scheduling=False) as eng:
+        sync_sampled = [o.token_ids for o in eng.generate(prompts, seeded, timeout_s=300)]
+    with engine(model_dir, tp, async_scheduling=True) as eng:
+        assert [o.token_ids for o in eng.generate(prompts, greedy, timeout_s=300)] == refs
+        assert [o.token_ids for o in eng.generate(prompts, seeded, timeout_s=300)] == sync_sampled
+        out = eng.generate([prompts[0]], stopping, timeout_s=300)[0]
+        assert out.token_ids == refs[0][: refs[0].index(stop_at) + 1] and out.finish_reason == "stop"
+        assert eng.blocks_in_use == 0
