@@ -8,7 +8,8 @@ directory) with the same number of processes:
 - engine: InferenceEngine on a local Ray cluster (one ShardWorker per logical GPU);
 - baseline (benchmarks/decode_baseline.py): the same model code and paged cache in a bare
   torch.distributed loop started with torch.multiprocessing: no Ray, no controller.
-latency_s is the time for every sequence of the batch to advance one token (B / tokens_per_s),
+Both sides run twice, alternating (baseline, engine, baseline, engine), and each keeps its best
+rate. latency_s is the time for every sequence of the batch to advance one token (B / tokens_per_s),
 so the two sides compare like for like even when the engine pipelines micro-batches at pp > 1.
 Memory-bandwidth utilisation = (weight bytes + KV bytes read per step) / latency / 19 GB/s
 (the measured matrix-vector bandwidth of the CI machine).
@@ -26,6 +27,9 @@ COLUMNS = ["tp", "pp", "batch", "latency_s", "baseline_latency_s", "overhead", "
            "baseline_tokens_per_s", "mbu"]
 MACHINE_BANDWIDTH_BPS = 19e9
 PROMPT_LEN = 16
+# Each side runs twice, alternating, and keeps its best rate: on a shared 2-core machine a burst of
+# other load during one side's run would otherwise decide the ratio.
+REPEATS = 2
 
 
 def model_dir() -> Path:
@@ -88,11 +92,15 @@ def run(quick: bool) -> dict:
     results = []
     for tp, pp in layouts:
         layout = ParallelLayout(tp=tp, pp=pp)
-        base = baseline_decode(str(directory), layout, batches, steps, PROMPT_LEN)
-        eng = engine_decode(directory, layout, batches, steps)
+        base, eng = {}, {}
+        for _ in range(REPEATS):  # alternate the two sides; keep each one's best run
+            for b, rate in baseline_decode(str(directory), layout, batches, steps, PROMPT_LEN).items():
+                base[b] = max(base.get(b, 0.0), rate)
+            for b, rate in engine_decode(directory, layout, batches, steps).items():
+                eng[b] = max(eng.get(b, 0.0), rate)
         for b in batches:
             results.append(row(spec, tp, pp, b, eng[b], base[b], steps))
-    notes = [f"model: {spec.num_parameters / 1e6:.0f}M parameters fp32; {steps} decode steps per point; "
+    notes = [f"model: {spec.num_parameters / 1e6:.0f}M parameters fp32; {steps} decode steps per point, best of {REPEATS} alternating runs per side; "
              f"bandwidth ceiling {MACHINE_BANDWIDTH_BPS / 1e9:.0f} GB/s"]
     return {"results": results, "notes": notes, "model_parameters": spec.num_parameters}
 
