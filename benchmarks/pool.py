@@ -8,7 +8,8 @@ The ~110M-parameter Llama of `bench decode` (fp32) is served at tp=1 on a local 
   what the worker needs with that share of its layers on one memory peer (same node: the worker
   copies each pooled layer from the peer's shared segment in a background thread, `prefetch`
   layers ahead, and drops it after use).
-Both decode the same prompts greedily, in the same run. latency_s is one decode step (every
+Both decode the same prompts greedily, in the same run: each point is the best of two runs, and
+the resident engine runs before and after the pooled ones (its best counts). latency_s is one decode step (every
 sequence of the batch advances one token); bytes_moved_per_token is what the worker fetched
 from the peer divided by the tokens produced; peak_resident_bytes is the worker ledger's
 high-water mark (weights, KV cache, activations, fetch buffers), never above budget_bytes.
@@ -35,12 +36,15 @@ def decode(cfg, batches: list[int], steps: int) -> dict[int, dict]:
     with InferenceEngine(cfg).start() as eng:
         for batch in batches:
             prompts = [[(7 * i + j) % 1000 + 1 for j in range(PROMPT_LEN)] for i in range(batch)]
-            before = _rank0(eng.memory())
-            eng.step_log.clear()
-            outs = eng.generate(prompts, SamplingParams(max_tokens=steps + 2, ignore_eos=True), timeout_s=900)
-            after = _rank0(eng.memory())
+            rates = []
+            for _ in range(2):  # best of two: a burst of other load on the shared machine is not the pool's cost
+                before = _rank0(eng.memory())
+                eng.step_log.clear()
+                outs = eng.generate(prompts, SamplingParams(max_tokens=steps + 2, ignore_eos=True), timeout_s=900)
+                after = _rank0(eng.memory())
+                rates.append(decode_rate(list(eng.step_log)))
             tokens = sum(len(o.token_ids) for o in outs)
-            out[batch] = {"tokens_per_s": decode_rate(list(eng.step_log)),
+            out[batch] = {"tokens_per_s": max(rates),
                           "bytes_per_token": (after["bytes_fetched"] - before["bytes_fetched"]) / tokens,
                           "peak": after["high_water_bytes"], "budget": after["budget_bytes"]}
     return out
@@ -75,12 +79,19 @@ def run(quick: bool) -> dict:
         ray.init(address="local", num_gpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     base = EngineConfig(model_dir=directory, layout=ParallelLayout(), max_running=max(batches), **LIMITS)
     resident = decode(base, batches, steps)
-    results = []
+    pooled_runs = {}
     for fraction in FRACTIONS:
         budget = budget_for(spec, base, fraction)
         pool = PoolOptions(budget_bytes=budget, peers=1, peer_budget_bytes=spec.num_parameters * 4,
                            prefetch_depth=PREFETCH, pooled_fraction=fraction)
-        pooled = decode(base.model_copy(update={"pool": pool}), batches, steps)
+        pooled_runs[fraction] = decode(base.model_copy(update={"pool": pool}), batches, steps)
+    again = decode(base, batches, steps)  # the resident side before and after the pooled ones: its best
+    for b in batches:
+        if again[b]["tokens_per_s"] > resident[b]["tokens_per_s"]:
+            resident[b] = again[b]
+    results = []
+    for fraction in FRACTIONS:
+        pooled = pooled_runs[fraction]
         for b in batches:
             p, r = pooled[b], resident[b]
             latency, resident_latency = b / p["tokens_per_s"], b / r["tokens_per_s"]
