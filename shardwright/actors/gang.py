@@ -108,11 +108,13 @@ class WorkerGang:
         bundles = [{"GPU": self.config.gpus_per_worker, "CPU": 0.001} for _ in range(n)]
         selectors = None
         if self.config.bundle_nodes is not None:
-            if len(self.config.bundle_nodes) != self.config.layout.world_size:
-                raise GangError(f"placement names {len(self.config.bundle_nodes)} nodes for {n} ranks")
-            # Ray labels every node with its id: this pins bundle i (rank i) to the planned node.
-            selectors = [{"ray.io/node-id": node} for node in self.config.bundle_nodes]
-            selectors += [{} for _ in range(self.config.peers)]  # peers: wherever there is room
+            nodes = list(self.config.bundle_nodes)
+            if len(nodes) not in (self.config.layout.world_size, n):
+                raise GangError(f"placement names {len(nodes)} nodes for {self.config.layout.world_size} ranks "
+                                f"and {self.config.peers} memory peers")
+            # Ray labels every node with its id: this pins bundle i (rank i) to the planned node;
+            # memory peers the placement does not name go wherever there is room.
+            selectors = [{"ray.io/node-id": node} for node in nodes] + [{} for _ in range(n - len(nodes))]
         self.pg = placement_group(bundles, strategy="PACK", bundle_label_selector=selectors)
         try:
             ray.get(self.pg.ready(), timeout=self.config.placement_timeout_s)

@@ -75,14 +75,17 @@ class GangShape:
     pp: int = 1
     cp: int = 1
     dp: int = 1
-    num_gpus: int = field(init=False, repr=False, compare=False)  # tp * pp * cp * dp
+    peers: int = 0  # memory peers of an inference gang: one GPU each, on any node (after the ranks)
+    num_gpus: int = field(init=False, repr=False, compare=False)  # tp * pp * cp * dp + peers
     num_tp_groups: int = field(init=False, repr=False, compare=False)  # pp * cp * dp, each on one node
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp", "dp"):
             _check_positive_int(name, getattr(self, name))
+        if isinstance(self.peers, bool) or not isinstance(self.peers, int) or self.peers < 0:
+            raise ValueError(f"peers={self.peers!r} must be a non-negative integer")
         object.__setattr__(self, "num_tp_groups", self.pp * self.cp * self.dp)
-        object.__setattr__(self, "num_gpus", self.tp * self.num_tp_groups)
+        object.__setattr__(self, "num_gpus", self.tp * self.num_tp_groups + self.peers)
 
     @classmethod
     def from_layout(cls, layout: object) -> GangShape:

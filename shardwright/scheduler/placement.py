@@ -53,8 +53,11 @@ class Placement:
 
     @property
     def gpus_by_node(self) -> dict[str, int]:
-        """Node id -> GPUs taken on it."""
-        return dict(self.node_gpus)
+        """Node id -> GPUs taken on it (a node may appear twice: ranks, then memory peers)."""
+        out: dict[str, int] = {}
+        for node, count in self.node_gpus:
+            out[node] = out.get(node, 0) + count
+        return out
 
     @property
     def rank_nodes(self) -> tuple[str, ...]:
@@ -93,10 +96,37 @@ def _largest_first_nodes(inv: ClusterInventory, tp: int) -> Iterator[str]:
 
 
 def place(shape: GangShape, inventory: ClusterInventory) -> Placement | None:
-    """Place a gang (see module docstring for the guarantees); `None` if it does not fit now."""
+    """Place a gang (see module docstring for the guarantees); `None` if it does not fit now.
+
+    Memory peers (`shape.peers`) come after the ranks, one GPU each: on the ranks' nodes first
+    (a same-node peer is fetched from through shared memory), then on the node with most free
+    GPUs, filling it before opening another.
+    """
     if shape.num_gpus > inventory.num_free_gpus or shape.tp > inventory.max_node_gpus:
         return None
+    ranks = _place_ranks(shape, inventory)
+    if ranks is None or not shape.peers:
+        return ranks
+    free = dict(inventory.free_by_node)
+    for node, count in ranks.node_gpus:
+        free[node] -= count
+    used = [node for node, _ in ranks.node_gpus]
+    peers = []
+    for _ in range(shape.peers):
+        node = next((n for n in used if free[n] > 0), None) or max(free, key=lambda n: (free[n], n))
+        if free[node] <= 0:
+            return None
+        free[node] -= 1
+        peers.append((node, 1))
+        if node not in used:
+            used.append(node)  # the next peers join it while it has room
+    return Placement(ranks.node_gpus + tuple(peers))
+
+
+def _place_ranks(shape: GangShape, inventory: ClusterInventory) -> Placement | None:
     tp, remaining = shape.tp, shape.num_tp_groups
+    if tp * remaining > inventory.num_free_gpus:
+        return None
     if remaining == 1:  # one TP group: the best-fit node, if any
         node = _best_fit_node(inventory, tp, set())
         return None if node is None else Placement(((node, tp),))

@@ -123,7 +123,9 @@ class SchedulerService:
         model_dir = spec.model if isinstance(spec, InferenceDeployment) else spec.model.path
         if model_dir is not None and (Path(model_dir) / "config.json").is_file():
             spec.layout.validate_for(ModelSpec.from_hf_dir(model_dir))
-        job = Job(spec.name, spec.tenant, spec.kind, GangShape.from_layout(spec.layout), time.time(),
+        shape = GangShape(*(getattr(spec.layout, a) for a in ("tp", "pp", "cp", "dp")),
+                          peers=_memory_peers(spec.model_dump(mode="json")))
+        job = Job(spec.name, spec.tenant, spec.kind, shape, time.time(),
                   priority=int(PRIORITY_CLASSES[spec.priority]))
         self.policy.check_submission(job, inventory.empty_inventory(inventory.list_nodes()))
 
@@ -423,9 +425,14 @@ def _stop_quietly(runner: JobRunner) -> None:
         log.exception("stopping a runner failed")
 
 
+def _memory_peers(spec: dict) -> int:
+    return int(((spec.get("engine") or {}).get("pool") or {}).get("peers") or 0)
+
+
 def _scheduler_job(record: JobRecord) -> Job:
     deadline = record.spec.get("deadline_s")
-    return Job(record.job_id, record.tenant, record.kind, GangShape(**record.layout), record.submitted_at_s,
+    shape = GangShape(**record.layout, peers=_memory_peers(record.spec))
+    return Job(record.job_id, record.tenant, record.kind, shape, record.submitted_at_s,
                priority=int(PRIORITY_CLASSES[record.priority]),
                deadline_s=record.submitted_at_s + deadline if deadline else None,
                attained_service_gpu_s=record.attained_service_gpu_s, queued_since_s=record.queued_since_s)

@@ -22,6 +22,23 @@ def test_tp4_job_lands_on_one_node_of_three():
     assert list(placement.gpus_by_node.values()) == [4]
 
 
+def test_memory_peers_follow_the_ranks_on_their_node_then_the_freest_node():
+    cluster = cluster_with_free({"a": 3, "b": 1, "c": 2}, total=4)
+    placement = place(GangShape(tp=2, peers=3), cluster)
+    # tp=2 best-fits node c (2 free, then full), so the peers go to the freest node: a, a, a
+    assert placement.rank_nodes == ("c", "c", "a", "a", "a")
+    assert placement.gpus_by_node == {"c": 2, "a": 3} and placement.num_gpus == 5
+    placement = place(GangShape(tp=2, peers=1), cluster_with_free({"a": 3, "b": 2}, total=4))
+    assert placement.rank_nodes == ("b", "b", "a")  # b is full after the ranks
+    placement = place(GangShape(tp=1, peers=1), cluster_with_free({"a": 3, "b": 1}, total=4))
+    assert placement.rank_nodes == ("b", "a")
+    assert place(GangShape(tp=2, peers=2), cluster_with_free({"a": 2, "b": 1}, total=4)) is None
+    placement = place_and_allocate(GangShape(tp=1, pp=2, peers=1), cluster := cluster_with_free({"a": 4}, total=4))
+    assert placement.rank_nodes == ("a", "a", "a") and cluster.free_by_node == {"a": 1}
+    with pytest.raises(ValueError, match="peers=-1"):
+        GangShape(peers=-1)
+
+
 def test_tp2_pp2_pairs_each_sit_on_one_node_when_split():
     cluster = cluster_with_free({"a": 2, "b": 2, "c": 1}, total=4)
     placement = place(GangShape(tp=2, pp=2), cluster)

@@ -168,6 +168,8 @@ def test_cluster_info_reports_a_deployments_memory_budget_and_pooling_plan(make_
     job = service.submit(InferenceDeployment(name="pooled", model=model_dir, engine={"num_blocks": 64, "pool": pool}),
                          "t1")["job_id"]
     wait_state(service, job, "running")
+    placement = service.get(job)["placement"]  # the scheduler reserved a GPU for the memory peer
+    assert len(placement) == 2 and service.runner(job).worker_nodes() == placement
     gang = {g["job_id"]: g for g in service.cluster_info("t1")["gangs"]}[job]
     assert gang["memory_budget_bytes"] == 10**9 and gang["memory_peers"] == 1
     assert len(gang["memory_plan"]) == 1 and "1/2 layers resident" in gang["memory_plan"][0], gang
