@@ -37,6 +37,7 @@ from shardwright.training.checkpoint import (latest_checkpoint, load_checkpoint,
                                              save_checkpoint)
 from shardwright.training.data import DataConfig, PackedLoader, build_loader
 from shardwright.training.grad_sync import DataParallelGrads, TiedEmbeddings
+from shardwright.training.offload import OffloadedAdamW, adamw_state_bytes
 from shardwright.training.optim import (OptimConfig, OwnedRows, build_optimizer, clip_grads_, global_grad_norm,
                                        lr_at, owned_rows, set_lr)
 
@@ -54,6 +55,9 @@ class TrainConfig(StrictModel):
     precision: Precision = Field("float32", description="'bfloat16' runs forward under bf16 autocast.")
     checkpoint_every_steps: int | None = Field(None, gt=0, description="Save every N steps (controller).")
     peak_flops_per_s: float = Field(150e9, gt=0, description="Peak FLOP/s of the whole gang (for MFU).")
+    offload_optimizer: float = Field(
+        0.0, ge=0, le=1, description="Share of the decoder blocks whose AdamW state lives in host memory and is "
+                                     "updated on the CPU, overlapped with the device update of the rest (0 = off).")
 
 
 class StartupError(RuntimeError):
@@ -69,7 +73,7 @@ class TrainerRank:
         self.ctx: ParallelContext | None = None
         self.spec: ModelSpec | None = None
         self.model = None
-        self.optimizer: torch.optim.AdamW | None = None
+        self.optimizer: torch.optim.AdamW | OffloadedAdamW | None = None
         self.data: PackedLoader | None = None
         self.tokenizer_dir: str | None = None
         self.tied: TiedEmbeddings | None = None
@@ -123,7 +127,17 @@ class TrainerRank:
 
     def build_optimizer(self) -> None:
         """Phase 3: AdamW over the shard's parameters."""
-        self.optimizer = self._phase("build_optimizer", build_optimizer, self.model, self.config.optim)
+        if self.config.offload_optimizer > 0:
+            self.optimizer = self._phase("build_optimizer", OffloadedAdamW, self.model, self.config.optim,
+                                         self.config.offload_optimizer)
+        else:
+            self.optimizer = self._phase("build_optimizer", build_optimizer, self.model, self.config.optim)
+
+    def optimizer_bytes(self) -> dict[str, int]:
+        """AdamW state bytes in device memory and in host memory (offload's masters included)."""
+        if isinstance(self.optimizer, OffloadedAdamW):
+            return self.optimizer.state_bytes()
+        return adamw_state_bytes(self.optimizer)
 
     def build_data(self) -> int:
         """Phase 4: tokenise and pack the corpus; returns the number of sequences."""
@@ -236,6 +250,8 @@ class TrainerRank:
             path = found
         _check_same_model(read_manifest(path).model, self.spec, path)
         manifest = load_checkpoint(path, ctx=self.ctx, model=self.model, optimizer=self.optimizer)
+        if isinstance(self.optimizer, OffloadedAdamW):
+            self.optimizer.sync_host_params()
         self.data.load_state_dict(manifest.data)
         restore_rng(manifest, self.ctx.rank)
         self.step = manifest.step

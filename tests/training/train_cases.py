@@ -112,3 +112,10 @@ def crash_main(rank: int, world_size: int, layout: ParallelLayout, model_dir: st
 
         ckpt.atomic_write = write_then_die
     t.save(root)
+
+
+def offload_main(rank: int, world_size: int, layout: ParallelLayout, model_dir: str, offload: float) -> list:
+    """(loss, grad norm) of 5 steps with `offload` of the blocks' optimizer state on the host."""
+    cfg = train_config().model_copy(update={"offload_optimizer": offload})
+    t = TrainerRank(cfg, layout).start(ModelSource(path=model_dir), device="cpu")
+    return [(m["loss"], m["grad_norm"]) for m in run_steps(t, 5)]
