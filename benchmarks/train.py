@@ -29,10 +29,13 @@ import torch.nn.functional as F
 
 from shardwright.config import ModelSource, ModelSpec, ParallelLayout
 
-COLUMNS = ["tp", "pp", "dp", "tokens_per_s", "baseline_tokens_per_s", "ratio", "mfu", "baseline_mfu",
-           "bubble_measured", "bubble_formula"]
+COLUMNS = ["tp", "pp", "dp", "cp", "offload", "tokens_per_s", "baseline_tokens_per_s", "ratio", "mfu",
+           "baseline_mfu", "bubble_measured", "bubble_formula", "optimizer_device_bytes", "optimizer_host_bytes"]
 PEAK_FLOPS = 150e9
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)]
+# Beyond the four layouts: context parallelism, and optimizer-state offload (share of the blocks
+# whose AdamW state lives in host memory) at (1,1,1): the memory / throughput trade-off.
+EXTRA = [dict(cp=2), dict(offload=0.5), dict(offload=1.0)]
 CORPUS = Path(__file__).resolve().parents[1] / "examples" / "corpus"
 SPEC = dict(architecture="llama", vocab_size=256, hidden_size=256, intermediate_size=688, num_layers=4,
             num_heads=8, num_kv_heads=4, head_dim=32, max_position_embeddings=512, norm_eps=1e-5)
@@ -49,25 +52,25 @@ def model_dir() -> Path:
     return directory
 
 
-def train_config(peak: float = PEAK_FLOPS):
+def train_config(peak: float = PEAK_FLOPS, offload: float = 0.0):
     from shardwright.training.data import DataConfig
     from shardwright.training.optim import OptimConfig
     from shardwright.training.trainer import TrainConfig
 
     return TrainConfig(data=DataConfig(path=CORPUS, seq_len=128, global_batch_size=16),
                        optim=OptimConfig(lr=1e-3, warmup_steps=2, decay_steps=100),
-                       num_micro_batches=4, peak_flops_per_s=peak)
+                       num_micro_batches=4, peak_flops_per_s=peak, offload_optimizer=offload)
 
 
 def rank_main(rank: int, world_size: int, layout: ParallelLayout, directory: str, warmup: int,
-              steps: int) -> list[dict]:
-    """Metrics of the measured steps (every rank returns the same)."""
+              steps: int, offload: float = 0.0) -> tuple[list[dict], dict]:
+    """Metrics of the measured steps (every rank returns the same) and the optimizer's bytes."""
     from shardwright.training.trainer import TrainerRank
 
-    trainer = TrainerRank(train_config(), layout).start(ModelSource(path=directory))
+    trainer = TrainerRank(train_config(offload=offload), layout).start(ModelSource(path=directory))
     for _ in range(warmup):
         trainer.train_step()
-    return [trainer.train_step() for _ in range(steps)]
+    return [trainer.train_step() for _ in range(steps)], trainer.optimizer_bytes()
 
 
 def baseline(directory: Path, warmup: int, steps: int) -> float:
@@ -96,11 +99,13 @@ def baseline(directory: Path, warmup: int, steps: int) -> float:
     return max(rates)
 
 
-def measure(layout: ParallelLayout, directory: Path, warmup: int, steps: int) -> dict:
+def measure(layout: ParallelLayout, directory: Path, warmup: int, steps: int, offload: float = 0.0) -> dict:
     from shardwright.parallel.launch import run_ranks
 
-    metrics = run_ranks(rank_main, layout.world_size, args=(layout, str(directory), warmup, steps))[0]
+    metrics, optimizer = run_ranks(rank_main, layout.world_size,
+                                   args=(layout, str(directory), warmup, steps, offload))[0]
     return {"tokens_per_s": max(m["tokens_per_s"] for m in metrics),
+            "optimizer_device_bytes": optimizer["device"], "optimizer_host_bytes": optimizer["host"],
             "bubble_measured": sum(m["bubble_measured"] for m in metrics) / len(metrics),
             "bubble_formula": metrics[0]["bubble_formula"]}
 
@@ -111,17 +116,24 @@ def run(quick: bool) -> dict:
     warmup, steps = (2, 5) if quick else (3, 12)
     flops_per_token = 6 * spec.num_parameters
     results = []
-    for tp, pp, dp in LAYOUTS:
+    cases = [dict(tp=tp, pp=pp, dp=dp) for tp, pp, dp in LAYOUTS] + EXTRA
+    for case in cases:
+        offload = case.get("offload", 0.0)
+        layout = ParallelLayout(**{k: v for k, v in case.items() if k != "offload"})
         base = baseline(directory, warmup, steps)  # beside each layout: the machine's load drifts
-        got = measure(ParallelLayout(tp=tp, pp=pp, dp=dp), directory, warmup, steps)
-        results.append({"tp": tp, "pp": pp, "dp": dp, **got, "baseline_tokens_per_s": base,
+        got = measure(layout, directory, warmup, steps, offload)
+        results.append({"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "cp": layout.cp, "offload": offload,
+                        **got, "baseline_tokens_per_s": base,
                         "ratio": got["tokens_per_s"] / base,
                         "mfu": got["tokens_per_s"] * flops_per_token / PEAK_FLOPS,
                         "baseline_mfu": base * flops_per_token / PEAK_FLOPS})
     notes = [f"model: {spec.num_parameters / 1e6:.1f}M parameters fp32, seq 128, global batch 16, m = 4; "
              f"best of {steps} measured steps after {warmup} warm-up; {os.cpu_count()} cores shared by the ranks",
              f"MFU = 6 * N * tokens/s / {PEAK_FLOPS / 1e9:.0f} GFLOP/s (whole-machine peak); "
-             "ratio = tokens/s / baseline tokens/s"]
+             "ratio = tokens/s / baseline tokens/s",
+             "offload = share of the decoder blocks whose AdamW state (and fp32 master) lives in host memory; "
+             "on this CPU machine host and device are the same memory, so the row shows the cost of the copies "
+             "and the overlap, and the device bytes it frees"]
     return {"results": results, "notes": notes, "model_parameters": spec.num_parameters}
 
 
