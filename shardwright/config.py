@@ -214,14 +214,20 @@ PriorityClass = Literal["serving", "high", "batch", "low"]
 JOB_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 
 
+# A memory budget: bytes, or 'device-free' (the GPU's free memory when the worker starts).
+Budget = Annotated[int, Field(gt=0)] | Literal["device-free"]
+
+
 class PoolOptions(StrictModel):
     """A worker's memory budget and peer memory pooling (see DESIGN.md, "Peer memory pooling")."""
 
-    budget_bytes: int | None = Field(
-        None, gt=0, description="Device memory each compute worker may keep resident (weights, KV cache, "
-                                "activations, fetched layers); None: no budget, nothing pooled.")
+    budget_bytes: Budget | None = Field(
+        None, description="Device memory each compute worker may keep resident (weights, KV cache, "
+                                "activations, fetched layers); 'device-free': the GPU's free memory when the "
+                                "worker starts (CUDA only); None: no budget, nothing pooled.")
     peers: int = Field(0, ge=0, description="Memory peers: extra workers (one GPU each) that lend their budget.")
-    peer_budget_bytes: int | None = Field(None, gt=0, description="Budget of each peer (default budget_bytes).")
+    peer_budget_bytes: Budget | None = Field(
+        None, description="Budget of each peer (default budget_bytes); 'device-free' as above.")
     host_bytes: int = Field(0, ge=0, description="Host memory each worker may use for its pooled layers.")
     prefetch_depth: int = Field(2, ge=0, description="Pooled layers fetched ahead of the one running.")
     pooled_fraction: float | None = Field(

@@ -19,7 +19,11 @@ class PeerRunner:
     def __init__(self, rank: int, layout: ParallelLayout, *, memory_budget_bytes: int | None = None,
                  threads_per_worker: int | None = None) -> None:
         self.rank, self.layout = rank, layout
-        self.ledger = MemoryLedger(memory_budget_bytes, owner=f"memory peer (rank {rank})")
+        from shardwright.parallel.context import default_device
+        from shardwright.pool.ledger import resolve_budget
+
+        self.ledger = MemoryLedger(resolve_budget(memory_budget_bytes, default_device()),
+                                   owner=f"memory peer (rank {rank})")
         self.store = PeerStore(self.ledger)
 
     def load(self, model_dir: str, dtype: str | None, items: list[tuple[int, int]]) -> dict:

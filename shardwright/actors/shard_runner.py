@@ -53,7 +53,10 @@ class ShardRunner(GroupMember):
         self.model = None
         self.cache = None
         self.block_size = 0
-        self.ledger = MemoryLedger(memory_budget_bytes, owner=f"rank {rank}")
+        from shardwright.parallel.context import default_device
+        from shardwright.pool.ledger import resolve_budget
+
+        self.ledger = MemoryLedger(resolve_budget(memory_budget_bytes, default_device()), owner=f"rank {rank}")
         self.sizes: ShardSizes | None = None
         self.fetcher: LayerFetcher | None = None
         self.host_bytes = 0

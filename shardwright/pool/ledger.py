@@ -24,6 +24,19 @@ def fmt_bytes(n: int) -> str:
     return f"{n:.1f} GiB"
 
 
+def resolve_budget(budget: int | str | None, device) -> int | None:
+    """A configured budget in bytes; 'device-free' is the CUDA device's free memory now."""
+    if budget != "device-free":
+        return budget
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
+        raise ValueError("memory budget 'device-free' needs a CUDA device; on the CPU give budget_bytes "
+                         "as a number of bytes (the worker's own accounting enforces it)")
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
 class MemoryLedger:
     """Resident bytes by kind, the high-water mark and the budget (None: unlimited)."""
 

@@ -111,3 +111,21 @@ def test_pooled_forward_equals_resident_bitwise(tmp_path, shared, depth):
     assert model.layer_weights.bytes_fetched == 2 * len(pooled_layers) * layer_bytes
     assert all(p.is_meta for i in pooled_layers for p in model.blocks[i].parameters())
     model.layer_weights.close()
+
+
+def test_device_free_budget_needs_cuda_and_numbers_must_be_positive():
+    from shardwright.config import PoolOptions
+    from shardwright.pool.ledger import resolve_budget
+
+    assert PoolOptions(budget_bytes="device-free", peers=1).budget_bytes == "device-free"
+    assert resolve_budget(123, "cpu") == 123 and resolve_budget(None, "cpu") is None
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device; on the CPU give budget_bytes"):
+            resolve_budget("device-free", torch.device("cpu"))
+    else:
+        assert 0 < resolve_budget("device-free", torch.device("cuda", 0)) <= torch.cuda.mem_get_info()[1]
+    for bad in (0, -1, "free"):
+        with pytest.raises(ValueError):
+            PoolOptions(budget_bytes=bad)
+    with pytest.raises(ValueError, match="need budget_bytes"):
+        PoolOptions(peers=1)
