@@ -46,6 +46,8 @@ def test_generate_tp2_cp2_json_equals_the_reference(tiny_model):
     (["--prompt-ids", "1,x"], "comma-separated integers"),
     (["--prompt-ids", "1,999"], "outside the vocabulary"),
     (["--max-tokens", "0", "--prompt", "x"], "max_tokens=0 must be >= 1"),
+    (["--memory-budget", "lots", "--prompt", "x"], "--memory-budget 'lots': give bytes"),
+    (["--pool-peers", "1", "--prompt", "x"], "need budget_bytes"),
 ])
 def test_generate_errors_are_one_actionable_line(tiny_model, args, message):
     done = run_cli("generate", "--model", str(tiny_model), *args)
@@ -81,3 +83,14 @@ def test_bench_api_reports_grpc_beside_in_process_figures():
     # A 16-token stream must take longer than its first token on both paths (the figures are real).
     total, first = rows[("generate_stream", "16 tokens")], rows[("generate_stream", "time to first token")]
     assert total["value"] > first["value"] and total["baseline"] > first["baseline"]
+
+
+def test_generate_with_a_memory_budget_too_small_is_refused_naming_the_missing_bytes(tiny_model):
+    # A 1 MB budget cannot hold even the embeddings, KV cache and activations: refused at
+    # admission, before any weight is loaded, with the bytes missing and where.
+    done = run_cli("generate", "--model", str(tiny_model), "--memory-budget", "1MB", "--pool-peers", "1",
+                   "--prompt", "Hello")
+    assert done.returncode == 2, done.stderr
+    assert "cannot fit its budget of 976.6 KiB" in done.stderr and "missing on node" in done.stderr
+    ours = [line for line in done.stderr.splitlines() if line.startswith("shardwright generate:")]
+    assert len(ours) == 1 and "raise the budget" in ours[0], done.stderr  # one line (Ray may log its own)

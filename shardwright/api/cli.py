@@ -48,7 +48,7 @@ def cmd_generate_local(args: argparse.Namespace) -> int:
     from shardwright.actors.engine import EngineConfig, InferenceEngine
     from shardwright.actors.sampling import SamplingParams
     from shardwright.cluster.ray_connect import connect
-    from shardwright.config import ParallelLayout
+    from shardwright.config import ParallelLayout, PoolOptions
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
@@ -57,7 +57,10 @@ def cmd_generate_local(args: argparse.Namespace) -> int:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed)
-        config = EngineConfig(model_dir=model_dir, layout=ParallelLayout(tp=args.tp, pp=args.pp, cp=args.cp))
+        pool = PoolOptions(budget_bytes=_budget(args.memory_budget), peers=args.pool_peers) \
+            if args.memory_budget is not None or args.pool_peers else PoolOptions()
+        config = EngineConfig(model_dir=model_dir, layout=ParallelLayout(tp=args.tp, pp=args.pp, cp=args.cp),
+                              pool=pool)
     except ValidationError as err:
         from shardwright.api.errors import one_line
 
@@ -68,15 +71,37 @@ def cmd_generate_local(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     engine = InferenceEngine(config)  # validates the layout against the model before Ray starts
     prompt = engine.prompt_ids(prompt)
-    connect(min_gpus=config.layout.world_size)
+    connect(min_gpus=config.layout.world_size + config.pool.peers)
     with engine.start():
         out = engine.generate([prompt], params)[0]
+        plan = engine.health(probe=False).get("memory_pool")
     result = {"tokens": out.token_ids, "text": out.text, "prompt_tokens": len(out.prompt_ids),
               "finish_reason": out.finish_reason, "tp": args.tp, "pp": args.pp, "cp": args.cp,
               "elapsed_s": round(time.perf_counter() - start, 3)}
+    if plan:
+        result["memory_pool"] = plan
     _print_result(result, args.json, lambda r: f"{r['text']!r}\n({len(r['tokens'])} tokens at tp={r['tp']} "
                                                  f"pp={r['pp']} in {r['elapsed_s']} s, including start-up)")
     return 0
+
+
+def _budget(text: str | None):
+    """'600000000', '600MB', '1.5GiB' or 'device-free' -> bytes or the literal."""
+    if text is None or text == "device-free":
+        return text
+    units = {"gib": 2**30, "mib": 2**20, "kib": 2**10, "gb": 10**9, "mb": 10**6, "kb": 10**3, "b": 1}
+    low = text.strip().lower()
+    for unit, scale in units.items():
+        if low.endswith(unit):
+            number, factor = low[: -len(unit)], scale
+            break
+    else:
+        number, factor = low, 1
+    try:
+        return int(float(number) * factor)
+    except ValueError:
+        raise UsageError(f"--memory-budget {text!r}: give bytes (600000000), a size (600MB, 1.5GiB) "
+                         "or device-free") from None
 
 
 def cmd_init_model(args: argparse.Namespace) -> int:
@@ -109,6 +134,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (default 1)")
     p.add_argument("--cp", type=int, default=1, help="context-parallel degree: the KV cache is sharded over cp ranks (default 1)")
+    p.add_argument("--memory-budget", default=None, metavar="BYTES",
+                   help="memory each worker may keep resident (bytes, e.g. 600000000 or 600MB, or device-free); "
+                        "layers that do not fit are pooled on --pool-peers")
+    p.add_argument("--pool-peers", type=int, default=0, help="memory peers lending their budget (default 0)")
     p.add_argument("--max-tokens", type=int, default=32, help="new tokens to generate (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
