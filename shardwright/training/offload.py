@@ -85,7 +85,7 @@ class OffloadedAdamW:
         self.param_groups = self.device_opt.param_groups + (self.host_opt.param_groups if self.host_opt else [])
         self.state = _StateView(self)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardwright-host-adamw")
-        self._stream = torch.cuda.Stream() if cuda else None
+        self._stream = torch.cuda.Stream(device=self.params[0].device) if cuda else None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -96,14 +96,21 @@ class OffloadedAdamW:
 
     @torch.no_grad()
     def step(self) -> None:
-        future = self._pool.submit(self._host_step) if self.host_opt is not None else None
+        # CUDA: the side stream must not read a gradient before the current stream's clipping (and
+        # the gradient all-reduces it waited for) have written it: order it after this event.
+        grads_final = None
+        if self._stream is not None:
+            grads_final = torch.cuda.current_stream(self._stream.device).record_event()
+        future = self._pool.submit(self._host_step, grads_final) if self.host_opt is not None else None
         self.device_opt.step()
         if future is not None:
             future.result()
 
-    def _host_step(self) -> None:
+    def _host_step(self, grads_final: torch.cuda.Event | None) -> None:
         stream = self._stream
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            if grads_final is not None:
+                stream.wait_event(grads_final)
             for p, host in self.host_of.items():
                 host.grad = None if p.grad is None else p.grad.detach().to("cpu", torch.float32, copy=True)
             if stream is not None:
