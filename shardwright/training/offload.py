@@ -1,13 +1,15 @@
 """Optimizer-state offload (the "Deep Optimizer States" idea): AdamW state of some layer groups in
 host memory, updated on the CPU while the device updates the rest.
 
-`OffloadedAdamW(model, cfg, fraction)` keeps the first round(fraction * L) decoder blocks'
+`OffloadedAdamW(model, cfg, fraction)` keeps the first ceil(fraction * L) decoder blocks'
 AdamW state (exp_avg, exp_avg_sq) and an fp32 master copy of their parameters in host memory
 (pinned on CUDA). Each step a background thread copies those gradients to the host, runs AdamW
 there and copies the updated parameters back (on a side stream on CUDA, ordered by an event),
 while the calling thread runs the device AdamW over every other parameter; `step` returns when
 both are done. The arithmetic is torch's AdamW on the same values either way, so on the CPU the
-result is bitwise that of one AdamW over everything (tests/training/test_offload.py).
+result is bitwise that of one AdamW over everything for fp32 models (tests/training/test_offload.py);
+a 16-bit model's offloaded blocks are updated on an fp32 master copy, which rounds differently
+from torch's AdamW updating the 16-bit parameters in place.
 
 Checkpoints do not see the split: `state` maps each model parameter to its AdamW state wherever
 it lives, so a checkpoint written with offload loads without it and the other way round; after
@@ -16,6 +18,7 @@ a load, `sync_host_params` refreshes the host masters from the loaded parameters
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -26,10 +29,11 @@ from shardwright.training.optim import OptimConfig, build_optimizer
 
 
 def offloaded_blocks(num_blocks: int, fraction: float) -> range:
-    """The blocks whose optimizer state goes to host memory: the first round(fraction * n)."""
+    """The blocks whose optimizer state goes to host memory: the first ceil(fraction * n), so any
+    share above 0 offloads at least one block (embeddings, final norm and head stay on the device)."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"offload fraction {fraction} must be within [0, 1]")
-    return range(round(fraction * num_blocks))
+    return range(math.ceil(fraction * num_blocks - 1e-9))
 
 
 class _StateView(MutableMapping):

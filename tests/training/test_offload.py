@@ -62,6 +62,8 @@ def test_checkpoints_move_between_offloaded_and_plain_and_resume_bitwise(train_m
 def test_offload_share_is_validated_and_picks_the_first_blocks():
     assert list(offloaded_blocks(12, 0.5)) == list(range(6))
     assert list(offloaded_blocks(4, 0.0)) == []
+    assert list(offloaded_blocks(4, 0.1)) == [0] and list(offloaded_blocks(1, 0.5)) == [0]  # never silently none
+    assert list(offloaded_blocks(4, 1.0)) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="offload_optimizer"):
         TrainConfig(data=train_cases.train_config().data, offload_optimizer=1.5)
 
