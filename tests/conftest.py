@@ -30,3 +30,17 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real local Ray instance with 4 logical GPUs (no GPU needed: workers use CPU and gloo).
+
+    Shared by the session; module-scoped so that it starts again after a module that ran its own
+    multi-node cluster (ray.cluster_utils.Cluster) and shut Ray down. Ray stops at exit.
+    """
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    return ray

@@ -32,7 +32,7 @@ DEADLINE_S = 1.0
 
 
 @pytest.fixture(scope="module")
-def control(local_ray, tmp_path_factory):
+def control(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("limits")
     model = write_random_checkpoint(root / "model", tiny_spec("llama", max_position_embeddings=CONTEXT),
                                     seed=3, std=0.2)

@@ -1,4 +1,4 @@
-"""One local Ray cluster for the engine tests (4 logical GPUs), and small served models."""
+"""Small served models for the engine tests (the Ray cluster is tests/conftest.py's ray_cluster)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,6 @@ import pytest
 
 from model_helpers import tiny_spec
 from shardwright.models.random_init import write_random_checkpoint
-
-ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A real local Ray instance with 4 logical GPUs (no GPU needed: workers use CPU + gloo)."""
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -16,16 +16,8 @@ ray = pytest.importorskip("ray")
 LOGIT_TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def ray_up():
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    yield ray
-
-
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_export_from_tp2_serves_the_trained_logits_in_the_ray_engine(layout_run, ray_up, name, tmp_path):
+def test_export_from_tp2_serves_the_trained_logits_in_the_ray_engine(layout_run, ray_cluster, name, tmp_path):
     transformers = pytest.importorskip("transformers", reason="transformers is the test-only reference")
     root, result, _ = layout_run("tp2")
     trained = result[name]["logits"]
