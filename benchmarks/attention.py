@@ -351,21 +351,25 @@ def notes(results: list[dict], quick: bool, ncores: int, load_before, load_after
 def bounds_note(r: dict) -> str:
     """What the cp=2 ratios can be at best here, from the configuration and the measured speed-up.
 
-    Memory: beyond its inputs, a ring rank must hold its output (1/cp of the reference's) and one
-    received K/V block (2 * Hkv / H of its output); tiles and allocator slack come on top of both
-    sides. Time: a perfectly balanced ring rank on 1 thread does 1/cp of the 1-thread work.
+    Memory: beyond its inputs, a ring rank must hold its output (1/cp of the reference's) and the
+    two K/V chunks of the forward (the one in hand and the next, DEFAULT_KV_CHUNK_TOKENS each);
+    the tile workspace and allocator slack come on top of both sides. Time: a perfectly balanced
+    ring rank on 1 thread does 1/cp of the 1-thread work.
     """
-    cp, kv_share = r["cp"], 2 * KV_HEADS / HEADS
-    floor = (1 + kv_share) / cp
-    inputs = 1 + kv_share  # q, k, v in units of the output's size
-    floor_in = (inputs / cp + 1 / cp + kv_share / cp) / (inputs + 1)
+    from shardwright.parallel.attention.reference import DEFAULT_KV_CHUNK_TOKENS
+
+    cp, n = r["cp"], r["seq_len"]
+    chunk_share = 2 * 2 * min(DEFAULT_KV_CHUNK_TOKENS, n // cp) * KV_HEADS / (n * HEADS)
+    floor = 1 / cp + chunk_share
+    inputs = 1 + 2 * KV_HEADS / HEADS  # q, k, v in units of the output's size
+    floor_in = (inputs / cp + 1 / cp + chunk_share) / (inputs + 1)
     speedup = None if not r["ref_time_s"] else r["ref_1t_time_s"] / r["ref_time_s"]
     best_time = None if speedup is None else speedup / cp
-    return (f"bounds at cp={cp} with {HEADS}/{KV_HEADS} heads: memory ratio >= {floor:.3f} "
-            f"(out + one received K/V block; {floor_in:.3f} counting inputs) before tiles and "
-            f"allocator slack; the reference's {r['ref_threads']}-thread speed-up here is "
-            f"{_f(speedup)}, so an ideal balanced ring on 1 thread per rank reaches a time ratio of "
-            f"{_f(best_time)}")
+    return (f"bounds at cp={cp} with {HEADS}/{KV_HEADS} heads, {n} tokens: memory ratio >= "
+            f"{floor:.3f} (out + two received K/V chunks of {DEFAULT_KV_CHUNK_TOKENS} tokens; "
+            f"{floor_in:.3f} counting inputs) before the tile workspace and allocator slack; the "
+            f"reference's {r['ref_threads']}-thread speed-up here is {_f(speedup)}, so an ideal "
+            f"balanced ring on 1 thread per rank reaches a time ratio of {_f(best_time)}")
 
 
 def _f(x) -> str:

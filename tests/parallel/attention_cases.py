@@ -35,6 +35,7 @@ BLOCK = 4  # distributed runs: small tiles, so every case crosses tile edges and
 # tiles; the reference runs with its default (256: one tile per sequence here), so the two never
 # share a rounding order by construction.
 ATOL32, RTOL32 = 2e-6, 1e-5  # issue 6 acceptance for fp32 with inputs in [0, 1)
+COMM_CHUNK = 4  # K/V chunk of the chunked communication count: no chunk of LENGTHS' shards empty
 BALANCE_LENGTHS = (16, 16)  # equal lengths divisible by 2P for P in {2, 4}
 
 
@@ -93,8 +94,11 @@ def case_names(world: int) -> list[tuple[str, str, int, bool, torch.dtype]]:
     return cases
 
 
-def _run_case(seed, ctx, groups, split, u, causal, dtype, heads=HEADS, kv_heads=KV_HEADS):
-    """Errors of one distributed method against the reference, for this rank's shard."""
+def _run_case(seed, ctx, groups, split, u, causal, dtype, heads=HEADS, kv_heads=KV_HEADS,
+              kv_chunk=None):
+    """Errors of one distributed method against the reference, for this rank's shard.
+    `kv_chunk`: the ring's forward K/V message size in tokens (None: the library default, which
+    is larger than these shards, so one message per hop)."""
     q, k, v, gout, glse = make_inputs(seed, LENGTHS, heads, kv_heads, dtype)
     cu = cu_seqlens(LENGTHS)
     # The reference runs in fp64 on the same (fp32-rounded) inputs, so fp32 cases are held to the
@@ -105,7 +109,10 @@ def _run_case(seed, ctx, groups, split, u, causal, dtype, heads=HEADS, kv_heads=
     ref_grads = torch.autograd.grad(ref_loss, full)
     plan = make_shard_plan(cu, ctx.cp, split=split, ulysses_size=u)
     mine = [shard_tokens(t, plan, ctx.cp_rank).requires_grad_() for t in (q, k, v)]
-    if u == 1:
+    if kv_chunk is not None:
+        out, lse = ring_attention(*mine, plan, ctx.cp_group, causal=causal, block_size=BLOCK,
+                                  kv_chunk_tokens=kv_chunk)
+    elif u == 1:
         out, lse = ring_attention(*mine, plan, ctx.cp_group, causal=causal, block_size=BLOCK)
     else:
         out, lse = ulysses_attention(*mine, plan, groups[u], causal=causal, block_size=BLOCK)
@@ -122,15 +129,17 @@ def _run_case(seed, ctx, groups, split, u, causal, dtype, heads=HEADS, kv_heads=
     return errors
 
 
-def _comm_case(ctx) -> dict:
+def _comm_case(ctx, kv_chunk=None) -> dict:
     """Zigzag causal ring, fp64, forward and backward with CommStats and patched collectives."""
     q, k, v, gout, _ = make_inputs(99, LENGTHS, HEADS, KV_HEADS, torch.float64)
     plan = make_shard_plan(cu_seqlens(LENGTHS), ctx.cp, split="zigzag")
     mine = [shard_tokens(t, plan, ctx.cp_rank).requires_grad_() for t in (q, k, v)]
-    stats, seen = CommStats(), {"p2p_batches": 0, "p2p_bytes": 0, "other_collectives": 0}
+    stats = CommStats()
+    seen = {"p2p_batches": 0, "p2p_sends": 0, "p2p_bytes": 0, "other_collectives": 0}
     with _patched_collectives(seen):
         out, _ = ring_attention(
-            *mine, plan, ctx.cp_group, causal=True, block_size=BLOCK, stats=stats
+            *mine, plan, ctx.cp_group, causal=True, block_size=BLOCK, stats=stats,
+            **({} if kv_chunk is None else {"kv_chunk_tokens": kv_chunk}),
         )
         forward = dict(seen)
         torch.autograd.grad((out * shard_tokens(gout, plan, ctx.cp_rank)).sum(), mine)
@@ -158,6 +167,7 @@ class _patched_collectives:
         def batch(ops):
             self.seen["p2p_batches"] += 1
             sends = [op.tensor for op in ops if op.op is dist.isend]
+            self.seen["p2p_sends"] += len(sends)
             self.seen["p2p_bytes"] += sum(t.numel() * t.element_size() for t in sends)
             return original(ops)
 
@@ -234,12 +244,20 @@ def attention_world_main(rank: int, world: int) -> dict:
     cases["zigzag-causal-float64-mha"] = _run_case(
         50, ctx, groups, "zigzag", 1, True, torch.float64, HEADS, HEADS
     )
+    # K/V in chunks: 1 token (some chunks of the smaller shards are empty, so not sent) and 5
+    for name, seed, split, causal, dtype, chunk in (
+        ("zigzag-causal-float64-chunk1", 60, "zigzag", True, torch.float64, 1),
+        ("ring-causal-float32-chunk5", 61, "contiguous", True, torch.float32, 5),
+        ("zigzag-full-float64-chunk5", 62, "zigzag", False, torch.float64, 5),
+    ):
+        cases[name] = _run_case(seed, ctx, groups, split, 1, causal, dtype, kv_chunk=chunk)
     splitkv = {
         f"{'causal' if c else 'full'}-{str(d)[6:]}": _splitkv_case(ctx, c, d)
         for c in (False, True)
         for d in (torch.float32, torch.float64)
     }
-    return {"cases": cases, "comm": _comm_case(ctx), "work": _work_case(ctx), "splitkv": splitkv}
+    return {"cases": cases, "comm": _comm_case(ctx), "comm_chunked": _comm_case(ctx, COMM_CHUNK),
+            "work": _work_case(ctx), "splitkv": splitkv}
 
 
 def run_attention_world(world: int) -> list[dict]:

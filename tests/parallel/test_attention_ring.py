@@ -11,6 +11,7 @@ import pytest
 import torch
 from attention_cases import (
     BALANCE_LENGTHS,
+    COMM_CHUNK,
     DIM,
     KV_HEADS,
     LENGTHS,
@@ -83,19 +84,22 @@ def test_reference_rows_without_keys_are_defined():
 
 def test_reference_never_builds_a_full_score_matrix(monkeypatch):
     tokens, heads, block = 512, 2, 64
-    q = torch.rand(tokens, heads, 4)
-    k = torch.rand(tokens, 1, 4)
+    q = torch.rand(tokens, heads, 4, requires_grad=True)
+    k = torch.rand(tokens, 1, 4, requires_grad=True)
     largest = []
-    einsum = torch.einsum
 
-    def recording(*args):
-        result = einsum(*args)
-        largest.append(result.numel())
-        return result
+    def recording(fn):
+        def wrapped(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            largest.append(result.numel())
+            return result
+        return wrapped
 
-    monkeypatch.setattr(torch, "einsum", recording)
-    reference_attention(q, k, k, [0, tokens], causal=False, block_size=block)
-    # biggest intermediate: one tile of scores per head, never tokens x tokens
+    for name in ("einsum", "bmm", "matmul"):  # every product the kernels may form
+        monkeypatch.setattr(torch, name, recording(getattr(torch, name)))
+    out, _ = reference_attention(q, k, k, [0, tokens], causal=False, block_size=block)
+    out.sum().backward()
+    # biggest intermediate, forward and backward: one tile of scores per head, never tokens x tokens
     assert max(largest) == heads * block * block < tokens * tokens
 
 
@@ -130,7 +134,8 @@ def test_plan_rejects_bad_input():
 
 def _ring_case_ids(world):
     return [c[0] for c in case_names(world) if c[0].startswith(("ring", "zigzag"))] + [
-        "zigzag-causal-float64-mha"
+        "zigzag-causal-float64-mha", "zigzag-causal-float64-chunk1", "ring-causal-float32-chunk5",
+        "zigzag-full-float64-chunk5",
     ]
 
 
@@ -163,6 +168,25 @@ def test_ring_sends_exactly_what_the_formula_says(attention_world, world):
         assert total["p2p_batches"] == 3 * world - 2
         assert total["p2p_bytes"] == formula["bytes_sent_forward"] + formula["bytes_sent_backward"]
         assert total["other_collectives"] == 0  # no hidden all-gathers or all-reduces
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_chunked_ring_sends_the_same_bytes_in_more_messages(attention_world, world):
+    plan = make_shard_plan(cu_seqlens(LENGTHS), world, split="zigzag")
+    tokens = [plan.ring_tokens(r) for r in range(world)]
+    chunks = -(-max(tokens) // COMM_CHUNK)
+    assert chunks > 1 and min(tokens) >= chunks  # several chunks, none empty
+    for rank, result in enumerate(attention_world(world)):
+        comm = result["comm_chunked"]
+        stats, forward = comm["stats"], comm["seen_forward"]
+        formula = ring_comm_formula(tokens, rank, KV_HEADS, DIM, torch.float64, kv_chunks=chunks)
+        assert {key: stats[key] for key in formula} == formula
+        assert stats["kv_exchanges_forward"] == world - 1  # still P-1 hops of each shard
+        # one message (a K and a V tensor) per chunk and hop, seen in the tensors handed to gloo
+        assert forward["p2p_sends"] == 2 * (world - 1) * chunks
+        assert forward["p2p_bytes"] == formula["bytes_sent_forward"]
+        assert forward["other_collectives"] == 0
+        assert comm["seen_total"]["other_collectives"] == 0
 
 
 def test_comm_formula_for_equal_shards():

@@ -27,6 +27,7 @@ class CommStats:
     forward_calls: int = 0
     backward_calls: int = 0
     kv_exchanges_forward: int = 0
+    kv_messages_forward: int = 0
     kv_exchanges_backward: int = 0
     dkv_exchanges_backward: int = 0
     bytes_sent_forward: int = 0
@@ -38,10 +39,15 @@ class CommStats:
         """Add score work (see the module docstring) to `phase` ('forward' or 'backward')."""
         setattr(self, f"work_{phase}", getattr(self, f"work_{phase}") + amount)
 
-    def add_exchange(self, phase: str, kind: str, nbytes: int) -> None:
-        """Record one ring exchange of `kind` ('kv' or 'dkv') that sent `nbytes` from this rank."""
-        name = f"{kind}_exchanges_{phase}"
-        setattr(self, name, getattr(self, name) + 1)
+    def add_exchange(self, phase: str, kind: str, nbytes: int, new_exchange: bool = True) -> None:
+        """Record one message of `kind` ('kv' or 'dkv') that sent `nbytes` from this rank; it
+        counts as an exchange (a hop of a shard) when `new_exchange`, i.e. it is the hop's first
+        chunk (the forward sends K/V in chunks, see ring.py)."""
+        if new_exchange:
+            name = f"{kind}_exchanges_{phase}"
+            setattr(self, name, getattr(self, name) + 1)
+        if phase == "forward":
+            self.kv_messages_forward += 1
         setattr(self, f"bytes_sent_{phase}", getattr(self, f"bytes_sent_{phase}") + nbytes)
 
 
@@ -73,12 +79,14 @@ def ring_comm_formula(
     num_kv_heads: int,
     head_dim: int,
     dtype: torch.dtype,
+    kv_chunks: int = 1,
 ) -> dict[str, int]:
     """What one call of ring attention sends from `ring_rank` (P = len(kv_tokens_per_rank)).
 
-    Forward: P-1 KV exchanges. At step s a rank sends the K and V block it holds (two tensors
-    [T_j, Hkv, D] in one batched exchange) that started at rank j = r - s, for s = 0 .. P-2; so it
-    sends every block but that of rank r+1:  bytes = sum_{j != r+1} 2 * T_j * Hkv * D * itemsize.
+    Forward: P-1 KV exchanges. At hop s a rank sends the K and V block it holds (two tensors
+    [T_j, Hkv, D]) that started at rank j = r - s, for s = 0 .. P-2; so it sends every block but
+    that of rank r+1:  bytes = sum_{j != r+1} 2 * T_j * Hkv * D * itemsize. Each hop is
+    `kv_chunks` messages (the chunks of the block, see ring.py): (P-1) * kv_chunks messages.
     Backward: the same P-1 KV exchanges (same bytes) plus P dKV exchanges: the gradient of each
     block travels with it and makes one last hop home, so a rank sends the dK/dV of every block:
     sum_j 2 * T_j * Hkv * D * grad_itemsize, where gradients are accumulated in float32 for
@@ -96,6 +104,7 @@ def ring_comm_formula(
     dkv_bytes = per_token * grad_itemsize * sum(kv_tokens_per_rank)
     return {
         "kv_exchanges_forward": world - 1,
+        "kv_messages_forward": (world - 1) * kv_chunks,
         "kv_exchanges_backward": world - 1,
         "dkv_exchanges_backward": world,
         "bytes_sent_forward": kv_bytes,
@@ -105,6 +114,7 @@ def ring_comm_formula(
 
 _FORMULA_KEYS = (
     "kv_exchanges_forward",
+    "kv_messages_forward",
     "kv_exchanges_backward",
     "dkv_exchanges_backward",
     "bytes_sent_forward",

@@ -55,21 +55,29 @@ def merge_attention(
 
 
 def merge_attention_(
-    out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    part_out: torch.Tensor,
+    part_lse: torch.Tensor,
+    *,
+    part_finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge one partial result into a running accumulator, in place: the online-softmax step.
 
     out [T, H, D] and lse [H, T] hold the result over the keys seen so far (views such as
     `out[rows]`, `lse[:, rows]` are fine: ring attention merges tile by tile); part_out, part_lse
     are the partial result over a disjoint key set. Afterwards (out, lse) is the result over both
-    key sets; returns them. Temporaries are [H, T]-sized plus one [T, H, D]-sized product, so a
-    running merge never holds more than the accumulator and the part.
+    key sets; returns them. Temporaries are [H, T]-sized (plus a [T, H, D]-sized product when
+    the part has rows it does not reach), so a running merge never holds more than the
+    accumulator and the part.
 
         top = max(lse, lse_p)    w = exp(lse - top), w_p = exp(lse_p - top)
         lse <- top + log(w + w_p)    out <- out * w / (w + w_p) + out_p * w_p / (w + w_p)
 
     A side whose weight is exactly 0 (lse -inf) contributes exactly 0, even if its output holds
-    NaN; a row empty on both sides stays (0, -inf).
+    NaN; a row empty on both sides stays (0, -inf). `part_finite=True` is the caller's promise
+    that part_out holds no NaN or inf (the tiled kernels give 0 for a row without keys), which
+    lets the part be added without a [T, H, D] temporary.
     """
     _check_pair(out, lse, part_out, part_lse)
     top = torch.maximum(lse, part_lse)
@@ -83,8 +91,11 @@ def merge_attention_(
     scale = (weight / total).transpose(0, 1).unsqueeze(-1)  # [T, H, 1]
     part_scale = (part_weight / total).transpose(0, 1).unsqueeze(-1)
     out.mul_(scale).masked_fill_(scale == 0, 0.0)
-    zero = torch.zeros((), dtype=part_out.dtype, device=part_out.device)
-    out.add_(torch.where(part_scale > 0, part_out * part_scale, zero))
+    if part_finite or bool((part_scale > 0).all()):
+        out.addcmul_(part_out, part_scale)  # no [T, H, D] temporary
+    else:  # rows the part does not reach: keep a NaN or inf there from entering as 0 * NaN
+        zero = torch.zeros((), dtype=part_out.dtype, device=part_out.device)
+        out.add_(torch.where(part_scale > 0, part_out * part_scale, zero))
     return out, lse
 
 

@@ -24,6 +24,9 @@ from shardwright.parallel.attention.blocks import backward_pieces, forward_piece
 from shardwright.parallel.attention.plan import Piece, seqlen_bounds
 
 DEFAULT_BLOCK_SIZE = 256
+# Ring attention's forward K/V message size (ring.py): a rank holds two chunks of another rank's
+# K/V, 1 MiB each at 8 kv heads of dim 64 in bf16, instead of whole shards.
+DEFAULT_KV_CHUNK_TOKENS = 512
 
 
 def reference_attention(
