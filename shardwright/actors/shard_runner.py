@@ -164,8 +164,8 @@ class ShardRunner(GroupMember):
         if ctx.is_first_stage:
             x = batch.token_ids
         else:
-            x = torch.empty(batch.num_tokens, self.model.spec.hidden_size, dtype=self.model.dtype,
-                            device=ctx.device)
+            rows = batch.num_tokens if ctx.cp == 1 else batch.cp_share(self.cache).rows.numel()
+            x = torch.empty(rows, self.model.spec.hidden_size, dtype=self.model.dtype, device=ctx.device)
             dist.recv(x, src=ctx.group_ranks["pp"][ctx.pp_rank - 1])
         out = self.model.forward_packed(x, batch, self.cache)
         if not ctx.is_last_stage:

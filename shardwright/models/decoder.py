@@ -117,10 +117,17 @@ class DecoderModel(nn.Module):
         x: token ids [num_tokens] on the first stage, hidden states [num_tokens, hidden]
         elsewhere. Returns hidden states [num_tokens, hidden] for the next stage, or on the last
         stage this rank's vocabulary slice of the logits of the `batch.sample_index` tokens
-        [num_sampled, local_vocab].
+        [num_sampled, local_vocab]. With cp > 1 a rank computes only its rows of the step
+        (`batch.cp_share(cache).rows`, see paged_cp.py): hidden states in and out are those rows.
         """
-        positions = batch.positions.unsqueeze(0)
-        h = self._embed(x.unsqueeze(0), positions) if self.embed is not None else x.unsqueeze(0)
+        share = batch.cp_share(cache) if cache.cp > 1 else None
+        positions = batch.positions if share is None else batch.positions[share.rows]
+        positions = positions.unsqueeze(0)
+        if self.embed is not None:
+            ids = x if share is None else x[share.rows]
+            h = self._embed(ids.unsqueeze(0), positions)
+        else:
+            h = x.unsqueeze(0)
         rotary = None
         if self.rotary is not None:
             rotary = (self.rotary, *self.rotary.cos_sin(positions, h.dtype))
@@ -131,7 +138,10 @@ class DecoderModel(nn.Module):
                 h = block.forward_packed(h, rotary, i, cache, batch)
         if self.norm is None:
             return h[0]
-        h = h[0].index_select(0, batch.sample_index)
+        if share is None:
+            h = h[0].index_select(0, batch.sample_index)
+        else:
+            h = share.gather_samples(h[0], self.ctx.cp_group)
         weight = self.lm_head.weight if self.lm_head is not None else self.embed.weight
         return vocab_logits(self.norm(h), weight, self.vocab_rows, self.ctx.tp_group)
 

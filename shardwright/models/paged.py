@@ -76,6 +76,16 @@ class PagedBatch:
         batch._add_decode_group(device)
         return batch
 
+    def cp_share(self, cache: PagedKVCache):
+        """This CP rank's part of the step (`paged_cp.CPShare`), built on first use."""
+        share = self.__dict__.get("_cp_share")
+        if share is None:
+            from shardwright.models.paged_cp import CPShare
+
+            share = CPShare.build(self, cache.block_size, cache.cp, cache.cp_rank)
+            self.__dict__["_cp_share"] = share
+        return share
+
     def _add_decode_group(self, device: torch.device) -> None:
         decode = [i for i, n in enumerate(self.query_lens) if n == 1]
         if not decode:
@@ -103,7 +113,8 @@ class PagedKVCache:
 
     With context parallelism (cp > 1) the controller's `num_blocks` blocks are sharded over the
     CP ranks: block b lives on rank b % cp as local block b // cp, so each rank stores about
-    1/cp of every long sequence's keys and values, and attention is split-KV (`paged_attention`).
+    1/cp of every long sequence's keys and values; prefill is ring attention over those shards
+    and decode split-KV (`paged_cp.py`).
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
@@ -135,8 +146,10 @@ def paged_attention(
     q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim] (this step's
     tokens, written to the cache here). Returns [num_tokens, heads, head_dim].
     """
-    if cache.cp > 1:
-        return _paged_attention_cp(q, k, v, layer, cache, batch, scale)
+    if cache.cp > 1:  # q, k, v are this CP rank's rows of the step (see paged_cp.py)
+        from shardwright.models.paged_cp import paged_attention_cp
+
+        return paged_attention_cp(q, k, v, layer, cache, batch.cp_share(cache), scale)
     keys, values = cache.keys[layer], cache.values[layer]
     keys.index_copy_(0, batch.slot_mapping, k)
     values.index_copy_(0, batch.slot_mapping, v)
@@ -161,68 +174,6 @@ def paged_attention(
                   gqa, causal=mask is None)
         out[start : start + n] = o[0].transpose(0, 1)
     return out
-
-
-@dataclass
-class LocalShare:
-    """This CP rank's share of a step: the new K/V rows it stores, and per sequence the local
-    slots and positions of the context keys it holds."""
-
-    write_rows: torch.Tensor
-    write_slots: torch.Tensor
-    slots: list[torch.Tensor]
-    key_positions: list[torch.Tensor]
-
-    @classmethod
-    def build(cls, batch: PagedBatch, cache: PagedKVCache) -> LocalShare:
-        bs, cp, r = cache.block_size, cache.cp, cache.cp_rank
-
-        def local(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            block = slots // bs
-            mine = (block % cp) == r
-            return mine.nonzero().flatten(), (block[mine] // cp) * bs + slots[mine] % bs
-
-        write_rows, write_slots = local(batch.slot_mapping)
-        slots, positions = [], []
-        for ctx_slots in batch.context_slots:
-            idx, loc = local(ctx_slots)
-            slots.append(loc)
-            positions.append(idx)  # context slot i holds position i
-        return cls(write_rows, write_slots, slots, positions)
-
-
-def _paged_attention_cp(q, k, v, layer: int, cache: PagedKVCache, batch: PagedBatch, scale: float) -> torch.Tensor:
-    """Split-KV attention over a CP-sharded cache: every rank has every query; each computes the
-    partial (out, lse) over the keys it holds, then one all-gather and the exact merge
-    (shardwright.parallel.attention.merge) give every rank the full result."""
-    from shardwright.parallel.attention.splitkv import gather_and_merge
-
-    share = batch.__dict__.get("_cp_share")
-    if share is None:
-        share = batch.__dict__["_cp_share"] = LocalShare.build(batch, cache)
-    keys, values = cache.keys[layer], cache.values[layer]
-    keys.index_copy_(0, share.write_slots, k.index_select(0, share.write_rows))
-    values.index_copy_(0, share.write_slots, v.index_select(0, share.write_rows))
-    heads = q.shape[1]
-    groups = heads // k.shape[1]
-    out = torch.zeros_like(q)
-    lse = torch.full((heads, q.shape[0]), float("-inf"), dtype=q.dtype, device=q.device)
-    for i, (start, n) in enumerate(zip(batch.query_starts, batch.query_lens)):
-        if share.slots[i].numel() == 0:
-            continue  # this rank holds none of the sequence: an empty split
-        qs = q[start:start + n].transpose(0, 1)  # [H, n, D]
-        ks = keys[share.slots[i]].transpose(0, 1).repeat_interleave(groups, dim=0)  # [H, m, D]
-        vs = values[share.slots[i]].transpose(0, 1).repeat_interleave(groups, dim=0)
-        scores = torch.matmul(qs, ks.transpose(1, 2)) * scale  # [H, n, m]
-        q_pos = batch.positions[start:start + n]
-        visible = share.key_positions[i][None, :] <= q_pos[:, None]  # [n, m]
-        scores = scores.masked_fill(~visible, float("-inf"))
-        part_lse = torch.logsumexp(scores, dim=-1)  # [H, n]; -inf where nothing is visible
-        probs = torch.exp(scores - part_lse.unsqueeze(-1).masked_fill(part_lse.unsqueeze(-1).isinf(), 0))
-        out[start:start + n] = torch.matmul(probs, vs).transpose(0, 1)
-        lse[:, start:start + n] = part_lse
-    merged, _ = gather_and_merge(out, lse, cache.cp_group)
-    return merged.to(q.dtype)
 
 
 def _offset_causal_mask(num_queries: int, context: int, device: torch.device) -> torch.Tensor:

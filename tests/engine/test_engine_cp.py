@@ -1,7 +1,9 @@
-"""Context parallelism in the engine: the KV cache sharded over cp ranks, split-KV attention.
+"""Context parallelism in the engine: the KV cache sharded over cp ranks, ring prefill, split-KV decode.
 
-With cp = 2 each rank stores every other KV block and attends over its own keys; one all-gather
-of (out, lse) and the exact merge give the full attention. Greedy tokens after a 2,000-token
+With cp = 2 each rank stores every other KV block and computes the prompt tokens of its blocks
+(ring attention over the ranks' shards); decode attends over each rank's keys and one
+all-gather of (out, lse) and the exact merge give the full attention (tests/models/
+test_paged_cp.py checks the division of work and the communication in a gloo world). Greedy tokens after a 2,000-token
 prompt must equal cp = 1 for 64 new tokens (the merge is exact up to fp32 rounding, far below
 the logit gaps of this model).
 """
