@@ -37,7 +37,8 @@ from shardwright.parallel.attention.merge import merge_attention_
 from shardwright.parallel.attention.ring import RingComm
 from shardwright.parallel.attention.splitkv import gather_and_merge
 
-SCORE_ELEMENTS = 1 << 24  # prefill partials are computed in query chunks of at most this many scores
+QUERY_CHUNK = 256  # prefill partials: query rows per kernel call (keys past the chunk are skipped)
+MASK_ELEMENTS = 1 << 22  # prefill partials go in query chunks of at most this many (query, key) pairs
 _KV_TAG = 11
 
 
@@ -197,21 +198,40 @@ def _new_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _partial(q, k, v, q_pos, k_pos, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [n, H, D], lse [H, n]) of queries at q_pos over keys at k_pos (key <= query), float32,
-    in query chunks of at most SCORE_ELEMENTS scores. A row that sees no key gets (0, -inf)."""
-    heads, groups = q.shape[1], q.shape[1] // k.shape[1]
-    ks = k.float().transpose(0, 1).repeat_interleave(groups, dim=0)  # [H, m, D]
-    vs = v.float().transpose(0, 1).repeat_interleave(groups, dim=0)
+    """(out [n, H, D], lse [H, n]) of queries at q_pos over keys at k_pos (key <= query), float32;
+    both ascending. Queries go in chunks of QUERY_CHUNK rows (at most MASK_ELEMENTS (query, key)
+    pairs), each over the prefix of keys its last query can see. A row that sees no key gets
+    (0, -inf). On the CPU the fused flash kernel (`_flash_cpu`) does the work; elsewhere a
+    plain masked softmax."""
+    groups = q.shape[1] // k.shape[1]
+    ks_all = k.float().transpose(0, 1).repeat_interleave(groups, dim=0)  # [H, m, D]
+    vs_all = v.float().transpose(0, 1).repeat_interleave(groups, dim=0)
     out, lse = _new_partial(q)
-    step = max(1, SCORE_ELEMENTS // max(1, heads * k.shape[0]))
+    step = max(1, min(QUERY_CHUNK, MASK_ELEMENTS // max(1, k.shape[0])))
     for a in range(0, q.shape[0], step):
         b = min(q.shape[0], a + step)
-        scores = torch.matmul(q[a:b].float().transpose(0, 1), ks.transpose(1, 2)).mul_(scale)
-        visible = k_pos[None, :] <= q_pos[a:b, None]  # [n, m]
-        scores.masked_fill_(~visible, float("-inf"))
-        part_lse = torch.logsumexp(scores, dim=-1)  # [H, n]
-        shift = part_lse.masked_fill(part_lse.isinf(), 0.0).unsqueeze(-1)
-        probs = scores.sub_(shift).exp_()
-        out[a:b] = torch.matmul(probs, vs).transpose(0, 1)
-        lse[:, a:b] = part_lse
+        # positions ascend, so the keys a chunk can see are a prefix: skip the rest (causal)
+        seen = int(torch.searchsorted(k_pos, q_pos[b - 1 : b], right=True)[0])
+        if seen == 0:
+            continue  # no key visible to any row of the chunk: it stays (0, -inf)
+        ks, vs = ks_all[:, :seen], vs_all[:, :seen]
+        visible = k_pos[None, :seen] <= q_pos[a:b, None]  # [n, seen]
+        qs = q[a:b].float().transpose(0, 1)  # [H, n, D]
+        if _flash_cpu is not None and q.device.type == "cpu":
+            bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf"))
+            o, part_lse = _flash_cpu(qs[None], ks[None], vs[None], 0.0, False, attn_mask=bias, scale=scale)
+            o, part_lse = o[0], part_lse[0]
+        else:
+            scores = torch.matmul(qs, ks.transpose(1, 2)).mul_(scale).masked_fill_(~visible, float("-inf"))
+            part_lse = torch.logsumexp(scores, dim=-1)  # [H, n]
+            shift = part_lse.masked_fill(part_lse.isinf(), 0.0).unsqueeze(-1)
+            o = torch.matmul(scores.sub_(shift).exp_(), vs)
+        blind = ~visible.any(dim=1)  # rows that see no key here: (0, -inf) exactly
+        out[a:b] = o.transpose(0, 1).masked_fill(blind[:, None, None], 0.0)
+        lse[:, a:b] = part_lse.masked_fill(blind[None, :], float("-inf"))
     return out, lse
+
+
+# PyTorch's fused CPU flash-attention forward, which also returns the log-sum-exp (a private op;
+# None if this build lacks it, and the plain path is used).
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
