@@ -7,16 +7,36 @@ Start-up runs phase by phase across the gang; the first failure names the phase,
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import (
+    GetTimeoutError,
+    RayActorError,
+    RayChannelError,
+    RayChannelTimeoutError,
+    RayTaskError,
+)
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from shardwright.actors.shard_runner import ShardRunner, StepMessage
 from shardwright.config import ParallelLayout
+
+
+log = logging.getLogger(__name__)
+
+
+class CompiledStep:
+    """One step in flight through the gang's compiled graph: its outputs, one per rank."""
+
+    def __init__(self, refs: list) -> None:
+        self.refs = list(refs)
+
+    def __len__(self) -> int:
+        return len(self.refs)
 
 
 class GangError(RuntimeError):
@@ -44,6 +64,9 @@ class ShardWorker:
                 "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
     def call(self, method: str, *args):
+        enter = getattr(self.runner, "enter_thread", None)
+        if enter is not None:
+            enter()
         return getattr(self.runner, method)(*args)
 
 
@@ -74,6 +97,7 @@ class WorkerGang:
         self.nodes: list[dict] = []
         self.pg = None
         self.phase_results: dict[str, list] = {}
+        self._graph = None  # the compiled step graph (compile_steps)
 
     def start(self, phases: list[tuple[str, tuple]] = ()) -> None:
         """Place the gang, join the process groups, then run each (method, args) phase on every
@@ -165,6 +189,8 @@ class WorkerGang:
         the finished ones are checked every `poll_s`, so a dead worker is reported within about
         `poll_s` even though its peers are still blocked in a collective with it.
         """
+        if isinstance(refs, CompiledStep):
+            return self._get_compiled(refs, timeout_s)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         rank_of = dict(zip(refs, ranks))
         while True:
@@ -188,6 +214,25 @@ class WorkerGang:
         by_ref = dict(zip(ready, values))
         return [by_ref[r] for r in order]
 
+    def _get_compiled(self, step: CompiledStep, timeout_s: float | None) -> list:
+        """The results of a compiled-graph step by rank. Ray tears the graph down as soon as a
+        worker dies, which unblocks this wait at once (its live peers may be stuck in a
+        collective with it); the dead worker is then found by probing and named."""
+        results = []
+        for rank, ref in enumerate(step.refs):
+            try:
+                results.append(ray.get(ref, timeout=timeout_s))
+            except RayTaskError as err:  # the worker raised: keep its own message, add where
+                cause = getattr(err, "cause", None) or err
+                raise GangError(f"worker {self.describe(rank)} failed: {cause}", rank) from err
+            except (RayActorError, RayChannelError, GetTimeoutError) as err:
+                self._raise_dead_worker(err)
+                if isinstance(err, (GetTimeoutError, RayChannelTimeoutError)):
+                    raise GangError(f"gang did not answer within {timeout_s} s (waiting on "
+                                    f"{self.describe(rank)})", rank) from err
+                raise GangError(f"step failed on {self.describe(rank)}: {err}", rank) from err
+        return results
+
     def _raise_dead_worker(self, cause: Exception, timeout_s: float = 5.0) -> None:
         """Raise GangError for the first worker that no longer answers, if any."""
         probes = [w.where.remote() for w in self.workers]
@@ -209,8 +254,26 @@ class WorkerGang:
             cause = getattr(err, "cause", None) or err
             raise GangError(f"worker {self.describe(rank)} failed: {cause}", rank) from err
 
-    def dispatch(self, msg: StepMessage) -> list:
-        """Send one step to every worker (one message each); returns their result refs."""
+    def compile_steps(self) -> None:
+        """Compile the step call of every worker into one Ray compiled graph: from now on
+        `dispatch` writes each step once into shared-memory channels that the workers' graph
+        threads read (about 0.35 ms a step here, against 1.5 ms per plain actor call), and the
+        results come back the same way. Raises if Ray cannot compile it."""
+        from ray.dag import InputNode, MultiOutputNode
+
+        with InputNode() as step:
+            graph = MultiOutputNode([w.call.bind("step", step) for w in self.workers])
+        self._graph = graph.experimental_compile()
+
+    @property
+    def compiled(self) -> bool:
+        return self._graph is not None
+
+    def dispatch(self, msg: StepMessage):
+        """Send one step to every worker; returns a handle for `get` (compiled-graph outputs
+        when `compile_steps` ran, else one actor call per worker)."""
+        if self.compiled:
+            return CompiledStep(self._graph.execute(msg))
         return self.submit_all("step", msg)
 
     def sampler_rank(self) -> int:
@@ -230,6 +293,12 @@ class WorkerGang:
             raise GangError(f"gang ping returned {values}, expected {expected} on every rank")
 
     def kill(self) -> None:
+        graph, self._graph = self._graph, None
+        if graph is not None:
+            try:
+                graph.teardown()
+            except Exception as err:  # a dead worker's graph may already be half down
+                log.warning("compiled graph teardown: %s", err)
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers.clear()

@@ -7,6 +7,7 @@ Start-up runs in named phases; a failure names the phase and the rank (StartupEr
 from __future__ import annotations
 
 import os
+import threading
 from datetime import timedelta
 
 import torch
@@ -27,8 +28,30 @@ class GroupMember:
         self.rank, self.layout = rank, layout
         self.ctx: ParallelContext | None = None
         self._store: dist.TCPStore | None = None
+        self.num_threads: int | None = None  # intra-op threads of every thread that runs work here
         if not torch.cuda.is_available():
-            torch.set_num_threads(threads_per_worker or max(1, (os.cpu_count() or 1) // layout.world_size))
+            self.num_threads = threads_per_worker or max(1, (os.cpu_count() or 1) // layout.world_size)
+            torch.set_num_threads(self.num_threads)
+        self._threads_entered: set[int] = {threading.get_ident()}
+
+    def enter_thread(self) -> None:
+        """Apply this worker's per-thread settings (intra-op thread count; CUDA device) on the
+        calling thread, once per thread: a Ray compiled graph runs the steps on a thread of its
+        own, which would otherwise start with the process defaults."""
+        ident = threading.get_ident()
+        if ident in self._threads_entered:
+            return
+        self._threads_entered.add(ident)
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
+        if self.ctx is not None and self.ctx.device.type == "cuda":
+            torch.cuda.set_device(self.ctx.device)
+
+    def set_num_threads(self, threads: int) -> None:
+        """Change the intra-op thread count here and on every thread that enters later."""
+        self.num_threads = threads
+        self._threads_entered = {threading.get_ident()}
+        torch.set_num_threads(threads)
 
     def _phase(self, name: str, fn, *args, **kwargs):
         try:

@@ -44,6 +44,9 @@ class PeerRunner:
     def reset_memory_peak(self) -> None:
         self.ledger.reset_high_water()
 
+    def ping(self) -> None:
+        """Alive (a peer joins no process group, so there is nothing to reduce)."""
+
     def step(self, msg) -> None:
         return None
 

@@ -86,7 +86,7 @@ class ShardRunner(GroupMember):
             if self.ctx.device.type == "cpu" and torch.get_num_threads() > 1:
                 # The fetch thread needs a core of its own: an OpenMP team that loses a core to it
                 # spins and stalls at every barrier (measured: noisy 1.3-1.9x slowdowns).
-                torch.set_num_threads(torch.get_num_threads() - 1)
+                self.set_num_threads(torch.get_num_threads() - 1)
             self.model.layer_weights = self.fetcher
         return resident
 

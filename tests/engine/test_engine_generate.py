@@ -59,3 +59,17 @@ def test_async_scheduling_equals_reference_greedy_and_seeded(ray_cluster, served
         out = eng.generate([prompts[0]], stopping, timeout_s=300)[0]
         assert out.token_ids == refs[0][: refs[0].index(stop_at) + 1] and out.finish_reason == "stop"
         assert eng.blocks_in_use == 0
+
+
+def test_compiled_graph_dispatch_equals_reference(ray_cluster, served_models):
+    """Steps sent through a Ray compiled graph (EngineConfig.compiled_dispatch) at tp = 2."""
+    model_dir = served_models["llama"]
+    _, model = load_model(model_dir, ParallelContext.single("cpu"))
+    prompts = [[3, 14, 15, 92], [7, 1]]
+    refs = [greedy_generate(model, p, 16) for p in prompts]
+    cfg = EngineConfig(model_dir=model_dir, layout=ParallelLayout(tp=2), block_size=8, compiled_dispatch=True)
+    with InferenceEngine(cfg).start() as eng:
+        assert eng.health()["dispatch"] == "compiled graph"
+        out = eng.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True), timeout_s=120)
+        assert eng.health()["healthy"] is True  # the probe runs between steps
+    assert [o.token_ids for o in out] == refs

@@ -99,8 +99,11 @@ def test_seeded_sampling_is_reproducible_across_runs_and_layouts(ray_cluster, se
     assert len(set(greedy_like)) > 3
 
 
-def test_dead_worker_fails_pending_requests_naming_the_rank_then_recovers(ray_cluster, served_models):
-    with make_engine(served_models["llama"], tp=2, num_blocks=128, collective_timeout_s=10) as eng:
+@pytest.mark.parametrize("compiled", [False, True], ids=["actor-calls", "compiled-graph"])
+def test_dead_worker_fails_pending_requests_naming_the_rank_then_recovers(ray_cluster, served_models, compiled):
+    with make_engine(served_models["llama"], tp=2, num_blocks=128, collective_timeout_s=10,
+                     compiled_dispatch=compiled) as eng:
+        assert eng.health(probe=False)["dispatch"] == ("compiled graph" if compiled else "actor calls")
         stream = eng.submit([1, 2, 3], SamplingParams(max_tokens=1000, ignore_eos=True))
         next(iter(stream))
         victim = eng._gang.workers[1]
@@ -114,4 +117,6 @@ def test_dead_worker_fails_pending_requests_naming_the_rank_then_recovers(ray_cl
             time.sleep(0.2)
         out = eng.generate([[4, 5, 6]], SamplingParams(max_tokens=8, ignore_eos=True), timeout_s=60)
         assert len(out[0].token_ids) == 8
-        assert eng.health()["healthy"] is True
+        health = eng.health()
+        assert health["healthy"] is True, health
+        assert health["dispatch"] == ("compiled graph" if compiled else "actor calls")  # rebuilt alike
