@@ -75,8 +75,7 @@ class CPShare:
     @classmethod
     def build(cls, batch, block_size: int, cp: int, rank: int) -> CPShare:
         device = batch.positions.device
-        owner = (batch.slot_mapping // block_size) % cp  # [num_tokens] rank storing each token
-        local_slot = (batch.slot_mapping // block_size // cp) * block_size + batch.slot_mapping % block_size
+        owner, local_slot = owner_and_local_slot(batch.slot_mapping, block_size, cp)  # per token
         decode_seqs = [i for i, n in enumerate(batch.query_lens) if n == 1]
         is_decode = torch.zeros(batch.num_tokens, dtype=torch.bool, device=device)
         for i in decode_seqs:
@@ -87,8 +86,8 @@ class CPShare:
         mine = owner[rows] == rank
         write_local = mine.nonzero().flatten()
 
-        key_owner = [(s // block_size) % cp for s in batch.context_slots]
-        key_local = [(s // block_size // cp) * block_size + s % block_size for s in batch.context_slots]
+        key_owner, key_local = zip(*(owner_and_local_slot(s, block_size, cp) for s in batch.context_slots)) \
+            if batch.context_slots else ((), ())
         decode_slots, decode_keys = [], []
         for i in decode_seqs:
             here = (key_owner[i] == rank).nonzero().flatten()
@@ -138,6 +137,13 @@ class CPShare:
         out[here] = h[self.sample_local[here]]
         dist.all_reduce(out, group=group)
         return out
+
+
+def owner_and_local_slot(slots: torch.Tensor, block_size: int, cp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For global cache slots: the CP rank storing each (block b on rank b % cp) and its slot in
+    that rank's local cache (local block b // cp)."""
+    block = slots // block_size
+    return block % cp, (block // cp) * block_size + slots % block_size
 
 
 def paged_attention_cp(q, k, v, layer: int, cache, share: CPShare, scale: float) -> torch.Tensor:
