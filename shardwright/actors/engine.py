@@ -20,6 +20,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -55,13 +56,15 @@ class EngineConfig(StrictModel):
                           "None (auto): on when this process sees CUDA; off on CPU-only machines, where "
                           "the workers' threads take every core and the overlapped controller work "
                           "slows them down instead (measured here: 2 cores).")
-    compiled_dispatch: bool = Field(
-        False, description="Send each step to the workers through a Ray compiled graph (shared-memory "
-                           "channels, one write per step) instead of one actor call per worker; falls "
-                           "back to actor calls, with a warning, where Ray cannot compile the graph. "
-                           "Off by default: on this 2-core machine the graph's channel threads "
-                           "busy-wait beside the workers' compute (bench decode: overhead 1.07 at "
-                           "tp=2 batch 1, but 1.4-2.0x at batch 8-32).")
+    dispatch: Literal["channel", "compiled-graph", "actor-calls"] = Field(
+        "channel", description="How each step reaches the workers. 'channel' (default): one TCP "
+                               "connection from each worker to the controller, a worker thread blocked "
+                               "in recv, one pickled message per step (shardwright.actors.step_channel). "
+                               "'compiled-graph': a Ray compiled graph (shared-memory channels; its "
+                               "threads busy-wait, which on small CPU machines slows the workers: bench "
+                               "decode 1.26-2.0x at batch 8-32 on 2 cores). 'actor-calls': one Ray actor "
+                               "call per worker. Falls back to actor calls, with a warning, where the "
+                               "chosen one cannot be set up.")
     bundle_nodes: tuple[str, ...] | None = Field(
         None, description="Ray node id per rank from the scheduler's placement; None lets Ray pack the gang.")
     pool: PoolOptions = Field(default_factory=PoolOptions, description="Memory budget and peer pooling.")
@@ -138,11 +141,13 @@ class InferenceEngine:
             for r in gang.peer_ranks:  # every owner has mapped its segments: drop their names
                 gang.call_rank(r, "unlink")
             gang.call_compute("allocate_cache", c.num_blocks, c.block_size)
-            if c.compiled_dispatch:
-                try:
+            try:
+                if c.dispatch == "channel":
+                    gang.open_channel(c.collective_timeout_s + 30)
+                elif c.dispatch == "compiled-graph":
                     gang.compile_steps()
-                except Exception as err:  # still correct with actor calls, only slower
-                    log.warning("compiled-graph dispatch unavailable, using actor calls: %s", err)
+            except Exception as err:  # still correct with actor calls, only slower
+                log.warning("%s dispatch unavailable, using actor calls: %s", c.dispatch, err)
         except Exception:
             gang.kill()
             raise
@@ -279,8 +284,7 @@ class InferenceEngine:
         """Engine state; with probe=True, a real all-reduce through the gang."""
         status = {"healthy": self._healthy, "last_error": self._last_error, "steps": self.steps,
                   "layout": self.config.layout.model_dump(),
-                  "dispatch": "compiled graph" if self._gang is not None and self._gang.compiled
-                  else "actor calls"}
+                  "dispatch": self._gang.dispatch_mode if self._gang is not None else None}
         if probe and self._healthy and self._gang is not None:
             try:
                 self._probe()
@@ -376,7 +380,8 @@ class InferenceEngine:
 
     def _finish_oldest(self, inflight: deque) -> None:
         plan, refs = inflight.popleft()
-        results = self._gang.get(refs, list(range(len(refs))), timeout_s=self.config.collective_timeout_s + 30)
+        results = self._gang.get(refs, list(range(len(self._gang.workers))),
+                                 timeout_s=self.config.collective_timeout_s + 30)
         tokens = results[self._gang.sampler_rank()]
         sampled = dict(zip(plan.sampled_seq_ids(), tokens))
         self.steps += 1

@@ -39,6 +39,10 @@ class CompiledStep:
         return len(self.refs)
 
 
+class ChannelStep:
+    """One step in flight through the gang's step channel (its replies come back in order)."""
+
+
 class GangError(RuntimeError):
     """A worker of the gang died or failed; the message names the rank and node."""
 
@@ -62,6 +66,12 @@ class ShardWorker:
 
         return {"node_id": ray.get_runtime_context().get_node_id(),
                 "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+
+    def serve_steps(self, host: str, port: int, token: str, rank: int) -> None:
+        """Connect this worker to its controller's step channel and serve steps on a thread."""
+        from shardwright.actors.step_channel import connect_worker
+
+        self._step_thread = connect_worker(self.runner, host, port, token, rank)
 
     def call(self, method: str, *args):
         enter = getattr(self.runner, "enter_thread", None)
@@ -98,6 +108,7 @@ class WorkerGang:
         self.pg = None
         self.phase_results: dict[str, list] = {}
         self._graph = None  # the compiled step graph (compile_steps)
+        self._channel = None  # the step channel (open_channel)
 
     def start(self, phases: list[tuple[str, tuple]] = ()) -> None:
         """Place the gang, join the process groups, then run each (method, args) phase on every
@@ -191,6 +202,8 @@ class WorkerGang:
         """
         if isinstance(refs, CompiledStep):
             return self._get_compiled(refs, timeout_s)
+        if isinstance(refs, ChannelStep):
+            return self._get_channel(timeout_s)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         rank_of = dict(zip(refs, ranks))
         while True:
@@ -233,6 +246,33 @@ class WorkerGang:
                 raise GangError(f"step failed on {self.describe(rank)}: {err}", rank) from err
         return results
 
+    def _get_channel(self, timeout_s: float | None) -> list:
+        """Every worker's reply to the oldest step in flight through the step channel, by rank.
+        A worker that died has closed its socket, which ends the wait at once (its live peers
+        may be stuck in a collective with it); it is then named."""
+        from shardwright.actors.step_channel import ChannelClosed
+
+        channel, n = self._channel, len(self.workers)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        results, pending = [None] * n, list(range(n))
+        while pending:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise GangError(f"gang did not answer within {timeout_s} s (waiting on "
+                                f"{', '.join(self.describe(r) for r in pending)})", pending[0])
+            for rank in channel.wait_ready(pending, left):
+                try:
+                    status, value = channel.read(rank)
+                except (ChannelClosed, OSError) as err:
+                    self._raise_dead_worker(err)  # names it "died" once Ray knows
+                    raise GangError(f"worker {self.describe(rank)} closed its step channel: the worker "
+                                    f"process exited ({err})", rank) from err
+                if status != "ok":
+                    raise GangError(f"worker {self.describe(rank)} failed: {value}", rank)
+                results[rank] = value
+                pending.remove(rank)
+        return results
+
     def _raise_dead_worker(self, cause: Exception, timeout_s: float = 5.0) -> None:
         """Raise GangError for the first worker that no longer answers, if any."""
         probes = [w.where.remote() for w in self.workers]
@@ -265,13 +305,41 @@ class WorkerGang:
             graph = MultiOutputNode([w.call.bind("step", step) for w in self.workers])
         self._graph = graph.experimental_compile()
 
+    def open_channel(self, timeout_s: float = 60.0) -> None:
+        """Connect every worker to a step channel of this process (shardwright.actors.step_channel):
+        from now on `dispatch` writes each step once per worker socket, where a thread of the
+        worker blocks in recv, and `get` reads the replies. Raises if it cannot be set up."""
+        from shardwright.actors.step_channel import StepChannel
+
+        channel = StepChannel(ray.util.get_node_ip_address(), len(self.workers))
+        try:
+            ranks = list(range(len(self.workers)))
+            self.get([w.serve_steps.remote(channel.host, channel.port, channel.token, r)
+                      for r, w in zip(ranks, self.workers)], ranks, timeout_s=timeout_s)
+            channel.accept_all(timeout_s)
+        except BaseException:
+            channel.close()
+            raise
+        self._channel = channel
+
     @property
     def compiled(self) -> bool:
         return self._graph is not None
 
+    @property
+    def dispatch_mode(self) -> str:
+        """How steps reach the workers: 'step channel', 'compiled graph' or 'actor calls'."""
+        if self._channel is not None:
+            return "step channel"
+        return "compiled graph" if self.compiled else "actor calls"
+
     def dispatch(self, msg: StepMessage):
-        """Send one step to every worker; returns a handle for `get` (compiled-graph outputs
-        when `compile_steps` ran, else one actor call per worker)."""
+        """Send one step to every worker; returns a handle for `get` (the step channel when
+        `open_channel` ran, compiled-graph outputs when `compile_steps` ran, else one actor call
+        per worker). Replies to channel steps come back in dispatch order."""
+        if self._channel is not None:
+            self._channel.send(msg)
+            return ChannelStep()
         if self.compiled:
             return CompiledStep(self._graph.execute(msg))
         return self.submit_all("step", msg)
@@ -293,6 +361,9 @@ class WorkerGang:
             raise GangError(f"gang ping returned {values}, expected {expected} on every rank")
 
     def kill(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
         graph, self._graph = self._graph, None
         if graph is not None:
             try:

@@ -61,15 +61,17 @@ def test_async_scheduling_equals_reference_greedy_and_seeded(ray_cluster, served
         assert eng.blocks_in_use == 0
 
 
-def test_compiled_graph_dispatch_equals_reference(ray_cluster, served_models):
-    """Steps sent through a Ray compiled graph (EngineConfig.compiled_dispatch) at tp = 2."""
+@pytest.mark.parametrize("dispatch,name", [("compiled-graph", "compiled graph"), ("actor-calls", "actor calls")])
+def test_other_step_dispatch_equals_reference(ray_cluster, served_models, dispatch, name):
+    """Steps sent through a Ray compiled graph or plain actor calls (EngineConfig.dispatch; the
+    default step channel runs in every other engine test) at tp = 2."""
     model_dir = served_models["llama"]
     _, model = load_model(model_dir, ParallelContext.single("cpu"))
     prompts = [[3, 14, 15, 92], [7, 1]]
     refs = [greedy_generate(model, p, 16) for p in prompts]
-    cfg = EngineConfig(model_dir=model_dir, layout=ParallelLayout(tp=2), block_size=8, compiled_dispatch=True)
+    cfg = EngineConfig(model_dir=model_dir, layout=ParallelLayout(tp=2), block_size=8, dispatch=dispatch)
     with InferenceEngine(cfg).start() as eng:
-        assert eng.health()["dispatch"] == "compiled graph"
+        assert eng.health()["dispatch"] == name
         out = eng.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True), timeout_s=120)
         assert eng.health()["healthy"] is True  # the probe runs between steps
     assert [o.token_ids for o in out] == refs

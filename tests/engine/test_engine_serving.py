@@ -99,11 +99,14 @@ def test_seeded_sampling_is_reproducible_across_runs_and_layouts(ray_cluster, se
     assert len(set(greedy_like)) > 3
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["actor-calls", "compiled-graph"])
-def test_dead_worker_fails_pending_requests_naming_the_rank_then_recovers(ray_cluster, served_models, compiled):
+DISPATCH_NAMES = {"channel": "step channel", "compiled-graph": "compiled graph", "actor-calls": "actor calls"}
+
+
+@pytest.mark.parametrize("dispatch", list(DISPATCH_NAMES))
+def test_dead_worker_fails_pending_requests_naming_the_rank_then_recovers(ray_cluster, served_models, dispatch):
     with make_engine(served_models["llama"], tp=2, num_blocks=128, collective_timeout_s=10,
-                     compiled_dispatch=compiled) as eng:
-        assert eng.health(probe=False)["dispatch"] == ("compiled graph" if compiled else "actor calls")
+                     dispatch=dispatch) as eng:
+        assert eng.health(probe=False)["dispatch"] == DISPATCH_NAMES[dispatch]
         stream = eng.submit([1, 2, 3], SamplingParams(max_tokens=1000, ignore_eos=True))
         next(iter(stream))
         victim = eng._gang.workers[1]
@@ -119,4 +122,4 @@ def test_dead_worker_fails_pending_requests_naming_the_rank_then_recovers(ray_cl
         assert len(out[0].token_ids) == 8
         health = eng.health()
         assert health["healthy"] is True, health
-        assert health["dispatch"] == ("compiled graph" if compiled else "actor calls")  # rebuilt alike
+        assert health["dispatch"] == DISPATCH_NAMES[dispatch]  # rebuilt alike
