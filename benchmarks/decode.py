@@ -9,8 +9,15 @@ directory) with the same number of processes:
 - baseline (benchmarks/decode_baseline.py): the same model code and paged cache in a bare
   torch.distributed loop started with torch.multiprocessing: no Ray, no controller.
 Both sides run twice, alternating (baseline, engine, baseline, engine), and each keeps its best
-rate. latency_s is the time for every sequence of the batch to advance one token (B / tokens_per_s),
-so the two sides compare like for like even when the engine pipelines micro-batches at pp > 1.
+figures. Two figures per point, both for the whole batch advancing one token:
+- latency_s: the MEDIAN decode-step time (p50 inter-token latency). The machine has two cores and
+  Ray's own processes beside the workers; a single burst of other load in a run of a few dozen
+  steps moves a mean by 5-20 % and would decide the ratio. `overhead` = latency_s /
+  baseline_latency_s.
+- tokens_per_s: tokens over the whole measured span (the mean rate, bursts included);
+  `throughput_overhead` = baseline_tokens_per_s / tokens_per_s.
+At pp > 1 the engine pipelines micro-batches, so its steps each advance part of the batch: a
+step's time is scaled by batch / tokens it produced, and the two sides compare like for like.
 Memory-bandwidth utilisation = (weight bytes + KV bytes read per step) / latency / 19 GB/s
 (the measured matrix-vector bandwidth of the CI machine).
 """
@@ -18,13 +25,14 @@ Memory-bandwidth utilisation = (weight bytes + KV bytes read per step) / latency
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 
 from benchmarks.decode_baseline import baseline_decode
 from shardwright.config import ModelSpec, ParallelLayout
 
 COLUMNS = ["tp", "pp", "batch", "latency_s", "baseline_latency_s", "overhead", "tokens_per_s",
-           "baseline_tokens_per_s", "mbu"]
+           "baseline_tokens_per_s", "throughput_overhead", "mbu"]
 MACHINE_BANDWIDTH_BPS = 19e9
 PROMPT_LEN = 16
 # Each side runs twice, alternating, and keeps its best rate: on a shared 2-core machine a burst of
@@ -44,8 +52,10 @@ def model_dir() -> Path:
     return directory
 
 
-def engine_decode(directory: Path, layout: ParallelLayout, batches: list[int], steps: int) -> dict[int, float]:
-    """tokens/s of steady decoding at each batch size, measured from the engine's step log."""
+def engine_decode(directory: Path, layout: ParallelLayout, batches: list[int],
+                  steps: int) -> dict[int, tuple[float, float]]:
+    """(p50 latency of the batch advancing one token, tokens/s) of steady decoding at each batch
+    size, from the engine's step log."""
     from shardwright.actors.engine import EngineConfig, InferenceEngine
     from shardwright.actors.sampling import SamplingParams
 
@@ -58,17 +68,29 @@ def engine_decode(directory: Path, layout: ParallelLayout, batches: list[int], s
             params = SamplingParams(max_tokens=steps + 2, ignore_eos=True)
             eng.step_log.clear()
             eng.generate(prompts, params, timeout_s=600)
-            out[batch] = decode_rate(list(eng.step_log))
+            log = list(eng.step_log)
+            out[batch] = (decode_latency(log, batch), decode_rate(log))
     return out
 
 
-def decode_rate(log: list[tuple[float, int, bool]]) -> float:
-    """Tokens/s over the decode-only steps after the first one (which ends the warm-up)."""
+def _decode_steps(log: list[tuple[float, int, bool]]) -> list[tuple[float, int]]:
+    """(seconds, tokens) of each decode-only step after the first one (which ends the warm-up)."""
     decode = [(t, n) for t, n, only_decode in log if only_decode]
     if len(decode) < 3:
         raise RuntimeError(f"too few decode steps to measure ({len(decode)})")
-    (t0, _), rest = decode[0], decode[1:]
-    return sum(n for _, n in rest) / (rest[-1][0] - t0)
+    return [(t - t_prev, n) for (t_prev, _), (t, n) in zip(decode, decode[1:])]
+
+
+def decode_rate(log: list[tuple[float, int, bool]]) -> float:
+    """Tokens/s over the decode-only steps after the first one."""
+    steps = _decode_steps(log)
+    return sum(n for _, n in steps) / sum(dt for dt, _ in steps)
+
+
+def decode_latency(log: list[tuple[float, int, bool]], batch: int) -> float:
+    """Median time for all `batch` sequences to advance one token (a step of n tokens counts
+    dt * batch / n: at pp > 1 each step advances one micro-batch)."""
+    return statistics.median(dt * batch / n for dt, n in _decode_steps(log))
 
 
 def weight_bytes(spec: ModelSpec) -> int:
@@ -93,24 +115,32 @@ def run(quick: bool) -> dict:
     for tp, pp in layouts:
         layout = ParallelLayout(tp=tp, pp=pp)
         base, eng = {}, {}
-        for _ in range(REPEATS):  # alternate the two sides; keep each one's best run
-            for b, rate in baseline_decode(str(directory), layout, batches, steps, PROMPT_LEN).items():
-                base[b] = max(base.get(b, 0.0), rate)
-            for b, rate in engine_decode(directory, layout, batches, steps).items():
-                eng[b] = max(eng.get(b, 0.0), rate)
+        for _ in range(REPEATS):  # alternate the two sides; keep each one's best figures
+            for b, times in baseline_decode(str(directory), layout, batches, steps, PROMPT_LEN).items():
+                _keep_best(base, b, statistics.median(times), b * len(times) / sum(times))
+            for b, (latency, rate) in engine_decode(directory, layout, batches, steps).items():
+                _keep_best(eng, b, latency, rate)
         for b in batches:
             results.append(row(spec, tp, pp, b, eng[b], base[b], steps))
     notes = [f"model: {spec.num_parameters / 1e6:.0f}M parameters fp32; {steps} decode steps per point, best of {REPEATS} alternating runs per side; "
+             "latency_s and overhead: median step; tokens_per_s and throughput_overhead: mean rate; "
              f"bandwidth ceiling {MACHINE_BANDWIDTH_BPS / 1e9:.0f} GB/s"]
     return {"results": results, "notes": notes, "model_parameters": spec.num_parameters}
 
 
-def row(spec: ModelSpec, tp: int, pp: int, batch: int, tps: float, base_tps: float, steps: int) -> dict:
-    latency, base_latency = batch / tps, batch / base_tps
+def _keep_best(best: dict, batch: int, latency: float, rate: float) -> None:
+    old_latency, old_rate = best.get(batch, (float("inf"), 0.0))
+    best[batch] = (min(old_latency, latency), max(old_rate, rate))
+
+
+def row(spec: ModelSpec, tp: int, pp: int, batch: int, eng: tuple[float, float],
+        base: tuple[float, float], steps: int) -> dict:
+    (latency, tps), (base_latency, base_tps) = eng, base
     read = weight_bytes(spec) + kv_bytes_per_step(spec, batch, PROMPT_LEN + steps // 2)
     return {"tp": tp, "pp": pp, "batch": batch, "latency_s": latency, "tokens_per_s": tps,
             "baseline_latency_s": base_latency, "baseline_tokens_per_s": base_tps,
-            "overhead": latency / base_latency, "mbu": read / latency / MACHINE_BANDWIDTH_BPS,
+            "overhead": latency / base_latency, "throughput_overhead": base_tps / tps,
+            "mbu": read / latency / MACHINE_BANDWIDTH_BPS,
             "baseline_mbu": read / base_latency / MACHINE_BANDWIDTH_BPS}
 
 

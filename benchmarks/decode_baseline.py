@@ -3,7 +3,7 @@
 No Ray and no controller: `tp * pp` processes from torch.multiprocessing run the prefill and then
 `steps` greedy decode steps in lock-step. Pipeline stages pass hidden states with send/recv and
 the last stage sends the sampled tokens back to the first (one batch in flight: the plain loop a
-user would write). Returns tokens/s of the decode steps after a warm-up step.
+user would write). Returns the time of each decode step after a warm-up step.
 """
 
 from __future__ import annotations
@@ -57,21 +57,24 @@ def _rank(rank: int, world: int, directory: str, layout: dict, batches: list[int
     _, model = load_model(directory, ctx)
     per_seq = -(-(prompt_len + steps + 2) // BLOCK)
     cache = model.new_paged_cache(per_seq * max(batches), BLOCK)
-    rates = {}
+    times = {}
     for b in batches:
         tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(b)]
         prompts = [[(7 * i + j) % 1000 + 1 for j in range(prompt_len)] for i in range(b)]
         tokens = _step(model, ctx, cache, sum(prompts, []), [0] * b, tables, [prompt_len] * b)
         tokens = _step(model, ctx, cache, tokens, [prompt_len] * b, tables, [1] * b)  # warm-up
-        start = time.perf_counter()
+        times[b], last = [], time.perf_counter()
         for s in range(steps):
             tokens = _step(model, ctx, cache, tokens, [prompt_len + 1 + s] * b, tables, [1] * b)
-        rates[b] = b * steps / (time.perf_counter() - start)
-    return rates
+            now = time.perf_counter()
+            times[b].append(now - last)
+            last = now
+    return times
 
 
 def baseline_decode(directory: str, layout: ParallelLayout, batches: list[int], steps: int,
-                    prompt_len: int) -> dict[int, float]:
-    """tokens/s per batch size, from the first rank (all ranks run in lock-step)."""
+                    prompt_len: int) -> dict[int, list[float]]:
+    """Seconds of each decode step after the warm-up, per batch size, from the first rank (all
+    ranks run in lock-step; every step advances each sequence of the batch by one token)."""
     args = (directory, layout.model_dump(), batches, steps, prompt_len)
     return run_ranks(_rank, layout.world_size, args=args)[0]
