@@ -338,7 +338,13 @@ class WorkerGang:
         `open_channel` ran, compiled-graph outputs when `compile_steps` ran, else one actor call
         per worker). Replies to channel steps come back in dispatch order."""
         if self._channel is not None:
-            self._channel.send(msg)
+            from shardwright.actors.step_channel import ChannelClosed
+
+            try:
+                self._channel.send(msg)
+            except ChannelClosed as err:  # a worker died since the last step: name it
+                self._raise_dead_worker(err)
+                raise GangError(f"could not send the step to {self.describe(err.rank)}: {err}", err.rank) from err
             return ChannelStep()
         if self.compiled:
             return CompiledStep(self._graph.execute(msg))

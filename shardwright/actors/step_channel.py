@@ -32,7 +32,12 @@ _HEADER = struct.Struct("!Q")
 
 
 class ChannelClosed(ConnectionError):
-    """The other end closed the connection (a worker process that died closes its socket)."""
+    """The other end closed the connection (a worker process that died closes its socket);
+    `rank` names the worker where the controller knows it."""
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
 
 
 def send_frame(sock: socket.socket, payload: bytes) -> None:
@@ -109,9 +114,13 @@ class StepChannel:
             return None
 
     def send(self, obj) -> None:
+        """Write one message to every worker; ChannelClosed (with its rank) if one is gone."""
         payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        for sock in self.socks:
-            send_frame(sock, payload)
+        for rank, sock in enumerate(self.socks):
+            try:
+                send_frame(sock, payload)
+            except OSError as err:
+                raise ChannelClosed(f"rank {rank} is gone: {err}", rank) from err
 
     def wait_ready(self, ranks: list[int], timeout_s: float | None) -> list[int]:
         """Ranks among `ranks` with a frame (or end-of-file) to read, waiting up to timeout_s."""

@@ -84,6 +84,22 @@ def test_a_worker_that_goes_away_reads_as_closed_at_once():
         channel.close()
 
 
+def test_sending_to_a_worker_that_went_away_names_its_rank():
+    channel = StepChannel("127.0.0.1", 2)  # rank 0 a worker, rank 1 a socket by hand
+    connect_worker(Echo(0), "127.0.0.1", channel.port, channel.token, 0)
+    raw = socket.create_connection(("127.0.0.1", channel.port))
+    raw.sendall(channel.token.encode() + (1).to_bytes(8, "big"))
+    channel.accept_all(timeout_s=10)
+    raw.close()  # rank 1 died between steps
+    try:
+        with pytest.raises(ChannelClosed) as info:
+            for _ in range(50):  # the first writes may still be taken by the kernel
+                channel.send("step" * 1000)
+        assert info.value.rank == 1
+    finally:
+        channel.close()
+
+
 def test_connections_without_the_token_are_dropped_unread():
     channel = StepChannel("127.0.0.1", 1)
     intruder = socket.create_connection(("127.0.0.1", channel.port))
