@@ -35,9 +35,6 @@ class CompiledStep:
     def __init__(self, refs: list) -> None:
         self.refs = list(refs)
 
-    def __len__(self) -> int:
-        return len(self.refs)
-
 
 class ChannelStep:
     """One step in flight through the gang's step channel (its replies come back in order)."""

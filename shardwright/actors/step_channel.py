@@ -16,7 +16,6 @@ sees end-of-file at once instead of waiting for a timeout.
 from __future__ import annotations
 
 import hmac
-import logging
 import pickle
 import secrets
 import select
@@ -25,8 +24,6 @@ import struct
 import threading
 import time
 import traceback
-
-log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("!Q")
 
@@ -40,8 +37,9 @@ class ChannelClosed(ConnectionError):
         self.rank = rank
 
 
-def send_frame(sock: socket.socket, payload: bytes) -> None:
-    sock.sendall(_HEADER.pack(len(payload)) + payload)
+def frame(payload: bytes) -> bytes:
+    """The bytes of one frame: length header, then the payload."""
+    return _HEADER.pack(len(payload)) + payload
 
 
 def recv_frame(sock: socket.socket) -> bytes:
@@ -50,7 +48,7 @@ def recv_frame(sock: socket.socket) -> bytes:
     return _recv_exactly(sock, size)
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+def _recv_exactly(sock: socket.socket, size: int) -> bytearray:
     buf = bytearray(size)
     view, got = memoryview(buf), 0
     while got < size:
@@ -61,7 +59,7 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
         if n == 0:
             raise ChannelClosed("connection closed by the other end")
         got += n
-    return bytes(buf)
+    return buf
 
 
 def _nodelay(sock: socket.socket) -> None:
@@ -115,10 +113,10 @@ class StepChannel:
 
     def send(self, obj) -> None:
         """Write one message to every worker; ChannelClosed (with its rank) if one is gone."""
-        payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        data = frame(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))  # built once per step
         for rank, sock in enumerate(self.socks):
             try:
-                send_frame(sock, payload)
+                sock.sendall(data)
             except OSError as err:
                 raise ChannelClosed(f"rank {rank} is gone: {err}", rank) from err
 
@@ -148,13 +146,13 @@ def connect_worker(runner, host: str, port: int, token: str, rank: int) -> threa
     _nodelay(sock)
     sock.sendall(token.encode() + _HEADER.pack(rank))
     sock.settimeout(None)
-    thread = threading.Thread(target=_serve, args=(runner, sock, rank), name=f"shardwright-steps-{rank}",
+    thread = threading.Thread(target=_serve, args=(runner, sock), name=f"shardwright-steps-{rank}",
                               daemon=True)
     thread.start()
     return thread
 
 
-def _serve(runner, sock: socket.socket, rank: int) -> None:
+def _serve(runner, sock: socket.socket) -> None:
     enter = getattr(runner, "enter_thread", lambda: None)  # per-thread settings (threads, device)
     try:
         while True:
@@ -168,7 +166,7 @@ def _serve(runner, sock: socket.socket, rank: int) -> None:
             except Exception as err:  # the controller names this rank and fails the step
                 reply = ("error", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}")
             try:
-                send_frame(sock, pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
+                sock.sendall(frame(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)))
             except OSError:
                 return
     finally:
