@@ -56,15 +56,15 @@ class EngineConfig(StrictModel):
                           "None (auto): on when this process sees CUDA; off on CPU-only machines, where "
                           "the workers' threads take every core and the overlapped controller work "
                           "slows them down instead (measured here: 2 cores).")
-    dispatch: Literal["channel", "compiled-graph", "actor-calls"] = Field(
+    dispatch: Literal["channel", "actor-calls"] = Field(
         "channel", description="How each step reaches the workers. 'channel' (default): one TCP "
                                "connection from each worker to the controller, a worker thread blocked "
                                "in recv, one pickled message per step (shardwright.actors.step_channel). "
-                               "'compiled-graph': a Ray compiled graph (shared-memory channels; its "
-                               "threads busy-wait, which on small CPU machines slows the workers: bench "
-                               "decode 1.26-2.0x at batch 8-32 on 2 cores). 'actor-calls': one Ray actor "
-                               "call per worker. Falls back to actor calls, with a warning, where the "
-                               "chosen one cannot be set up.")
+                               "'actor-calls': one Ray actor call per worker. Falls back to actor calls, "
+                               "with a warning, where the channel cannot be set up. (A Ray compiled graph "
+                               "was tried and removed: its channel threads busy-wait beside the workers, "
+                               "1.26-2.0x slower decode at batch 8-32 on 2 cores, and a killed worker "
+                               "sometimes left the step blocked past 30 s.)")
     bundle_nodes: tuple[str, ...] | None = Field(
         None, description="Ray node id per rank from the scheduler's placement; None lets Ray pack the gang.")
     pool: PoolOptions = Field(default_factory=PoolOptions, description="Memory budget and peer pooling.")
@@ -144,8 +144,6 @@ class InferenceEngine:
             try:
                 if c.dispatch == "channel":
                     gang.open_channel(c.collective_timeout_s + 30)
-                elif c.dispatch == "compiled-graph":
-                    gang.compile_steps()
             except Exception as err:  # still correct with actor calls, only slower
                 log.warning("%s dispatch unavailable, using actor calls: %s", c.dispatch, err)
         except Exception:

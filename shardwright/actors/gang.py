@@ -12,13 +12,7 @@ import time
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import (
-    GetTimeoutError,
-    RayActorError,
-    RayChannelError,
-    RayChannelTimeoutError,
-    RayTaskError,
-)
+from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -27,13 +21,6 @@ from shardwright.config import ParallelLayout
 
 
 log = logging.getLogger(__name__)
-
-
-class CompiledStep:
-    """One step in flight through the gang's compiled graph: its outputs, one per rank."""
-
-    def __init__(self, refs: list) -> None:
-        self.refs = list(refs)
 
 
 class ChannelStep:
@@ -104,7 +91,6 @@ class WorkerGang:
         self.nodes: list[dict] = []
         self.pg = None
         self.phase_results: dict[str, list] = {}
-        self._graph = None  # the compiled step graph (compile_steps)
         self._channel = None  # the step channel (open_channel)
 
     def start(self, phases: list[tuple[str, tuple]] = ()) -> None:
@@ -197,8 +183,6 @@ class WorkerGang:
         the finished ones are checked every `poll_s`, so a dead worker is reported within about
         `poll_s` even though its peers are still blocked in a collective with it.
         """
-        if isinstance(refs, CompiledStep):
-            return self._get_compiled(refs, timeout_s)
         if isinstance(refs, ChannelStep):
             return self._get_channel(timeout_s)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -223,25 +207,6 @@ class WorkerGang:
             raise
         by_ref = dict(zip(ready, values))
         return [by_ref[r] for r in order]
-
-    def _get_compiled(self, step: CompiledStep, timeout_s: float | None) -> list:
-        """The results of a compiled-graph step by rank. Ray tears the graph down as soon as a
-        worker dies, which unblocks this wait at once (its live peers may be stuck in a
-        collective with it); the dead worker is then found by probing and named."""
-        results = []
-        for rank, ref in enumerate(step.refs):
-            try:
-                results.append(ray.get(ref, timeout=timeout_s))
-            except RayTaskError as err:  # the worker raised: keep its own message, add where
-                cause = getattr(err, "cause", None) or err
-                raise GangError(f"worker {self.describe(rank)} failed: {cause}", rank) from err
-            except (RayActorError, RayChannelError, GetTimeoutError) as err:
-                self._raise_dead_worker(err)
-                if isinstance(err, (GetTimeoutError, RayChannelTimeoutError)):
-                    raise GangError(f"gang did not answer within {timeout_s} s (waiting on "
-                                    f"{self.describe(rank)})", rank) from err
-                raise GangError(f"step failed on {self.describe(rank)}: {err}", rank) from err
-        return results
 
     def _get_channel(self, timeout_s: float | None) -> list:
         """Every worker's reply to the oldest step in flight through the step channel, by rank.
@@ -291,17 +256,6 @@ class WorkerGang:
             cause = getattr(err, "cause", None) or err
             raise GangError(f"worker {self.describe(rank)} failed: {cause}", rank) from err
 
-    def compile_steps(self) -> None:
-        """Compile the step call of every worker into one Ray compiled graph: from now on
-        `dispatch` writes each step once into shared-memory channels that the workers' graph
-        threads read (about 0.35 ms a step here, against 1.5 ms per plain actor call), and the
-        results come back the same way. Raises if Ray cannot compile it."""
-        from ray.dag import InputNode, MultiOutputNode
-
-        with InputNode() as step:
-            graph = MultiOutputNode([w.call.bind("step", step) for w in self.workers])
-        self._graph = graph.experimental_compile()
-
     def open_channel(self, timeout_s: float = 60.0) -> None:
         """Connect every worker to a step channel of this process (shardwright.actors.step_channel):
         from now on `dispatch` writes each step once per worker socket, where a thread of the
@@ -320,20 +274,14 @@ class WorkerGang:
         self._channel = channel
 
     @property
-    def compiled(self) -> bool:
-        return self._graph is not None
-
-    @property
     def dispatch_mode(self) -> str:
-        """How steps reach the workers: 'step channel', 'compiled graph' or 'actor calls'."""
-        if self._channel is not None:
-            return "step channel"
-        return "compiled graph" if self.compiled else "actor calls"
+        """How steps reach the workers: 'step channel' or 'actor calls'."""
+        return "step channel" if self._channel is not None else "actor calls"
 
     def dispatch(self, msg: StepMessage):
         """Send one step to every worker; returns a handle for `get` (the step channel when
-        `open_channel` ran, compiled-graph outputs when `compile_steps` ran, else one actor call
-        per worker). Replies to channel steps come back in dispatch order."""
+        `open_channel` ran, else one actor call per worker). Replies to channel steps come back
+        in dispatch order."""
         if self._channel is not None:
             from shardwright.actors.step_channel import ChannelClosed
 
@@ -343,8 +291,6 @@ class WorkerGang:
                 self._raise_dead_worker(err)
                 raise GangError(f"could not send the step to {self.describe(err.rank)}: {err}", err.rank) from err
             return ChannelStep()
-        if self.compiled:
-            return CompiledStep(self._graph.execute(msg))
         return self.submit_all("step", msg)
 
     def sampler_rank(self) -> int:
@@ -367,12 +313,6 @@ class WorkerGang:
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()
-        graph, self._graph = self._graph, None
-        if graph is not None:
-            try:
-                graph.teardown()
-            except Exception as err:  # a dead worker's graph may already be half down
-                log.warning("compiled graph teardown: %s", err)
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers.clear()

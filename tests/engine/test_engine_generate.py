@@ -61,10 +61,10 @@ def test_async_scheduling_equals_reference_greedy_and_seeded(ray_cluster, served
         assert eng.blocks_in_use == 0
 
 
-@pytest.mark.parametrize("dispatch,name", [("compiled-graph", "compiled graph"), ("actor-calls", "actor calls")])
+@pytest.mark.parametrize("dispatch,name", [("actor-calls", "actor calls")])
 def test_other_step_dispatch_equals_reference(ray_cluster, served_models, dispatch, name):
-    """Steps sent through a Ray compiled graph or plain actor calls (EngineConfig.dispatch; the
-    default step channel runs in every other engine test) at tp = 2."""
+    """Steps sent through plain actor calls (EngineConfig.dispatch; the default step channel runs
+    in every other engine test) at tp = 2."""
     model_dir = served_models["llama"]
     _, model = load_model(model_dir, ParallelContext.single("cpu"))
     prompts = [[3, 14, 15, 92], [7, 1]]

@@ -99,7 +99,7 @@ def test_seeded_sampling_is_reproducible_across_runs_and_layouts(ray_cluster, se
     assert len(set(greedy_like)) > 3
 
 
-DISPATCH_NAMES = {"channel": "step channel", "compiled-graph": "compiled graph", "actor-calls": "actor calls"}
+DISPATCH_NAMES = {"channel": "step channel", "actor-calls": "actor calls"}
 
 
 @pytest.mark.parametrize("dispatch", list(DISPATCH_NAMES))
