@@ -7,10 +7,10 @@ stage, plus the embedding on the first stage and the final norm and LM head on t
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
-
-from contextlib import nullcontext
 
 from shardwright.config import ModelSpec
 from shardwright.models.blocks import DecoderBlock, make_norm
@@ -19,7 +19,7 @@ from shardwright.models.paged import PagedBatch, PagedKVCache
 from shardwright.models.rotary import Rotary
 from shardwright.parallel.collectives import copy_to_group, gather_last_dim
 from shardwright.parallel.context import ParallelContext
-from shardwright.parallel.layers import RowRange, VocabParallelEmbedding
+from shardwright.parallel.layers import RowRange, VocabParallelEmbedding, linear
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -41,39 +41,11 @@ def vocab_logits(h: torch.Tensor, weight: torch.Tensor, rows: RowRange, group) -
 
     `h` is replicated over the TP group, so its gradient is summed over the group (the f op).
     """
-    h = copy_to_group(h, group)
-    if _chunk_vocab(h, weight):
-        logits = _logits_by_vocab_chunks(h, weight)
-    else:
-        logits = h @ weight.t()
+    logits = linear(copy_to_group(h, group), weight)
     num_valid = max(0, rows.valid_stop - rows.start)
     if num_valid < rows.length:
         logits[..., num_valid:] = float("-inf")
     return logits
-
-
-# Inference on CPU with a few rows (a decode batch of 2-48): MKL's GEMM over the whole
-# [vocab, hidden] weight runs at a fraction of its usual speed for these shapes (measured on the CI
-# machine, 32000 x 768 fp32, 2 threads: 18.7 ms at 8 rows, 26.4 ms at 32, against 6.8 ms at one
-# row); the same product taken over row chunks of the weight that stay in cache takes 10.7 ms and
-# 18.4 ms. Each logit is still one dot product over the hidden size.
-VOCAB_CHUNK_ROWS = 2048
-VOCAB_CHUNK_MAX_TOKENS = 48
-
-
-def _chunk_vocab(h: torch.Tensor, weight: torch.Tensor) -> bool:
-    tokens = h.numel() // max(1, h.shape[-1])
-    return (weight.device.type == "cpu" and not torch.is_grad_enabled()
-            and 2 <= tokens <= VOCAB_CHUNK_MAX_TOKENS and weight.shape[0] > 2 * VOCAB_CHUNK_ROWS)
-
-
-def _logits_by_vocab_chunks(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    flat = h.reshape(-1, h.shape[-1])
-    logits = torch.empty(flat.shape[0], weight.shape[0], dtype=torch.result_type(flat, weight), device=h.device)
-    for start in range(0, weight.shape[0], VOCAB_CHUNK_ROWS):
-        stop = min(start + VOCAB_CHUNK_ROWS, weight.shape[0])
-        logits[:, start:stop] = flat @ weight[start:stop].t()
-    return logits.view(*h.shape[:-1], weight.shape[0])
 
 
 class DecoderModel(nn.Module):
