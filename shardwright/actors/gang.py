@@ -19,7 +19,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from shardwright.actors.shard_runner import ShardRunner, StepMessage
 from shardwright.config import ParallelLayout
 
-
 log = logging.getLogger(__name__)
 
 
@@ -43,7 +42,14 @@ class ShardWorker:
     """
 
     def __init__(self, runner_cls, rank: int, layout: dict, kwargs: dict) -> None:
+        from shardwright.actors.compute_thread import ComputeThread
+
         self.runner = runner_cls(rank, ParallelLayout(**layout), **kwargs)
+        # A gang member's torch work all runs on one thread (see compute_thread.py); pool peers
+        # answer several callers at once on Ray's threads instead (max_concurrency > 1).
+        self.compute = None
+        if hasattr(self.runner, "enter_thread"):
+            self.compute = ComputeThread(f"shardwright-rank-{rank}", self.runner.enter_thread)
 
     def where(self) -> dict:
         import os
@@ -52,16 +58,14 @@ class ShardWorker:
                 "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
     def serve_steps(self, host: str, port: int, token: str, rank: int) -> None:
-        """Connect this worker to its controller's step channel and serve steps on a thread."""
+        """Connect this worker to its controller's step channel; steps run on the compute thread."""
         from shardwright.actors.step_channel import connect_worker
 
-        self._step_thread = connect_worker(self.runner, host, port, token, rank)
+        connect_worker(self.runner, host, port, token, rank, self.compute)
 
     def call(self, method: str, *args):
-        enter = getattr(self.runner, "enter_thread", None)
-        if enter is not None:
-            enter()
-        return getattr(self.runner, method)(*args)
+        fn = getattr(self.runner, method)
+        return fn(*args) if self.compute is None else self.compute.call(fn, *args)
 
 
 @dataclass(frozen=True)

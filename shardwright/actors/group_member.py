@@ -36,8 +36,8 @@ class GroupMember:
 
     def enter_thread(self) -> None:
         """Apply this worker's per-thread settings (intra-op thread count; CUDA device) on the
-        calling thread, once per thread: the step channel runs the steps on a thread of its
-        own, which would otherwise start with the process defaults."""
+        calling thread, once per thread: the worker's compute thread (`compute_thread.py`)
+        would otherwise start with the process defaults."""
         ident = threading.get_ident()
         if ident in self._threads_entered:
             return

@@ -3,9 +3,10 @@
 A Ray actor call costs about 1.5 ms on an idle 2-core machine and several times that while the
 workers compute (each call goes through the caller's and the actor's core-worker threads, gRPC
 and the result store); a Ray compiled graph is cheap per step but its channel threads busy-wait
-beside the workers. Here every worker runs one thread blocked in `recv` on a socket it opened to
-the controller: a step is one pickled message written to each socket, the reply is one small
-frame back (the sampled tokens, or the error), and nothing spins.
+beside the workers. Here every worker's compute thread (`compute_thread.py`, the thread that runs
+all of the worker's torch work) waits in `select` on a socket the worker opened to the
+controller: a step is one pickled message written to each socket, the reply is one small frame
+back (the sampled tokens, or the error), and nothing spins.
 
 Frames are an 8-byte big-endian length and a pickle. A worker authenticates its connection with
 the controller's random token before the controller reads anything else from it (workers only
@@ -21,9 +22,10 @@ import secrets
 import select
 import socket
 import struct
-import threading
 import time
 import traceback
+
+from shardwright.actors.compute_thread import ComputeThread
 
 _HEADER = struct.Struct("!Q")
 
@@ -139,35 +141,36 @@ class StepChannel:
                     pass
 
 
-def connect_worker(runner, host: str, port: int, token: str, rank: int) -> threading.Thread:
-    """Worker side: connect to the controller, authenticate, then serve steps on a daemon thread
-    until the controller closes the connection. Each message is `runner.step(msg)`."""
+def connect_worker(runner, host: str, port: int, token: str, rank: int,
+                   compute: ComputeThread | None = None) -> ComputeThread:
+    """Worker side: connect to the controller, authenticate, then serve steps on the worker's
+    compute thread (a new one if `compute` is None) until the controller closes the connection.
+    Each message is `runner.step(msg)`. Returns the compute thread."""
     sock = socket.create_connection((host, port), timeout=30)
     _nodelay(sock)
     sock.sendall(token.encode() + _HEADER.pack(rank))
     sock.settimeout(None)
-    thread = threading.Thread(target=_serve, args=(runner, sock), name=f"shardwright-steps-{rank}",
-                              daemon=True)
-    thread.start()
-    return thread
+    if compute is None:
+        compute = ComputeThread(f"shardwright-steps-{rank}", getattr(runner, "enter_thread", None))
+    compute.attach(sock, lambda s: serve_one(runner, s))
+    return compute
 
 
-def _serve(runner, sock: socket.socket) -> None:
-    enter = getattr(runner, "enter_thread", lambda: None)  # per-thread settings (threads, device)
+def serve_one(runner, sock: socket.socket) -> bool:
+    """Read one step from `sock`, run it, write the reply; False once the connection is over."""
     try:
-        while True:
-            try:
-                msg = pickle.loads(recv_frame(sock))
-            except OSError:
-                return  # the controller closed the channel (or went away)
-            try:
-                enter()
-                reply = ("ok", runner.step(msg))
-            except Exception as err:  # the controller names this rank and fails the step
-                reply = ("error", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}")
-            try:
-                sock.sendall(frame(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)))
-            except OSError:
-                return
-    finally:
-        sock.close()
+        msg = pickle.loads(recv_frame(sock))
+    except OSError:
+        return False  # the controller closed the channel (or went away)
+    try:
+        enter = getattr(runner, "enter_thread", None)
+        if enter is not None:
+            enter()
+        reply = ("ok", runner.step(msg))
+    except Exception as err:  # the controller names this rank and fails the step
+        reply = ("error", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}")
+    try:
+        sock.sendall(frame(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)))
+    except OSError:
+        return False
+    return True
