@@ -28,6 +28,13 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 
+def any_thread(method: Callable) -> Callable:
+    """Mark a runner method that only reads or updates lock-protected state (a memory ledger):
+    `ComputeThread.call` runs it on the calling thread at once, so it answers while a step runs."""
+    method.runs_on_any_thread = True
+    return method
+
+
 class ComputeThread:
     """A daemon thread that runs `call`s one at a time, in order, and serves an attached socket.
 
@@ -48,9 +55,10 @@ class ComputeThread:
         return self._thread.ident
 
     def call(self, fn: Callable, *args):
-        """Run fn(*args) on the compute thread and return its result (or raise its error)."""
-        if threading.get_ident() == self._thread.ident:  # already here: run inline, not deadlock
-            return fn(*args)
+        """Run fn(*args) on the compute thread and return its result (or raise its error); a
+        method marked `any_thread` runs on the calling thread instead."""
+        if threading.get_ident() == self._thread.ident or getattr(fn, "runs_on_any_thread", False):
+            return fn(*args)  # already here (no deadlock), or safe anywhere
         done: Future = Future()
         self._calls.put((fn, args, done))
         os.write(self._wake_w, b"x")

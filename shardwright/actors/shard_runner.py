@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from shardwright.actors.compute_thread import any_thread
 from shardwright.actors.group_member import GroupMember
 from shardwright.actors.sampling import SamplingParams, sample_tokens
 from shardwright.config import ParallelLayout
@@ -122,6 +123,7 @@ class ShardRunner(GroupMember):
             raise RuntimeError(f"rank {self.rank}: KV cache is {self.cache.nbytes} bytes, accounted {nbytes}")
         return self.cache.nbytes
 
+    @any_thread
     def memory(self) -> dict:
         """This rank's ledger: budget, resident bytes by kind, high-water mark; pooled traffic."""
         snap = self.ledger.snapshot()
@@ -129,6 +131,7 @@ class ShardRunner(GroupMember):
         snap["bytes_fetched"] = self.fetcher.bytes_fetched if self.fetcher else 0
         return snap
 
+    @any_thread
     def reset_memory_peak(self) -> None:
         self.ledger.reset_high_water()
 

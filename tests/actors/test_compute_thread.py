@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from shardwright.actors.compute_thread import ComputeThread
+from shardwright.actors.compute_thread import ComputeThread, any_thread
 from shardwright.actors.step_channel import StepChannel, connect_worker
 
 
@@ -101,3 +101,28 @@ def test_the_thread_drops_a_channel_the_controller_closed_and_still_takes_calls(
         time.sleep(0.05)
     assert compute.call(lambda: compute._sock) is None
     assert compute.call(runner.load, "still") == "STILL"
+
+
+def test_a_method_marked_any_thread_answers_while_a_step_runs():
+    class Slow(Recorder):
+        @any_thread
+        def memory(self) -> str:
+            return "ledger"
+
+    runner = Slow()
+    compute = ComputeThread("test-compute", runner.enter_thread)
+    started, release = threading.Event(), threading.Event()
+
+    def long_step():
+        started.set()
+        release.wait(10)
+        return "done"
+
+    result = []
+    caller = threading.Thread(target=lambda: result.append(compute.call(long_step)))
+    caller.start()
+    assert started.wait(10)
+    assert compute.call(runner.memory) == "ledger"  # not queued behind the running step
+    release.set()
+    caller.join(10)
+    assert result == ["done"]
