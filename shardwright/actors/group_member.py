@@ -78,6 +78,8 @@ class GroupMember:
             self.ctx = ParallelContext.from_initialized(self.layout, default_device())
         else:
             self.ctx = ParallelContext.single()
+        self._threads_entered = set()  # the device is known now: threads that entered before
+        self.enter_thread()  # (the compute thread at its start) apply it at their next entry
 
     def ping(self) -> float:
         """A real probe through the gang: an all-reduce over the whole world (1.0 per rank)."""
