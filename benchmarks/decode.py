@@ -20,6 +20,10 @@ At pp > 1 the engine pipelines micro-batches, so its steps each advance part of 
 step's time is scaled by batch / tokens it produced, and the two sides compare like for like.
 Memory-bandwidth utilisation = (weight bytes + KV bytes read per step) / latency / 19 GB/s
 (the measured matrix-vector bandwidth of the CI machine).
+
+At (1,1) the rows also hold `hf_tokens_per_s`: Hugging Face generate on the same checkpoint in a
+fresh process on every core (benchmarks/hf_baseline.py; what users would otherwise run), also
+best of the alternating runs, and `vs_hf` = tokens_per_s / hf_tokens_per_s.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ import statistics
 from pathlib import Path
 
 from benchmarks.decode_baseline import baseline_decode
+from benchmarks.hf_baseline import hf_decode_rates
 from shardwright.config import ModelSpec, ParallelLayout
 
 COLUMNS = ["tp", "pp", "batch", "latency_s", "baseline_latency_s", "overhead", "tokens_per_s",
-           "baseline_tokens_per_s", "throughput_overhead", "mbu"]
+           "baseline_tokens_per_s", "throughput_overhead", "mbu", "hf_tokens_per_s", "vs_hf"]
 MACHINE_BANDWIDTH_BPS = 19e9
 PROMPT_LEN = 16
 # Each side runs twice, alternating, and keeps its best rate: on a shared 2-core machine a burst of
@@ -114,16 +119,22 @@ def run(quick: bool) -> dict:
     results = []
     for tp, pp in layouts:
         layout = ParallelLayout(tp=tp, pp=pp)
-        base, eng = {}, {}
-        for _ in range(REPEATS):  # alternate the two sides; keep each one's best figures
+        base, eng, hf = {}, {}, {}
+        for _ in range(REPEATS):  # alternate the sides; keep each one's best figures
             for b, times in baseline_decode(str(directory), layout, batches, steps, PROMPT_LEN).items():
                 _keep_best(base, b, statistics.median(times), b * len(times) / sum(times))
             for b, (latency, rate) in engine_decode(directory, layout, batches, steps).items():
                 _keep_best(eng, b, latency, rate)
+            if (tp, pp) == (1, 1):  # Hugging Face generate: one process, like this layout
+                for b, rate in hf_decode_rates(str(directory), batches, steps, PROMPT_LEN).items():
+                    hf[b] = max(hf.get(b, 0.0), rate)
         for b in batches:
             results.append(row(spec, tp, pp, b, eng[b], base[b], steps))
+            if b in hf:
+                results[-1].update(hf_tokens_per_s=hf[b], vs_hf=results[-1]["tokens_per_s"] / hf[b])
     notes = [f"model: {spec.num_parameters / 1e6:.0f}M parameters fp32; {steps} decode steps per point, best of {REPEATS} alternating runs per side; "
              "latency_s and overhead: median step; tokens_per_s and throughput_overhead: mean rate; "
+             "hf_tokens_per_s: Hugging Face generate, same checkpoint, decode rate without the prefill; "
              f"bandwidth ceiling {MACHINE_BANDWIDTH_BPS / 1e9:.0f} GB/s"]
     return {"results": results, "notes": notes, "model_parameters": spec.num_parameters}
 
