@@ -58,8 +58,8 @@ class EngineConfig(StrictModel):
                           "slows them down instead (measured here: 2 cores).")
     dispatch: Literal["channel", "actor-calls"] = Field(
         "channel", description="How each step reaches the workers. 'channel' (default): one TCP "
-                               "connection from each worker to the controller, a worker thread blocked "
-                               "in recv, one pickled message per step (shardwright.actors.step_channel). "
+                               "connection from each worker to the controller, read by the worker's "
+                               "compute thread, one pickled message per step (shardwright.actors.step_channel). "
                                "'actor-calls': one Ray actor call per worker. Falls back to actor calls, "
                                "with a warning, where the channel cannot be set up. (A Ray compiled graph "
                                "was tried and removed: its channel threads busy-wait beside the workers, "
