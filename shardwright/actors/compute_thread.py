@@ -19,6 +19,7 @@ a hand-over in between.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import select
@@ -26,6 +27,8 @@ import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+
+log = logging.getLogger(__name__)
 
 
 def any_thread(method: Callable) -> Callable:
@@ -90,8 +93,15 @@ class ComputeThread:
             if self._wake_r in readable:
                 os.read(self._wake_r, 4096)
                 self._run_calls()
-            if self._sock is not None and self._sock in readable and not self._serve_one(self._sock):
+            if self._sock is not None and self._sock in readable and not self._serve_socket():
                 self._detach()
+
+    def _serve_socket(self) -> bool:
+        try:
+            return self._serve_one(self._sock)
+        except Exception:  # the thread must outlive its channel: calls still come to it
+            log.exception("serving the step channel failed; closing it (the controller sees it closed)")
+            return False
 
     def _run_calls(self) -> None:
         while True:

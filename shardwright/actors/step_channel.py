@@ -167,10 +167,14 @@ def serve_one(runner, sock: socket.socket) -> bool:
         if enter is not None:
             enter()
         reply = ("ok", runner.step(msg))
-    except Exception as err:  # the controller names this rank and fails the step
+    except Exception as err:  # noqa: BLE001 - the controller names this rank and fails the step
         reply = ("error", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}")
     try:
-        sock.sendall(frame(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)))
+        data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as err:  # noqa: BLE001 - a result that cannot be sent fails its step, not the worker
+        data = pickle.dumps(("error", f"the step's result could not be pickled: {type(err).__name__}: {err}"))
+    try:
+        sock.sendall(frame(data))
     except OSError:
         return False
     return True

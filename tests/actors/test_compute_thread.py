@@ -3,6 +3,7 @@ channel step of a worker runs on the one thread, in order, and errors reach the 
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -126,3 +127,19 @@ def test_a_method_marked_any_thread_answers_while_a_step_runs():
     release.set()
     caller.join(10)
     assert result == ["done"]
+
+
+def test_a_channel_handler_that_raises_closes_the_channel_not_the_thread():
+    compute = ComputeThread("test-compute")
+    left, right = socket.socketpair()
+
+    def broken(sock):
+        sock.recv(1)
+        raise RuntimeError("handler bug")
+
+    compute.attach(left, broken)
+    right.sendall(b"x")
+    right.settimeout(10)
+    assert right.recv(1) == b""  # the compute thread closed its end
+    assert compute.call(lambda: "alive") == "alive"
+    right.close()

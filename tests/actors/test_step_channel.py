@@ -128,3 +128,21 @@ def test_accept_names_the_ranks_that_never_connected():
             channel.accept_all(timeout_s=1)
     finally:
         channel.close()
+
+
+def test_a_result_that_cannot_be_pickled_fails_its_step_and_the_worker_keeps_serving():
+    class Unpicklable(Echo):
+        def step(self, msg):
+            return (lambda: None) if msg == "lambda" else super().step(msg)
+
+    channel = StepChannel("127.0.0.1", 1)
+    connect_worker(Unpicklable(0), "127.0.0.1", channel.port, channel.token, 0)
+    channel.accept_all(timeout_s=10)
+    try:
+        channel.send("lambda")
+        status, text = _replies(channel, 1)[0]
+        assert status == "error" and "could not be pickled" in text
+        channel.send("fine")
+        assert _replies(channel, 1) == [("ok", (0, "fine"))]
+    finally:
+        channel.close()
