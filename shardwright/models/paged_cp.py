@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from shardwright.models.paged import gather_slots
 from shardwright.parallel.attention.merge import merge_attention_
 from shardwright.parallel.attention.ring import RingComm
 from shardwright.parallel.attention.splitkv import gather_and_merge
@@ -158,14 +159,14 @@ def paged_attention_cp(q, k, v, layer: int, cache, share: CPShare, scale: float)
         part_out, part_lse = _new_partial(qd)
         for row, (slots, key_pos) in enumerate(zip(share.decode_slots, share.decode_key_positions)):
             if slots.numel():
-                o, lse = _partial(qd[row:row + 1], keys[slots], values[slots],
+                o, lse = _partial(qd[row:row + 1], gather_slots(keys, slots), gather_slots(values, slots),
                                   share.decode_positions[row:row + 1], key_pos, scale)
                 part_out[row:row + 1], part_lse[:, row:row + 1] = o, lse
         merged, _ = gather_and_merge(part_out, part_lse, cache.cp_group)
         out.index_copy_(0, share.decode_local, merged.to(q.dtype))
     if share.has_prefill:
         qp = q.index_select(0, share.prefill_local)
-        merged = _ring_prefill(qp, keys[share.shard_slots], values[share.shard_slots], share, scale,
+        merged = _ring_prefill(qp, gather_slots(keys, share.shard_slots), gather_slots(values, share.shard_slots), share, scale,
                                cache.cp_group)
         out.index_copy_(0, share.prefill_local, merged.to(q.dtype))
     return out
