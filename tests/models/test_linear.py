@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from shardwright.models.decoder import vocab_logits
 from shardwright.parallel.layers import (
+    WEIGHT_LEFT_CHUNK,
     WEIGHT_LEFT_MAX_ROWS,
     RowRange,
     _weight_left,
@@ -23,16 +24,17 @@ from shardwright.parallel.layers import (
 @pytest.mark.parametrize("shape", [(1, 96), (2, 96), (8, 96), (4, 8, 96), (1, 32, 96),
                                    (WEIGHT_LEFT_MAX_ROWS, 96), (WEIGHT_LEFT_MAX_ROWS + 1, 96)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_equals_f_linear(shape, bias):
+@pytest.mark.parametrize("out_features", [200, 2 * WEIGHT_LEFT_CHUNK + 37])  # one block; three, the last partial
+def test_linear_equals_f_linear(shape, bias, out_features):
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(200, shape[-1], generator=gen)
-    b = torch.randn(200, generator=gen) if bias else None
+    weight = torch.randn(out_features, shape[-1], generator=gen)
+    b = torch.randn(out_features, generator=gen) if bias else None
     x = torch.randn(*shape, generator=gen)
     with torch.inference_mode():
         rows = x.numel() // shape[-1]
         assert _weight_left(x, weight) == (2 <= rows <= WEIGHT_LEFT_MAX_ROWS)
         got = linear(x, weight, b)
-    assert got.shape == (*shape[:-1], 200) and got.is_contiguous()
+    assert got.shape == (*shape[:-1], out_features) and got.is_contiguous()
     torch.testing.assert_close(got, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
 
 
