@@ -146,11 +146,11 @@ def sample_tokens(
     if logits.shape[0] == 0:
         return []
     logits = logits.detach()
-    maxima = logits.amax(dim=-1)
+    maxima, first_max = logits.max(dim=-1)  # one pass; the index is the first (lowest) maximal id
     if not bool(torch.isfinite(maxima).all()):
         bad = torch.nonzero(~torch.isfinite(maxima)).flatten().tolist()
         raise ValueError(f"logits rows {bad} have a NaN or infinite maximum; check the model output")
-    out = logits.argmax(dim=-1).tolist()  # argmax returns the first (lowest) maximal id
+    out = first_max.tolist()
     todo = [i for i, p in enumerate(params) if not p.greedy]
     if todo:
         rows = logits[todo].to("cpu", torch.float64)  # one exact copy; rows stay independent
