@@ -245,8 +245,15 @@ def test_scheduler_killed_with_jobs_queued_and_running_loses_nothing(cluster, ma
     jobs, _ = restarted.list("t1")
     assert sorted(j["job_id"] for j in jobs) == sorted(ids.values())  # nothing lost, nothing duplicated
     by_name = {j["name"]: j for j in jobs}
-    assert {n: by_name[n]["state"] for n in ids} == dict.fromkeys(ids, "queued")
-    assert "requeued: the scheduler restarted" in by_name["r1"]["message"]
+    assert {n: by_name[n]["state"] for n in ("q1", "q2")} == {"q1": "queued", "q2": "queued"}
+    # The restarted loop may already be placing r1 and r2 again (their GPUs were freed with the
+    # dead scheduler's actors), so their requeue is read from their events, not their state now.
+    for name in ("r1", "r2"):
+        events = restarted.events(ids[name])
+        after_running = events[[e["state"] for e in events].index("running") + 1:]
+        assert after_running, f"{name}: no event after it ran: {events}"
+        assert after_running[0]["state"] == "queued", f"{name}: {events}"
+        assert "requeued: the scheduler restarted" in after_running[0]["message"]
     for name in ("r1", "r2"):
         wait_state(restarted, ids[name], "running")
         assert Counter(states(restarted, ids[name]))["running"] == 2
