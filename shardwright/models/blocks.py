@@ -15,14 +15,12 @@ from torch import nn
 
 from shardwright.config import ModelSpec
 from shardwright.models.kv_cache import LayerKV
-from shardwright.models.paged import PagedBatch, PagedKVCache, paged_attention
+from shardwright.models.paged import SDPA_HAS_GQA, PagedBatch, PagedKVCache, paged_attention
 from shardwright.models.rotary import Rotary
 from shardwright.parallel.attention.plan import ShardPlan
 from shardwright.parallel.attention.ring import ring_attention
 from shardwright.parallel.context import ParallelContext
 from shardwright.parallel.layers import ColumnParallelLinear, RowParallelLinear, RowRange
-
-_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 class RMSNorm(nn.Module):
@@ -166,7 +164,7 @@ class Attention(nn.Module):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
         groups = self.num_heads // self.num_kv_heads
         kwargs = {}
-        if groups > 1 and _SDPA_HAS_GQA:
+        if groups > 1 and SDPA_HAS_GQA:
             kwargs["enable_gqa"] = True
         elif groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

@@ -191,12 +191,12 @@ def _offset_causal_mask(num_queries: int, context: int, device: torch.device) ->
 
 # SDPA's own grouped-query support (torch >= 2.5) reads each kv head for its query heads in place:
 # at batch 32 it takes 0.6 ms where repeating k and v first takes 1.0 ms (48 keys; 5.4 vs 9.8 ms
-# at 300), with the same result bit for bit.
-_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+# at 300), with the same result bit for bit. blocks.py uses it too.
+SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 def _sdpa(q, k, v, mask, scale: float, gqa: bool, causal: bool = False) -> torch.Tensor:
-    if gqa and _SDPA_HAS_GQA:
+    if gqa and SDPA_HAS_GQA:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                               enable_gqa=True)
     if gqa:
