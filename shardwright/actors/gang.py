@@ -262,8 +262,8 @@ class WorkerGang:
 
     def open_channel(self, timeout_s: float = 60.0) -> None:
         """Connect every worker to a step channel of this process (shardwright.actors.step_channel):
-        from now on `dispatch` writes each step once per worker socket, where a thread of the
-        worker blocks in recv, and `get` reads the replies. Raises if it cannot be set up."""
+        from now on `dispatch` writes each step once per worker socket, which the worker's
+        compute thread reads, and `get` reads the replies. Raises if it cannot be set up."""
         from shardwright.actors.step_channel import StepChannel
 
         channel = StepChannel(ray.util.get_node_ip_address(), len(self.workers))
