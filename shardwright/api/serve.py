@@ -44,21 +44,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except Exception:
         service.close()
         raise
+    http = _start_http(server, args.http_port, service)
     stop = threading.Event()
     threading.Thread(target=_health_watch, args=(server, service, stop), daemon=True).start()
 
     def shutdown(signum, frame) -> None:
         stop.set()
         threading.Thread(target=server.stop, daemon=True).start()
+        if http is not None:
+            threading.Thread(target=http.stop, daemon=True).start()
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     print(json.dumps({"address": f"{args.host}:{port}", "policy": args.policy,
                       "auth": "tokens" if settings.tokens_file else "open (loopback only)",
-                      "tls": bool(settings.tls_cert)}), flush=True)
+                      "tls": bool(settings.tls_cert),
+                      **({"http_address": f"{args.host}:{http.port}"} if http else {})}), flush=True)
     server.wait()
     service.close()
     return 0
+
+
+def _start_http(server, port: int | None, service):
+    """The OpenAI-compatible HTTP API beside gRPC (api/http.py) when --http-port is given."""
+    if port is None:
+        return None
+    from shardwright.api.http import start_http
+
+    try:
+        return start_http(server, port)
+    except Exception:
+        server.stop()
+        service.close()
+        raise
 
 
 def _positive(text: str) -> float:
@@ -85,4 +103,7 @@ def add_serve_command(sub) -> None:
     p.add_argument("--grace-s", type=float, default=10.0, help="drain time on shutdown (default 10 s)")
     p.add_argument("--max-request-mib", type=_positive, default=4.0,
                    help="largest request accepted, in MiB; larger ones get RESOURCE_EXHAUSTED (default 4)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
+                        "/v1/chat/completions) on this port, same host, tokens and TLS (0 picks a free one)")
     p.set_defaults(func=cmd_serve)

@@ -35,15 +35,21 @@ train:
 
 
 def start_server(state_dir: Path, tokens_file: Path) -> tuple[subprocess.Popen, str]:
+    proc, info = start_server_info(state_dir, tokens_file)
+    return proc, info["address"]
+
+
+def start_server_info(state_dir: Path, tokens_file: Path, *args: str) -> tuple[subprocess.Popen, dict]:
+    """`serve --port 0 ARGS...` as a subprocess, and the JSON line it prints once serving."""
     env = {**os.environ, "SHARDWRIGHT_STATE_DIR": str(state_dir), "SHARDWRIGHT_TOKENS_FILE": str(tokens_file)}
     env.pop("SHARDWRIGHT_REDIS_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "shardwright.api.cli", "serve", "--port", "0", "--grace-s", "5"],
+    proc = subprocess.Popen([sys.executable, "-m", "shardwright.api.cli", "serve", "--port", "0", "--grace-s", "5", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if line.startswith("{"):
-            return proc, json.loads(line)["address"]
+            return proc, json.loads(line)
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
     proc.kill()

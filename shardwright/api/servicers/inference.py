@@ -33,6 +33,17 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(**fields)
 
 
+def start_generation(backend, tenant: str, deployment: str, prompt: str | list[int], params: SamplingParams):
+    """Queue one generation on the tenant's running deployment; returns (engine, stream).
+
+    The one path from every API (gRPC here, OpenAI-compatible HTTP in api/http.py) into an
+    engine, so both give identical tokens. Raises LookupError (no such running deployment),
+    ValueError (a request that can never run) or RuntimeError (the engine is shut down).
+    """
+    engine = backend.engine(tenant, deployment)
+    return engine, engine.submit(prompt, params)
+
+
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, backend, auth: Authenticator) -> None:
         self.backend = backend
@@ -40,16 +51,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     def _submit(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
         tenant = tenant_of(context, self.auth)
+        which = request.WhichOneof("prompt")
+        prompt = request.text if which == "text" else list(request.token_ids.ids) if which else None
         try:
-            engine = self.backend.engine(tenant, request.deployment)
+            params = sampling_params(request.params)
+            if prompt is None:
+                self.backend.engine(tenant, request.deployment)  # an unknown deployment is NOT_FOUND first
+                raise ValueError("give a prompt: text or token_ids")
+            engine, stream = start_generation(self.backend, tenant, request.deployment, prompt, params)
         except LookupError as err:
             context.abort(grpc.StatusCode.NOT_FOUND, _one_line(err))
-        which = request.WhichOneof("prompt")
-        if which is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give a prompt: text or token_ids")
-        prompt = request.text if which == "text" else list(request.token_ids.ids)
-        try:
-            stream = engine.submit(prompt, sampling_params(request.params))
         except (ValueError, ValidationError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, _one_line(err))
         except RuntimeError as err:

@@ -1,0 +1,279 @@
+"""The OpenAI-compatible HTTP API (`shardwright serve --http-port P`), beside gRPC.
+
+FastAPI on uvicorn in a background thread, over the same control plane, tokens and engines as
+the gRPC InferenceService (both queue work through `start_generation`, so greedy output is
+identical). Guarantees:
+- `GET /v1/models` lists the caller's tenant's running deployments; `POST /v1/completions` and
+  `POST /v1/chat/completions` (with the deployment's chat template only) answer as OpenAI does:
+  a JSON body with `usage`, or with `stream: true` server-sent events `data: {chunk}` ending
+  with `data: [DONE]` (and a usage chunk first when `stream_options.include_usage`);
+- every error is `{"error": {"message", "type", "param", "code"}}`: 400 for bad or unsupported
+  parameters (named in `param`), 401 without a valid `Authorization: Bearer TOKEN` when a tokens
+  file is configured, 404 for an unknown model, 413 over the request size limit, 503 when the
+  engine cannot serve;
+- a client that disconnects, mid-stream or while waiting for a whole completion, cancels its
+  request, which frees its KV blocks before the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+import threading
+import time
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from shardwright.actors.requests import RequestFailed
+from shardwright.api.auth import Authenticator
+from shardwright.api.chat_template import render_chat
+from shardwright.api.errors import one_line
+from shardwright.api.limits import too_large_message
+from shardwright.api.openai_schema import (ChatRequest, CompletionRequest, OpenAIError, choice, completion_id,
+                                           envelope, finish, parse, usage)
+from shardwright.api.servicers.inference import start_generation
+from shardwright.config import Settings
+
+_END = object()
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+
+
+def _tenant(request: Request, auth: Authenticator) -> str:
+    header = request.headers.get("authorization", "")
+    tenant = auth.tenant([("authorization", header)])
+    if tenant is None:
+        raise OpenAIError(401, "missing or invalid bearer token: send 'Authorization: Bearer TOKEN' "
+                          "(a token from the server's SHARDWRIGHT_TOKENS_FILE)", code="invalid_api_key")
+    return tenant
+
+
+async def _json_body(request: Request, limit_bytes: int):
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
+        raise OpenAIError(413, too_large_message(int(declared), limit_bytes), code="request_too_large")
+    body = await request.body()
+    if len(body) > limit_bytes:
+        raise OpenAIError(413, too_large_message(len(body), limit_bytes), code="request_too_large")
+    try:
+        return json.loads(body)
+    except ValueError as err:
+        raise OpenAIError(400, f"the request body is not JSON: {err}", code="invalid_json") from err
+
+
+def _start(backend, tenant: str, model: str, prompt, params):
+    """`start_generation`, with its failures as OpenAI errors."""
+    try:
+        return start_generation(backend, tenant, model, prompt, params)
+    except LookupError as err:
+        raise OpenAIError(404, f"The model {model!r} does not exist: {one_line(err)}", param="model",
+                          code="model_not_found") from err
+    except ValueError as err:
+        raise OpenAIError(400, one_line(err), param="prompt", code="invalid_value") from err
+    except RuntimeError as err:
+        raise OpenAIError(503, one_line(err), code="engine_unavailable") from err
+
+
+async def _events(stream):
+    """The stream's (token, text) events on the event loop, pumped by a thread of its own (so
+    that many open streams do not exhaust the default executor); raises RequestFailed."""
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+    def put(item) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the server's loop has closed: nobody is listening any more
+            pass
+
+    def pump() -> None:
+        try:
+            for item in stream.events():
+                put(item)
+            put(_END)
+        except RequestFailed as err:
+            put(err)
+
+    threading.Thread(target=pump, name=f"shardwright-http-{stream.request_id}", daemon=True).start()
+    while (item := await queue.get()) is not _END:
+        if isinstance(item, Exception):
+            raise item
+        yield item
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+class _Call:
+    """One completion request on its way through an engine."""
+
+    def __init__(self, request: Request, req, chat: bool, engine, stream) -> None:
+        self.request, self.req, self.chat, self.engine, self.stream = request, req, chat, engine, stream
+        self.cid = completion_id(chat)
+
+    def _envelope(self, chunk: bool, choices: list[dict], **extra) -> dict:
+        return envelope(self.cid, self.chat, self.req.model, chunk, choices, **extra)
+
+    def _usage(self) -> dict:
+        out = self.stream.output
+        return usage(len(out.prompt_ids), len(out.token_ids))
+
+    async def sse(self):
+        """Server-sent events; the request is cancelled however the stream ends."""
+        try:
+            if self.chat:
+                yield _sse(self._envelope(True, [choice(True, "", None, delta=True, first=True)]))
+            async for _, text in _events(self.stream):
+                if text:
+                    yield _sse(self._envelope(True, [choice(self.chat, text, None, delta=True)]))
+            reason = finish(self.stream.output.finish_reason)
+            yield _sse(self._envelope(True, [choice(self.chat, "", reason, delta=True)]))
+            if self.req.stream_options is not None and self.req.stream_options.include_usage:
+                yield _sse(self._envelope(True, [], usage=self._usage()))
+            yield "data: [DONE]\n\n"
+        except RequestFailed as err:
+            yield _sse(OpenAIError(503, one_line(err), code="request_failed").body())
+        finally:
+            self.engine.cancel(self.stream.request_id)  # a no-op once it has finished
+
+    async def whole(self) -> dict:
+        """The complete answer; cancels the request if the client goes away first."""
+        async def drain() -> str:
+            return "".join([text async for _, text in _events(self.stream)])
+
+        task = asyncio.ensure_future(drain())
+        try:
+            while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
+                if await self.request.is_disconnected():
+                    task.cancel()
+                    raise OpenAIError(499, "the client disconnected; the request was cancelled")
+            try:
+                text = task.result()
+            except RequestFailed as err:
+                raise OpenAIError(503, one_line(err), code="request_failed") from err
+        finally:
+            self.engine.cancel(self.stream.request_id)
+        reason = finish(self.stream.output.finish_reason)
+        return self._envelope(False, [choice(self.chat, text, reason, delta=False)], usage=self._usage())
+
+
+def build_app(backend, auth: Authenticator, max_request_bytes: int) -> FastAPI:
+    """The FastAPI application of the OpenAI-compatible API over `backend` (a SchedulerService)."""
+    app = FastAPI(title="Shardwright OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(request: Request, err: OpenAIError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, err: HTTPException):
+        return JSONResponse(OpenAIError(err.status_code, f"{request.method} {request.url.path}: {err.detail}",
+                                        code=str(err.status_code)).body(), status_code=err.status_code)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        tenant = _tenant(request, auth)
+        records = await asyncio.to_thread(_running_deployments, backend, tenant)
+        return {"object": "list", "data": [{"id": r["name"], "object": "model", "created": int(r["submitted_at_s"]),
+                                            "owned_by": tenant} for r in records]}
+
+    async def generate(request: Request, chat: bool):
+        tenant = _tenant(request, auth)
+        req = parse(ChatRequest if chat else CompletionRequest, await _json_body(request, max_request_bytes))
+        params = req.sampling_params(req.max_completion_tokens if chat else None)
+        prompt = await asyncio.to_thread(_chat_prompt, backend, tenant, req) if chat else req.one_prompt()
+        engine, stream = await asyncio.to_thread(_start, backend, tenant, req.model, prompt, params)
+        call = _Call(request, req, chat, engine, stream)
+        if req.stream:
+            return StreamingResponse(call.sse(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await call.whole()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, chat=True)
+
+    return app
+
+
+def _running_deployments(backend, tenant: str) -> list[dict]:
+    records, token = backend.list(tenant, page_size=100, state="running", kind="inference")
+    while token:
+        more, token = backend.list(tenant, page_size=100, page_token=token, state="running", kind="inference")
+        records += more
+    return records
+
+
+def _chat_prompt(backend, tenant: str, req: ChatRequest) -> str:
+    try:
+        engine = backend.engine(tenant, req.model)
+    except LookupError as err:
+        raise OpenAIError(404, f"The model {req.model!r} does not exist: {one_line(err)}", param="model",
+                          code="model_not_found") from err
+    return render_chat(req.model, engine.config.model_dir, [m.model_dump() for m in req.messages])
+
+
+class HttpServer:
+    """uvicorn serving `build_app` on its own thread; TLS from the same PEM files as gRPC."""
+
+    def __init__(self, backend, auth: Authenticator, host: str, port: int, max_request_bytes: int,
+                 settings: Settings, grace_s: float = 10.0) -> None:
+        self.host, self.requested_port, self.grace_s = host, port, grace_s
+        tls = {}
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
+            if settings.tls_client_ca is not None:
+                tls |= {"ssl_ca_certs": str(settings.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+        config = uvicorn.Config(build_app(backend, auth, max_request_bytes), log_level="warning",
+                                access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=max(1, round(grace_s)), **tls)
+        self.tls = bool(tls)
+        self.server = uvicorn.Server(config)
+        self.thread: threading.Thread | None = None
+        self.port = 0
+
+    def start(self, timeout_s: float = 30.0) -> int:
+        """Bind (an OS-chosen port when the port is 0) and serve; returns the bound port."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.requested_port))
+        except OSError as err:
+            sock.close()
+            raise OSError(f"cannot bind the HTTP port {self.host}:{self.requested_port} ({err.strerror}); "
+                          "choose another --http-port") from err
+        self.port = sock.getsockname()[1]
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+                                       name="shardwright-http", daemon=True)
+        self.thread.start()
+        waiting, deadline = threading.Event(), time.monotonic() + timeout_s
+        while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
+            waiting.wait(0.05)
+        if not self.server.started:
+            raise RuntimeError(f"the HTTP server on {self.host}:{self.port} did not start; see the log above")
+        return self.port
+
+    def stop(self) -> None:
+        """Stop accepting, let open requests finish for up to `grace_s`, then close."""
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=self.grace_s + 5)
+
+
+def start_http(grpc_server, port: int) -> HttpServer:
+    """Serve the HTTP API beside a started ShardwrightServer: its control plane, tokens, host,
+    request size limit, TLS files and grace period. Returns the started HttpServer."""
+    options = grpc_server.options
+    http = HttpServer(grpc_server.control, grpc_server.auth, options.host, port, options.max_message_bytes,
+                      options.settings, options.grace_s)
+    http.start()
+    return http

@@ -1,0 +1,154 @@
+"""The OpenAI wire format of completions: request models, response and chunk bodies, error bodies.
+
+Requests are checked strictly: a parameter this server does not implement (`n` > 1, `logprobs`,
+penalties, ...) or does not know is refused with a 400 naming it, never ignored. Parameters left
+at OpenAI's no-op values (`n: 1`, `presence_penalty: 0`, `logprobs: null`, ...) are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shardwright.actors.sampling import SamplingParams
+
+DEFAULT_MAX_TOKENS = 16
+# OpenAI parameters this server does not implement, with the value that means "off".
+NOT_IMPLEMENTED: dict[str, Any] = {
+    "n": 1, "best_of": 1, "logprobs": None, "top_logprobs": None, "echo": False, "suffix": None,
+    "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": None,
+    "tools": None, "tool_choice": None, "functions": None, "function_call": None, "response_format": None,
+    "parallel_tool_calls": None,
+}
+IGNORED = {"user", "metadata", "store", "service_tier"}  # bookkeeping fields that change no output
+
+
+class OpenAIError(Exception):
+    """An error answered as `{"error": {"message", "type", "param", "code"}}` with `status`."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+             413: "invalid_request_error", 503: "service_unavailable"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "api_error"),
+                          "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = Field(False, description="Send a last chunk with `usage` and no choices.")
+
+
+class _Common(BaseModel):
+    """Fields shared by completions and chat completions (OpenAI names, our extensions last)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(description="The deployment's name (as listed by GET /v1/models).")
+    max_tokens: int | None = Field(None, description="Most new tokens (default 16).")
+    temperature: float = Field(1.0, description="Softmax temperature; 0 is greedy.")
+    top_p: float = Field(1.0, description="Nucleus sampling mass, (0, 1].")
+    seed: int | None = Field(None, description="Seed for reproducible sampling.")
+    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings; text is cut before the first.")
+    stream: bool = Field(False, description="Answer as server-sent events.")
+    stream_options: StreamOptions | None = Field(None, description="Streaming options (include_usage).")
+    top_k: int = Field(0, description="Extension: keep the k most likely tokens; 0 is off.")
+    ignore_eos: bool = Field(False, description="Extension: generate past end-of-sequence tokens.")
+    stop_token_ids: list[int] = Field(default_factory=list, description="Extension: token ids that end generation.")
+
+    @model_validator(mode="after")
+    def _refuse_unimplemented(self):
+        for name, value in (self.model_extra or {}).items():
+            if name in IGNORED:
+                continue
+            if name not in NOT_IMPLEMENTED:
+                raise OpenAIError(400, f"unknown parameter {name!r}: remove it", param=name,
+                                  code="unknown_parameter")
+            if value != NOT_IMPLEMENTED[name]:
+                raise OpenAIError(400, f"parameter {name!r}={value!r} is not supported by this server; "
+                                  f"omit it or send {json.dumps(NOT_IMPLEMENTED[name])}", param=name, code="unsupported_parameter")
+        return self
+
+    def sampling_params(self, max_tokens: int | None = None) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        fields = {"max_tokens": max_tokens or self.max_tokens or DEFAULT_MAX_TOKENS, "temperature": self.temperature,
+                  "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed, "stop": stop,
+                  "stop_token_ids": self.stop_token_ids, "ignore_eos": self.ignore_eos}
+        try:
+            return SamplingParams(**fields)
+        except ValidationError as err:
+            first = err.errors()[0]
+            param = str(first["loc"][0]) if first["loc"] else None
+            raise OpenAIError(400, f"{param}: {first['msg']}", param=param, code="invalid_value") from err
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(description="Text or token ids; one prompt.")
+
+    def one_prompt(self) -> str | list[int]:
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise OpenAIError(400, f"prompt: {len(prompt)} prompts in one request are not supported; "
+                                  "send one prompt per request", param="prompt", code="unsupported_parameter")
+            prompt = prompt[0]
+        return prompt
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"] = Field(description="Who speaks.")
+    content: str = Field(description="The message text.")
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    max_completion_tokens: int | None = Field(None, description="Most new tokens (newer name of max_tokens).")
+
+
+def parse(model: type[_Common], body: Any) -> _Common:
+    """Validate a request body; every failure is an OpenAIError 400 naming the parameter."""
+    try:
+        return model.model_validate(body)
+    except OpenAIError:
+        raise
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = ".".join(str(x) for x in first["loc"]) or None
+        raise OpenAIError(400, f"{param}: {first['msg']}", param=param, code="invalid_value") from err
+
+
+def completion_id(chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def finish(reason: str | None) -> str | None:
+    """OpenAI's finish reasons are 'stop' and 'length'; a cancelled request counts as stopped."""
+    return None if reason is None else "length" if reason == "length" else "stop"
+
+
+def choice(chat: bool, text: str, finish_reason: str | None, delta: bool, first: bool = False) -> dict:
+    if not chat:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    if delta:
+        body = ({"role": "assistant", "content": text} if first else {"content": text}) if text or first else {}
+        return {"index": 0, "delta": body, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "finish_reason": finish_reason}
+
+
+def envelope(cid: str, chat: bool, model: str, chunk: bool, choices: list[dict], **extra) -> dict:
+    kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
+    return {"id": cid, "object": kind, "created": int(time.time()), "model": model, "choices": choices, **extra}

@@ -1,0 +1,142 @@
+"""The OpenAI-compatible HTTP API: the official `openai` client and raw httpx against a real
+`shardwright serve --http-port 0` (one server per module) with a tiny deployment, compared with
+the gRPC Generate of the same deployment.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from model_helpers import tiny_spec
+from shardwright.api.chat_template import render_chat
+from shardwright.api.client import Client
+from shardwright.api.openai_schema import OpenAIError
+from shardwright.models.random_init import write_random_checkpoint
+from test_server_e2e import TOKENS, start_server_info, stop_server, wait_state
+
+ALICE, BOB = "alice-token-123", "bob-token-4567"
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+GREEDY = {"temperature": 0, "max_tokens": 12, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(gRPC Client as alice, HTTP base URL) of a server running deployment 'chat' for alice."""
+    root = tmp_path_factory.mktemp("http")
+    model = write_random_checkpoint(root / "model", tiny_spec("llama", max_position_embeddings=512), seed=5, std=0.2)
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "bos_token": "^"}))
+    tokens_file = root / "tokens.yaml"
+    tokens_file.write_text("\n".join(f"{t}: {n}" for t, n in TOKENS.items()))
+    proc, info = start_server_info(root / "state", tokens_file, "--http-port", "0")
+    try:
+        with Client(info["address"], token=ALICE) as alice:
+            job = alice.submit(f"kind: inference\nname: chat\nmodel: {model}\nlayout: {{tp: 1}}\n"
+                               "engine: {num_blocks: 64, block_size: 8}\n")
+            wait_state(alice, job["job_id"], {"running"})
+            yield alice, f"http://{info['http_address']}/v1"
+    finally:
+        stop_server(proc)
+
+
+def _openai(base_url: str, token: str = ALICE) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key=token, max_retries=0, timeout=120)
+
+
+def test_models_are_the_tenants_running_deployments(served):
+    _, url = served
+    assert [m.id for m in _openai(url).models.list()] == ["chat"]
+    assert [m.id for m in _openai(url, BOB).models.list()] == []
+
+
+@pytest.mark.parametrize("prompt", [[1, 2, 3], "hello"])
+def test_greedy_completion_equals_grpc_generate(served, prompt):
+    alice, url = served
+    expected = alice.generate("chat", prompt, max_tokens=12, ignore_eos=True)
+    assert len(expected["token_ids"]) == 12
+    out = _openai(url).completions.create(model="chat", prompt=prompt, **GREEDY)
+    assert out.choices[0].text == expected["text"] and out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == \
+        (expected["prompt_tokens"], 12, expected["prompt_tokens"] + 12)
+    chunks = list(_openai(url).completions.create(model="chat", prompt=prompt, stream=True, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks) == expected["text"]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_string_cuts_the_text_as_grpc_does(served):
+    alice, url = served
+    full = alice.generate("chat", [7, 8, 9], max_tokens=12, ignore_eos=True)["text"]
+    stop = full[len(full) // 2]  # a character in the middle of the greedy text
+    expected = alice.generate("chat", [7, 8, 9], max_tokens=12, ignore_eos=True, stop=[stop])
+    out = _openai(url).completions.create(model="chat", prompt=[7, 8, 9], stop=[stop], **GREEDY)
+    assert out.choices[0].text == expected["text"] == full[:full.index(stop)]
+    assert out.choices[0].finish_reason == "stop"
+
+
+def test_chat_completion_renders_the_template(served):
+    alice, url = served
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    expected = alice.generate("chat", "^<|system|>be brief\n<|user|>hi\n<|assistant|>", max_tokens=12,
+                              ignore_eos=True)
+    client = _openai(url)
+    out = client.chat.completions.create(model="chat", messages=messages, **GREEDY)
+    assert out.choices[0].message.content == expected["text"] and out.choices[0].message.role == "assistant"
+    assert out.usage.prompt_tokens == expected["prompt_tokens"]
+    chunks = list(client.chat.completions.create(model="chat", messages=messages, stream=True, **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected["text"]
+
+
+def test_sse_framing_usage_chunk_and_done(served):
+    _, url = served
+    body = {"model": "chat", "prompt": [1, 2, 3], "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{url}/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {ALICE}"}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"  # every event ends with a blank line
+    assert all(e.startswith("data: ") and "\n" not in e for e in events[:-1])
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert {c["object"] for c in chunks} == {"text_completion"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 5,
+                                                                   "total_tokens": 8}
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("extra, param", [({"logprobs": 2}, "logprobs"), ({"n": 2}, "n"),
+                                          ({"presence_penalty": 0.5}, "presence_penalty"),
+                                          ({"bogus": 1}, "bogus"), ({"temperature": -1}, "temperature")])
+def test_unsupported_or_bad_parameters_are_400_naming_them(served, extra, param):
+    _, url = served
+    response = httpx.post(f"{url}/completions", json={"model": "chat", "prompt": "hi", **extra},
+                          headers={"Authorization": f"Bearer {ALICE}"}, timeout=60)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and param in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_auth_and_unknown_model_errors(served):
+    _, url = served
+    for headers in ({}, {"Authorization": "Bearer wrong-token-000"}):
+        response = httpx.get(f"{url}/models", headers=headers, timeout=60)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        _openai(url, "wrong-token-000").completions.create(model="chat", prompt="hi")
+    with pytest.raises(openai.NotFoundError) as err:
+        _openai(url, BOB).completions.create(model="chat", prompt="hi")  # alice's deployment, not bob's
+    assert err.value.body["param"] == "model" and err.value.body["code"] == "model_not_found"
+    response = httpx.post(f"{url}/completions", json={"model": "nope", "prompt": "hi"},
+                          headers={"Authorization": f"Bearer {ALICE}"}, timeout=60)
+    assert response.status_code == 404 and set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_model_without_chat_template_is_refused_clearly(tmp_path):
+    with pytest.raises(OpenAIError) as err:
+        render_chat("plain", str(tmp_path), [{"role": "user", "content": "hi"}])
+    assert err.value.status == 400 and err.value.code == "no_chat_template" and "plain" in err.value.message
