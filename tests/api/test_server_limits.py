@@ -8,17 +8,20 @@ tests read the engine's KV-block count, which the API does not expose.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 
 import grpc
+import httpx
 import pytest
 
 from model_helpers import tiny_spec
-from shardwright.api.auth import OPEN_TENANT
+from shardwright.api.auth import OPEN_TENANT, Authenticator
 from shardwright.api.client import Client, ShardwrightError
 from shardwright.api.gen.shardwright.v1 import inference_pb2
+from shardwright.api.http import HttpServer
 from shardwright.api.limits import MIB, core_limit_bytes
 from shardwright.api.server import ServerOptions, ShardwrightServer
 from shardwright.config import Settings
@@ -202,3 +205,24 @@ def _wait_for(predicate, timeout_s: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.05)
+
+
+def test_http_client_that_disconnects_cancels_its_request(control, engine, tmp_path):
+    """The OpenAI-compatible API (api/http.py): a client gone mid-stream, or one that stops waiting
+    for a whole completion, frees its KV blocks long before the LONG tokens are done."""
+    http = HttpServer(control, Authenticator(None), "127.0.0.1", 0, 4 * MIB, Settings(state_dir=tmp_path), grace_s=1)
+    url = f"http://127.0.0.1:{http.start()}/v1/completions"
+    body = {"model": "slow", "prompt": [1, 2, 3], "max_tokens": LONG, "ignore_eos": True, "temperature": 0}
+    try:
+        steps_before = engine.steps
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as response:
+            first = next(line for line in response.iter_lines() if line.startswith("data: "))
+            assert json.loads(first[len("data: "):])["object"] == "text_completion"
+            assert engine.blocks_in_use > 0  # the request is running when the client goes away
+        assert_cancelled_early(engine, steps_before)
+        steps_before = engine.steps
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json=body, timeout=DEADLINE_S)
+        assert_cancelled_early(engine, steps_before)
+    finally:
+        http.stop()
