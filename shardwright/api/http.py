@@ -12,7 +12,8 @@ identical). Guarantees:
   file is configured, 404 for an unknown model, 413 over the request size limit, 503 when the
   engine cannot serve;
 - a client that disconnects, mid-stream or while waiting for a whole completion, cancels its
-  request, which frees its KV blocks before the engine's next step.
+  request, which frees its KV blocks before the engine's next step;
+- `GET /metrics` serves Prometheus text without a token (api/http_metrics.py).
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ import time
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from shardwright.actors.requests import RequestFailed
 from shardwright.api.auth import Authenticator
 from shardwright.api.chat_template import render_chat
 from shardwright.api.errors import one_line
+from shardwright.api.http_metrics import CountRequests, HttpMetrics
 from shardwright.api.limits import too_large_message
 from shardwright.api.openai_schema import (ChatRequest, CompletionRequest, OpenAIError, choice, completion_id,
                                            envelope, finish, parse, usage)
@@ -78,9 +80,10 @@ def _start(backend, tenant: str, model: str, prompt, params):
         raise OpenAIError(503, one_line(err), code="engine_unavailable") from err
 
 
-async def _events(stream):
+async def _events(stream, on_first=None):
     """The stream's (token, text) events on the event loop, pumped by a thread of its own (so
-    that many open streams do not exhaust the default executor); raises RequestFailed."""
+    that many open streams do not exhaust the default executor); raises RequestFailed.
+    `on_first()` runs when the first event arrives."""
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
     def put(item) -> None:
@@ -101,6 +104,9 @@ async def _events(stream):
     while (item := await queue.get()) is not _END:
         if isinstance(item, Exception):
             raise item
+        if on_first is not None:
+            on_first()
+            on_first = None
         yield item
 
 
@@ -111,9 +117,14 @@ def _sse(body: dict) -> str:
 class _Call:
     """One completion request on its way through an engine."""
 
-    def __init__(self, request: Request, req, chat: bool, engine, stream) -> None:
+    def __init__(self, request: Request, req, chat: bool, engine, stream, metrics: HttpMetrics,
+                 queued_at: float) -> None:
         self.request, self.req, self.chat, self.engine, self.stream = request, req, chat, engine, stream
         self.cid = completion_id(chat)
+        self.metrics, self.queued_at = metrics, queued_at
+
+    def _first_token(self) -> None:
+        self.metrics.first_token(self.req.model, time.monotonic() - self.queued_at)
 
     def _envelope(self, chunk: bool, choices: list[dict], **extra) -> dict:
         return envelope(self.cid, self.chat, self.req.model, chunk, choices, **extra)
@@ -127,7 +138,7 @@ class _Call:
         try:
             if self.chat:
                 yield _sse(self._envelope(True, [choice(True, "", None, delta=True, first=True)]))
-            async for _, text in _events(self.stream):
+            async for _, text in _events(self.stream, self._first_token):
                 if text:
                     yield _sse(self._envelope(True, [choice(self.chat, text, None, delta=True)]))
             reason = finish(self.stream.output.finish_reason)
@@ -143,7 +154,7 @@ class _Call:
     async def whole(self) -> dict:
         """The complete answer; cancels the request if the client goes away first."""
         async def drain() -> str:
-            return "".join([text async for _, text in _events(self.stream)])
+            return "".join([text async for _, text in _events(self.stream, self._first_token)])
 
         task = asyncio.ensure_future(drain())
         try:
@@ -164,6 +175,8 @@ class _Call:
 def build_app(backend, auth: Authenticator, max_request_bytes: int) -> FastAPI:
     """The FastAPI application of the OpenAI-compatible API over `backend` (a SchedulerService)."""
     app = FastAPI(title="Shardwright OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = HttpMetrics()
+    app.add_middleware(CountRequests, metrics=metrics, auth=auth)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, err: OpenAIError):
@@ -173,6 +186,10 @@ def build_app(backend, auth: Authenticator, max_request_bytes: int) -> FastAPI:
     async def _http_error(request: Request, err: HTTPException):
         return JSONResponse(OpenAIError(err.status_code, f"{request.method} {request.url.path}: {err.detail}",
                                         code=str(err.status_code)).body(), status_code=err.status_code)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.text(), media_type=metrics.content_type)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -186,8 +203,9 @@ def build_app(backend, auth: Authenticator, max_request_bytes: int) -> FastAPI:
         req = parse(ChatRequest if chat else CompletionRequest, await _json_body(request, max_request_bytes))
         params = req.sampling_params(req.max_completion_tokens if chat else None)
         prompt = await asyncio.to_thread(_chat_prompt, backend, tenant, req) if chat else req.one_prompt()
+        queued_at = time.monotonic()
         engine, stream = await asyncio.to_thread(_start, backend, tenant, req.model, prompt, params)
-        call = _Call(request, req, chat, engine, stream)
+        call = _Call(request, req, chat, engine, stream, metrics, queued_at)
         if req.stream:
             return StreamingResponse(call.sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})

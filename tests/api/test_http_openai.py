@@ -10,6 +10,7 @@ import json
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from model_helpers import tiny_spec
 from shardwright.api.chat_template import render_chat
@@ -140,3 +141,23 @@ def test_a_model_without_chat_template_is_refused_clearly(tmp_path):
     with pytest.raises(OpenAIError) as err:
         render_chat("plain", str(tmp_path), [{"role": "user", "content": "hi"}])
     assert err.value.status == 400 and err.value.code == "no_chat_template" and "plain" in err.value.message
+
+
+def _samples(url: str) -> dict[tuple, float]:
+    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=60).text  # no token: scrapers have none
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_count_requests_by_tenant_and_code_and_time_first_tokens(served):
+    _, url = served
+    ok = ("shardwright_http_requests_total", (("code", "200"), ("endpoint", "/v1/completions"), ("tenant", "alice")))
+    denied = ("shardwright_http_requests_total", (("code", "401"), ("endpoint", "/v1/models"),
+                                                  ("tenant", "unauthenticated")))
+    ttft = ("shardwright_time_to_first_token_seconds_count", (("deployment", "chat"),))
+    before = _samples(url)
+    _openai(url).completions.create(model="chat", prompt=[1, 2], max_tokens=2, temperature=0)
+    assert httpx.get(f"{url}/models", timeout=60).status_code == 401
+    after = _samples(url)
+    for key in (ok, denied, ttft):
+        assert after[key] - before.get(key, 0.0) == 1, key
