@@ -129,6 +129,10 @@ class _Call:
     def _envelope(self, chunk: bool, choices: list[dict], **extra) -> dict:
         return envelope(self.cid, self.chat, self.req.model, chunk, choices, **extra)
 
+    def cancel(self) -> None:
+        """Cancel the request in its engine (a no-op once it has finished)."""
+        self.engine.cancel(self.stream.request_id)
+
     def _usage(self) -> dict:
         out = self.stream.output
         return usage(len(out.prompt_ids), len(out.token_ids))
@@ -149,7 +153,7 @@ class _Call:
         except RequestFailed as err:
             yield _sse(OpenAIError(503, one_line(err), code="request_failed").body())
         finally:
-            self.engine.cancel(self.stream.request_id)  # a no-op once it has finished
+            self.cancel()
 
     async def whole(self) -> dict:
         """The complete answer; cancels the request if the client goes away first."""
@@ -167,9 +171,24 @@ class _Call:
             except RequestFailed as err:
                 raise OpenAIError(503, one_line(err), code="request_failed") from err
         finally:
-            self.engine.cancel(self.stream.request_id)
+            self.cancel()
         reason = finish(self.stream.output.finish_reason)
         return self._envelope(False, [choice(self.chat, text, reason, delta=False)], usage=self._usage())
+
+
+class _EventStream(StreamingResponse):
+    """`call.sse()` as text/event-stream; the request is cancelled however the response ends,
+    even when the client is gone before the first event (so the generator never starts)."""
+
+    def __init__(self, call: _Call) -> None:
+        super().__init__(call.sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.call = call
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.call.cancel()
 
 
 def build_app(backend, auth: Authenticator, max_request_bytes: int) -> FastAPI:
@@ -207,8 +226,7 @@ def build_app(backend, auth: Authenticator, max_request_bytes: int) -> FastAPI:
         engine, stream = await asyncio.to_thread(_start, backend, tenant, req.model, prompt, params)
         call = _Call(request, req, chat, engine, stream, metrics, queued_at)
         if req.stream:
-            return StreamingResponse(call.sse(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return _EventStream(call)
         return await call.whole()
 
     @app.post("/v1/completions")
