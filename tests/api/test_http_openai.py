@@ -135,6 +135,9 @@ def test_auth_and_unknown_model_errors(served):
     response = httpx.post(f"{url}/completions", json={"model": "nope", "prompt": "hi"},
                           headers={"Authorization": f"Bearer {ALICE}"}, timeout=60)
     assert response.status_code == 404 and set(response.json()["error"]) == {"message", "type", "param", "code"}
+    response = httpx.post(f"{url}/completions", json={"model": "chat", "prompt": "x" * (5 * 1024 * 1024)},
+                          headers={"Authorization": f"Bearer {ALICE}"}, timeout=60)  # over serve's 4 MiB default
+    assert response.status_code == 413 and "--max-request-mib" in response.json()["error"]["message"]
 
 
 def test_a_model_without_chat_template_is_refused_clearly(tmp_path):
