@@ -62,11 +62,14 @@ def test_tp2_quantized_logits_equal_tp1(checkpoints, rng, quant, group_size):
     by_rank = run_ranks(quant_cases.run_quant_logits, 2, args=(d, ids, quant, group_size))
     scale = ref.abs().max()
     # int4: every group lies in one rank's in_features, so both layouts hold the same integers and
-    # differ by the all-reduce's order and bf16 rounding of partial outputs (2^-8 relative per layer,
-    # two layers): bound 3% of max |logit|. int8: a row-parallel rank scales its own half-row, so the
-    # weights differ by quantization noise (<= 1/254 of a row's max per weight): the same bound.
+    # differ by the all-reduce's order and bf16 rounding of partial outputs (2^-8 relative per op,
+    # amplified by this random std-0.2 model; measured 1.1% of max |logit|): bound 3%.
+    # int8: a row-parallel rank scales its own half-row, so the weights differ by quantization
+    # noise (<= 1/254 of a row's max per weight; measured 2.5%, the int8-vs-fp32 gap is 4.4%): 5%.
+    # A wrong slice or scale gives errors of the order of the logits themselves.
+    tol = 0.03 if quant == "int4" else 0.05
     for logits in by_rank:
-        assert (logits - ref).abs().max() <= 0.03 * scale
+        assert (logits - ref).abs().max() <= tol * scale
 
 
 def test_int8_greedy_tokens_equal_dequantized_reference(checkpoints):
