@@ -70,11 +70,11 @@ def _randomise_biases_and_norms(model) -> None:
                 p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.2)
 
 
-def _hf_greedy(model, prompt: list[int]) -> list[int]:
+def _hf_greedy(model, prompt: list[int], n: int = NEW_TOKENS) -> list[int]:
     """transformers' greedy generate. No eos id: it neither stops early nor suppresses a token;
     an explicit attention mask, or it would mask prompt tokens equal to the pad id."""
     ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                          do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
@@ -193,3 +193,96 @@ def test_unknown_architecture_is_refused_listing_the_supported(hf_models):
     config["architectures"] = ["Qwen2ForCausalLM"]
     with pytest.raises(ValueError, match="model_type='qwen2_moe'.*qwen3"):
         ModelSpec.from_hf_config(config)
+
+
+# fp32 gradients through different kernels (fused qkv, SDPA backward vs transformers'); ~1e-6 seen.
+GRAD_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def hf_grads(hf_models):
+    """transformers' loss and every parameter gradient on one batch of 24 tokens (> the window)."""
+    rng = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB, (2, 24), generator=rng)
+    targets = torch.randint(0, VOCAB, (2, 24), generator=rng)
+    targets[0, :3] = -100
+    out = {}
+    for name in ("qwen2_tied", "qwen3", "mistral"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(hf_models[name][0]).float()
+        logits = model(ids).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+        loss.backward()
+        out[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    return ids, targets, out
+
+
+def test_gradients_at_tp2_match_transformers(hf_models, hf_grads):
+    """Trainable: the loss and every gradient at tp = 2 (replicated q/k norm weights summed over
+    TP; Qwen2's qkv biases split with their heads) equal transformers' backward."""
+    from test_tensor_parallel import assemble
+
+    ids, targets, ref = hf_grads
+    names = list(ref)
+    by_rank = run_ranks(tp_cases.run_logits_grads, 2, args=([(hf_models[n][0], ids, targets) for n in names],))
+    for i, name in enumerate(names):
+        ref_loss, ref_grads = ref[name]
+        assert abs(float(by_rank[0][i][1] - ref_loss)) <= LOGIT_TOL, f"{name} loss"
+        grads = assemble([r[i][2] for r in by_rank])
+        assert set(grads) == set(ref_grads), name
+        for key, g in grads.items():
+            assert ref_grads[key].abs().max() > 0, f"{name}: reference gradient of {key} is zero"
+            err = (g - ref_grads[key]).abs().max()
+            assert err <= GRAD_TOL, f"{name} grad {key} differs by {err}"
+
+
+def test_random_checkpoints_of_each_family_load_in_transformers(tmp_path):
+    """random_init (and the training export, which shares hf_config_from_spec) writes a
+    config.json that transformers reads as the same family, with equal logits."""
+    from shardwright.models.random_init import write_random_checkpoint
+
+    base = dict(architecture="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=2,
+                num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256, norm_eps=1e-6)
+    specs = {"Qwen2ForCausalLM": dict(qkv_bias=True),
+             "Qwen3ForCausalLM": dict(qk_norm=True, head_dim=32, sliding_window=WINDOW, sliding_window_layers=[1]),
+             "MistralForCausalLM": dict(sliding_window=WINDOW)}
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(2))
+    for cls, extra in specs.items():
+        spec = ModelSpec(**{**base, **extra})
+        directory = write_random_checkpoint(tmp_path / cls, spec, seed=3, std=0.2)
+        assert ModelSpec.from_hf_dir(directory).model_dump(exclude={"checkpoint_path"}) == spec.model_dump(
+            exclude={"checkpoint_path"})
+        hf = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+        assert type(hf).__name__ == cls
+        _, model = load_model(directory, ParallelContext.single("cpu"))
+        with torch.no_grad():
+            err = (model.full_logits(model(ids, torch.arange(20)[None])) - hf(ids).logits).abs().max()
+        assert err <= LOGIT_TOL, f"{cls}: logits differ by {err}"
+
+
+def test_sliding_window_refused_with_context_parallelism(hf_models):
+    from shardwright.config import ParallelLayout
+    from shardwright.models import spec_layout_check
+
+    from shardwright.training.sharding import shard_context
+
+    spec = ModelSpec.from_hf_dir(hf_models["mistral"][0])
+    with pytest.raises(ValueError, match="sliding_window=8 is not supported with cp=2"):
+        spec_layout_check(spec, shard_context(ParallelLayout(cp=2), tp_rank=0, pp_rank=0))
+
+
+def test_engine_greedy_tokens_for_mistral_past_the_window(ray_cluster, hf_models):
+    """32 greedy tokens through the Ray engine (paged cache, packed steps) at tp = 1 equal
+    transformers' for a prompt longer than the window, and for a short one batched with it."""
+    from shardwright.actors.engine import EngineConfig, InferenceEngine
+    from shardwright.actors.sampling import SamplingParams
+    from shardwright.config import ParallelLayout
+
+    directory, prompt, _, _ = hf_models["mistral"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    prompts = [prompt, prompt[:3]]
+    with torch.no_grad():
+        refs = [_hf_greedy(hf, p, 32) for p in prompts]
+    cfg = EngineConfig(model_dir=directory, layout=ParallelLayout(tp=1), block_size=4, num_blocks=64)
+    with InferenceEngine(cfg).start() as eng:
+        outs = eng.generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True), timeout_s=300)
+    assert [o.token_ids for o in outs] == refs
