@@ -1,5 +1,6 @@
-"""Qwen2 / Qwen2.5, Qwen3 and Mistral checkpoints saved by `transformers` reproduce its logits and
-greedy tokens here, at tp = 1 (in process) and tp = 2 (two gloo ranks).
+"""Qwen2 / Qwen2.5, Qwen3 and Mistral checkpoints saved by `transformers` reproduce its logits,
+greedy tokens and gradients here: at tp = 1 (in process) and tp = 2 (two gloo ranks), over the
+paged serving path, and through the Ray engine (Mistral also at tp = 2 and pp = 2).
 
 Each reference is a tiny randomly initialised transformers model (2 layers, hidden 64, 4 heads,
 2 kv heads) written with save_pretrained. Biases and norm weights, which transformers initialises
