@@ -70,5 +70,8 @@ def load_model(
 
 def spec_layout_check(spec: ModelSpec, ctx: ParallelContext) -> None:
     ctx.layout.validate_for(spec)
+    if spec.sliding_window is not None and ctx.layout.cp > 1:
+        raise ValueError(f"sliding_window={spec.sliding_window} is not supported with cp={ctx.layout.cp}: "
+                         "ring attention and paged context parallelism are full-causal; use cp=1")
     if ctx.device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"{ctx.device} requested but CUDA is not available")
