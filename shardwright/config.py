@@ -136,7 +136,7 @@ class ModelSpec(StrictModel):
         cls, hf: dict[str, Any], checkpoint_path: Path | None = None, dtype: DType | None = None
     ) -> ModelSpec:
         """Translate a Hugging Face `config.json` dict (Llama or GPT-2) into a ModelSpec."""
-        from shardwright.models.hf_config import spec_fields_from_hf
+        from shardwright.hf_config import spec_fields_from_hf
 
         fields = spec_fields_from_hf(hf)
         if dtype is not None:

@@ -6,6 +6,9 @@ qkv_bias, qk_norm and sliding_window) and GPT-2.
 Both the transformers 4 spelling (`rope_theta`, `rope_scaling`) and the transformers 5 one
 (`rope_parameters`) are read. Anything this runtime cannot reproduce exactly is refused with a
 message naming the key, rather than silently computing something else.
+
+Part of the configuration layer beside `config.py`: it imports nothing from shardwright and nothing
+heavy (no torch), so `ModelSpec.from_hf_dir` works in the CLI and the scheduler without the models.
 """
 
 from __future__ import annotations
