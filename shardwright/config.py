@@ -40,7 +40,9 @@ class RopeScaling(StrictModel):
 class ModelSpec(StrictModel):
     """The shape of a decoder-only transformer, independent of how it is sharded."""
 
-    architecture: Architecture = Field(description="Decoder family: 'llama' or 'gpt2'.")
+    architecture: Architecture = Field(
+        description="Decoder family: 'llama' (also Qwen2, Qwen3 and Mistral, told apart by the fields "
+                    "qkv_bias, qk_norm and sliding_window) or 'gpt2'.")
     vocab_size: int = Field(gt=0, description="Number of token ids.")
     hidden_size: int = Field(gt=0, description="Model width d_model.")
     intermediate_size: int = Field(gt=0, description="Width of the MLP's hidden layer.")
@@ -55,6 +57,13 @@ class ModelSpec(StrictModel):
     tie_word_embeddings: bool = Field(False, description="LM head shares the embedding matrix.")
     attention_bias: bool = Field(False, description="q/k/v/o projections carry a bias.")
     mlp_bias: bool = Field(False, description="MLP projections carry a bias.")
+    qkv_bias: bool = Field(False, description="q/k/v projections carry a bias, o does not (Qwen2; llama only).")
+    qk_norm: bool = Field(False, description="Per-head RMSNorm of q and k before RoPE (Qwen3; llama only).")
+    sliding_window: int | None = Field(
+        None, gt=0, description="Attention sees only the last `sliding_window` keys (itself included) "
+                                "(Mistral; llama only).")
+    sliding_window_layers: list[int] | None = Field(
+        None, description="Layers whose attention is windowed; None = every layer when sliding_window is set.")
     activation: Literal["silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"] = Field(
         "silu", description="MLP activation (SwiGLU gate for llama, plain for gpt2)."
     )
@@ -75,7 +84,23 @@ class ModelSpec(StrictModel):
                 f"gpt2 needs num_heads*head_dim == hidden_size, got {self.num_heads}*{self.head_dim} "
                 f"!= {self.hidden_size}"
             )
+        if self.architecture != "llama" and (self.qkv_bias or self.qk_norm or self.sliding_window):
+            raise ValueError(f"qkv_bias, qk_norm and sliding_window need architecture='llama', got {self.architecture!r}")
+        if self.sliding_window_layers is not None:
+            if self.sliding_window is None:
+                raise ValueError("sliding_window_layers is set but sliding_window is None: give the window size")
+            bad = [i for i in self.sliding_window_layers if not 0 <= i < self.num_layers]
+            if bad:
+                raise ValueError(f"sliding_window_layers {bad} out of range for num_layers={self.num_layers}")
         return self
+
+    def window_of(self, layer: int) -> int | None:
+        """The attention window of (global) layer `layer`, None for full causal attention."""
+        if self.sliding_window is None:
+            return None
+        if self.sliding_window_layers is not None and layer not in self.sliding_window_layers:
+            return None
+        return self.sliding_window
 
     @property
     def num_parameters(self) -> int:
@@ -85,6 +110,8 @@ class ModelSpec(StrictModel):
         kv = self.num_kv_heads * self.head_dim
         if self.architecture == "llama":
             block = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h
+            block += (q + 2 * kv) * (self.qkv_bias or self.attention_bias) + h * self.attention_bias
+            block += 2 * self.head_dim * self.qk_norm + (2 * f + h) * self.mlp_bias
             extra = h
         else:
             block = h * (q + 2 * kv) + (q + 2 * kv) + q * h + h + 2 * h * f + f + h + 4 * h
@@ -109,7 +136,7 @@ class ModelSpec(StrictModel):
         cls, hf: dict[str, Any], checkpoint_path: Path | None = None, dtype: DType | None = None
     ) -> ModelSpec:
         """Translate a Hugging Face `config.json` dict (Llama or GPT-2) into a ModelSpec."""
-        from shardwright.models.hf_config import spec_fields_from_hf
+        from shardwright.hf_config import spec_fields_from_hf
 
         fields = spec_fields_from_hf(hf)
         if dtype is not None:

@@ -67,7 +67,10 @@ class ShardRunner(GroupMember):
         """Phase 2: read this rank's slice of the checkpoint; returns the resident weight bytes.
 
         `pooled` maps local layer -> where its weights live instead ({"path"...} of a same-node
-        peer's segment, {"peer": handle, ...} of a peer elsewhere, or {"host": True}).
+        peer's segment, {"peer": handle, ...} of a peer elsewhere, or {"host": True}). On the CPU a
+        same-node segment is mapped read-only and bound in place (not in this rank's ledger, no
+        fetch thread); the others are fetched before each use by a background thread, which takes
+        one of the rank's compute threads.
         """
         return self._phase("load", self._load, model_dir, dtype, pooled or {}, depth)
 
@@ -84,9 +87,10 @@ class ShardRunner(GroupMember):
         if skip:
             sources = {int(i): self._source(int(i), where, model_dir, spec) for i, where in pooled.items()}
             self.fetcher = LayerFetcher(self.model.blocks, sources, self.ledger, self.ctx.device, depth)
-            if self.ctx.device.type == "cpu" and torch.get_num_threads() > 1:
+            if self.fetcher.background and self.ctx.device.type == "cpu" and torch.get_num_threads() > 1:
                 # The fetch thread needs a core of its own: an OpenMP team that loses a core to it
-                # spins and stalls at every barrier (measured: noisy 1.3-1.9x slowdowns).
+                # spins and stalls at every barrier (measured: noisy 1.3-1.9x slowdowns). Layers
+                # bound in place from a same-node peer's segment need no thread and keep every core.
                 self.set_num_threads(torch.get_num_threads() - 1)
             self.model.layer_weights = self.fetcher
         return resident
@@ -125,10 +129,13 @@ class ShardRunner(GroupMember):
 
     @any_thread
     def memory(self) -> dict:
-        """This rank's ledger: budget, resident bytes by kind, high-water mark; pooled traffic."""
+        """This rank's ledger (budget, resident bytes by kind, high-water mark) and, outside it, the
+        pooled layers: bytes fetched and seconds fetching / waiting for fetches since load, and the
+        bytes bound in place from same-node peers' segments (`bytes_mapped`, the peers' memory)."""
         snap = self.ledger.snapshot()
         snap["host_bytes"] = self.host_bytes
-        snap["bytes_fetched"] = self.fetcher.bytes_fetched if self.fetcher else 0
+        snap.update(self.fetcher.traffic() if self.fetcher else
+                    {"bytes_fetched": 0, "bytes_mapped": 0, "fetch_s": 0.0, "fetch_wait_s": 0.0})
         return snap
 
     @any_thread

@@ -1,4 +1,7 @@
-"""Nodes and GPUs of the Ray cluster, as the scheduler's `ClusterInventory` keyed by Ray node id.
+"""Nodes and GPUs of the Ray cluster, as plain per-node GPU counts keyed by Ray node id.
+
+The scheduler builds its `ClusterInventory` from `GpuCounts`; this module knows nothing of the
+scheduler (`cluster/` sits below it and imports only `config`).
 
 GPUs are Ray's `GPU` resource: physical devices on GPU machines, *logical* ones on CPU machines
 (a local cluster started by `cluster.ray_connect.connect` or `ray start --num-gpus N` advertises
@@ -18,8 +21,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import ray
-
-from shardwright.scheduler.model import ClusterInventory
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +62,21 @@ def _available_per_node() -> dict[str, dict[str, float]]:
     return state.available_resources_per_node()
 
 
-def gpu_inventory(nodes: list[NodeInfo], used_by_node: Mapping[str, int] | None = None) -> ClusterInventory:
+@dataclass(frozen=True, slots=True)
+class GpuCounts:
+    """Whole GPUs per live node with at least one: the total, and the free ones for the scheduler."""
+
+    total_by_node: dict[str, int]
+    free_by_node: dict[str, int]
+
+
+def gpu_counts(nodes: list[NodeInfo], used_by_node: Mapping[str, int] | None = None) -> GpuCounts:
     """The live nodes with at least one whole GPU, with free GPUs as the module docstring says.
 
     `used_by_node` is the GPUs of the scheduler's own placements; GPUs on nodes that are gone are
-    ignored (their jobs' runners fail and are handled by the scheduler).
+    ignored (their jobs' runners fail and are handled by the scheduler). With no `used_by_node`,
+    `free_by_node` still subtracts what Ray reports as taken; use `total_by_node` for an empty
+    cluster (what submission checks a job against).
     """
     used = used_by_node or {}
     totals = {n.node_id: int(n.gpus_total) for n in nodes if n.alive and n.gpus_total >= 1}
@@ -80,10 +91,4 @@ def gpu_inventory(nodes: list[NodeInfo], used_by_node: Mapping[str, int] | None 
             total = totals[node.node_id]
             ours = min(total, used.get(node.node_id, 0))
             free[node.node_id] = max(0, min(total - ours, math.floor(node.gpus_free + 1e-9)))
-    return ClusterInventory.from_nodes(totals, free)
-
-
-def empty_inventory(nodes: list[NodeInfo]) -> ClusterInventory:
-    """The same nodes with every GPU free: what submission checks a job against."""
-    inventory = gpu_inventory(nodes)
-    return ClusterInventory.from_nodes(inventory.total_by_node)
+    return GpuCounts(total_by_node=totals, free_by_node=free)

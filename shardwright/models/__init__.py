@@ -14,6 +14,7 @@ import torch
 from shardwright.config import DType, ModelSpec
 from shardwright.models.checkpoint import CheckpointReader
 from shardwright.models.decoder import DecoderModel
+from shardwright.models.quant import QuantMethod, quantize_model
 from shardwright.models.weights import load_weights
 from shardwright.parallel.context import ParallelContext
 
@@ -45,7 +46,7 @@ def materialize(module: torch.nn.Module, device: torch.device, keep_meta: set[in
 
 def load_model(
     directory: str | Path, ctx: ParallelContext, *, dtype: DType | None = None,
-    skip_blocks: frozenset[int] = frozenset(),
+    skip_blocks: frozenset[int] = frozenset(), quant: QuantMethod | None = None, group_size: int = 128,
 ) -> tuple[ModelSpec, DecoderModel]:
     """Build this rank's shard of the checkpoint in `directory` and load its slices.
 
@@ -53,15 +54,24 @@ def load_model(
     filled one at a time from slices of the checkpoint: peak memory is this rank's shard plus
     one parameter's slice. Blocks in `skip_blocks` (local indices) are not loaded: their
     parameters stay on the meta device until `model.layer_weights` binds them (peer pooling).
+    `quant` ("int8" or "int4" with `group_size`) quantizes this rank's linear weights after loading
+    (models.quant); the model is then for inference only.
     """
+    if quant is not None and skip_blocks:
+        raise ValueError(f"quant={quant!r} with pooled blocks {sorted(skip_blocks)} is not supported; load them locally")
     spec = ModelSpec.from_hf_dir(directory, dtype=dtype)
     model = build_model(spec, ctx, frozenset(skip_blocks))
     with CheckpointReader(directory) as reader:
         load_weights(model, reader, frozenset(skip_blocks))
+    if quant is not None:
+        quantize_model(model, quant, group_size=group_size)
     return spec, model.eval()
 
 
 def spec_layout_check(spec: ModelSpec, ctx: ParallelContext) -> None:
     ctx.layout.validate_for(spec)
+    if spec.sliding_window is not None and ctx.layout.cp > 1:
+        raise ValueError(f"sliding_window={spec.sliding_window} is not supported with cp={ctx.layout.cp}: "
+                         "ring attention and paged context parallelism are full-causal; use cp=1")
     if ctx.device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"{ctx.device} requested but CUDA is not available")

@@ -15,10 +15,11 @@ from torch import nn
 
 from shardwright.config import ModelSpec
 from shardwright.models.kv_cache import LayerKV
-from shardwright.models.paged import SDPA_HAS_GQA, PagedBatch, PagedKVCache, paged_attention
+from shardwright.models.paged import SDPA_HAS_GQA, PagedBatch, PagedKVCache, causal_mask, paged_attention
 from shardwright.models.rotary import Rotary
 from shardwright.parallel.attention.plan import ShardPlan
 from shardwright.parallel.attention.ring import ring_attention
+from shardwright.parallel.collectives import copy_to_group
 from shardwright.parallel.context import ParallelContext
 from shardwright.parallel.layers import ColumnParallelLinear, RowParallelLinear, RowRange
 
@@ -102,9 +103,14 @@ class Attention(nn.Module):
     The fused qkv projection holds this rank's query heads, then its kv heads. When the model
     has fewer kv heads than TP ranks, each kv head is replicated on tp/num_kv_heads consecutive
     ranks and its weight gradient is summed over them.
+
+    `layer` is the global layer index: it picks this layer's sliding window (`spec.window_of`),
+    honoured by every path here (full prefill, KV-cache decode, paged steps). With `qk_norm`
+    (Qwen3) q and k are RMS-normalised per head before RoPE; the norm weights are replicated
+    over TP and their gradients summed over the group.
     """
 
-    def __init__(self, spec: ModelSpec, ctx: ParallelContext, *, device=None, dtype=None) -> None:
+    def __init__(self, spec: ModelSpec, ctx: ParallelContext, layer: int = 0, *, device=None, dtype=None) -> None:
         super().__init__()
         hd, tp = spec.head_dim, ctx.tp
         q_rows = RowRange.heads(spec.num_heads, hd, ctx.tp_rank, tp)
@@ -112,7 +118,8 @@ class Attention(nn.Module):
         replicas = max(1, tp // spec.num_kv_heads)
         replicated = (q_rows.length, q_rows.length + 2 * kv_rows.length) if replicas > 1 else None
         self.qkv = ColumnParallelLinear(
-            spec.hidden_size, [q_rows, kv_rows, kv_rows], ctx.tp_group, bias=spec.attention_bias,
+            spec.hidden_size, [q_rows, kv_rows, kv_rows], ctx.tp_group,
+            bias=spec.attention_bias or spec.qkv_bias,
             replicated_rows=replicated, replica_group=ctx.tp_subgroup(replicas),
             device=device, dtype=dtype,
         )
@@ -124,6 +131,12 @@ class Attention(nn.Module):
         self.num_heads = q_rows.length // hd
         self.num_kv_heads = kv_rows.length // hd
         self.scale = 1.0 / math.sqrt(hd)
+        self.window = spec.window_of(layer)
+        self.tp_group = ctx.tp_group
+        self.q_norm = self.k_norm = None
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(hd, spec.norm_eps, device=device, dtype=dtype)
+            self.k_norm = RMSNorm(hd, spec.norm_eps, device=device, dtype=dtype)
 
     def _project(self, x: torch.Tensor, rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [b, heads, t, d], k and v [b, kv_heads, t, d] of x [b, t, hidden], RoPE applied."""
@@ -131,17 +144,30 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).split(
             [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2, dim=-1
         )
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self._head_norm(self.q_norm, q), self._head_norm(self.k_norm, k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if rotary is not None:
             rope, cos, sin = rotary
             q, k = rope(q, k, cos, sin)
         return q, k, v
 
+    def _head_norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        """RMSNorm over the last dim with the weight entering through the f op: it is replicated
+        while each rank normalises different heads, so its gradient is summed over TP."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)
+        return copy_to_group(norm.weight, self.tp_group) * h.to(x.dtype)
+
     def forward(self, x: torch.Tensor, rotary, cache: LayerKV | None, plan: ShardPlan | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self._project(x, rotary)
+        if plan is not None and self.window is not None:
+            raise ValueError(f"sliding_window={self.window} is not supported with context parallelism (cp > 1); "
+                             "use cp=1 for this model")
         if plan is not None:  # context parallel: x is this CP rank's share of a packed batch (b = 1)
             out, _ = ring_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), plan,
                                     self.cp_group, causal=True, softmax_scale=self.scale)
@@ -158,7 +184,7 @@ class Attention(nn.Module):
         """x [1, num_tokens, hidden] of a packed step; attention over the paged cache."""
         n = x.shape[1]
         q, k, v = (t[0].transpose(0, 1) for t in self._project(x, rotary))  # [n, heads, d]
-        out = paged_attention(q, k, v, layer, cache, batch, self.scale)
+        out = paged_attention(q, k, v, layer, cache, batch, self.scale, window=self.window)
         return self.o(out.reshape(1, n, self.num_heads * self.head_dim))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
@@ -169,22 +195,22 @@ class Attention(nn.Module):
         elif groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         t = q.shape[2]
-        if past == 0:
+        windowed = self.window is not None and past + t > self.window
+        if past == 0 and not windowed:
             return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=self.scale, **kwargs)
-        if t == 1:
+        if t == 1 and not windowed:
             return F.scaled_dot_product_attention(q, k, v, scale=self.scale, **kwargs)
-        keys = torch.arange(past + t, device=q.device)
-        mask = keys[None, :] <= (past + torch.arange(t, device=q.device))[:, None]
+        mask = causal_mask(t, past + t, self.window, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, **kwargs)
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm residual block: x + attn(norm1(x)), then + mlp(norm2(x))."""
+    """Pre-norm residual block: x + attn(norm1(x)), then + mlp(norm2(x)); `layer` is its global index."""
 
-    def __init__(self, spec: ModelSpec, ctx: ParallelContext, *, device=None, dtype=None) -> None:
+    def __init__(self, spec: ModelSpec, ctx: ParallelContext, layer: int = 0, *, device=None, dtype=None) -> None:
         super().__init__()
         self.attn_norm = make_norm(spec, device=device, dtype=dtype)
-        self.attn = Attention(spec, ctx, device=device, dtype=dtype)
+        self.attn = Attention(spec, ctx, layer, device=device, dtype=dtype)
         self.mlp_norm = make_norm(spec, device=device, dtype=dtype)
         self.mlp = make_mlp(spec, ctx, device=device, dtype=dtype)
 

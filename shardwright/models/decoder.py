@@ -70,7 +70,7 @@ class DecoderModel(nn.Module):
             self.embed = VocabParallelEmbedding(self.vocab_rows, spec.hidden_size, ctx.tp_group, **kw)
             if spec.architecture == "gpt2":
                 self.pos_embed = nn.Embedding(spec.max_position_embeddings, spec.hidden_size, **kw)
-        self.blocks = nn.ModuleList(DecoderBlock(spec, ctx, **kw) for _ in self.layer_ids)
+        self.blocks = nn.ModuleList(DecoderBlock(spec, ctx, layer, **kw) for layer in self.layer_ids)
         if ctx.is_last_stage:
             self.norm = make_norm(spec, **kw)
             if not (spec.tie_word_embeddings and self.embed is not None):

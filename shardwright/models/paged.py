@@ -139,15 +139,21 @@ class PagedKVCache:
 
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, cache: PagedKVCache,
-    batch: PagedBatch, scale: float,
+    batch: PagedBatch, scale: float, *, window: int | None = None,
 ) -> torch.Tensor:
     """Attention of packed queries over each sequence's paged context.
 
     q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim] (this step's
-    tokens, written to the cache here). Returns [num_tokens, heads, head_dim].
+    tokens, written to the cache here). Returns [num_tokens, heads, head_dim]. With `window`
+    (sliding-window attention) a query at position p sees keys at positions (p - window, p].
+    Every key stays cached; the window is a mask.
     """
     if cache.cp > 1:  # q, k, v are this CP rank's rows of the step (see paged_cp.py)
         from shardwright.models.paged_cp import paged_attention_cp
+
+        if window is not None:
+            raise ValueError(f"sliding_window={window} is not supported with context parallelism "
+                             f"(cp={cache.cp}); serve this model with cp=1")
 
         return paged_attention_cp(q, k, v, layer, cache, batch.cp_share(cache), scale)
     keys, values = cache.keys[layer], cache.values[layer]
@@ -159,17 +165,17 @@ def paged_attention(
         qd = q.index_select(0, batch.decode_rows).unsqueeze(2)  # [B, H, 1, D]
         kd = gather_slots(keys, batch.decode_slots).transpose(1, 2)  # [B, KV, L, D]
         vd = gather_slots(values, batch.decode_slots).transpose(1, 2)
-        od = _sdpa(qd, kd, vd, batch.decode_mask, scale, gqa)
+        od = _sdpa(qd, kd, vd, _decode_window_mask(batch, window), scale, gqa)
         out.index_copy_(0, batch.decode_rows, od.squeeze(2))
     for i in batch.prefill_seqs:
         start, n, ctx = batch.query_starts[i], batch.query_lens[i], batch.context_lens[i]
         qs = q[start : start + n].transpose(0, 1).unsqueeze(0)
         if ctx == n:  # the whole context is this chunk: plain causal attention
             ks, vs = k[start : start + n], v[start : start + n]
-            mask = None
+            mask = None if window is None or ctx <= window else causal_mask(n, ctx, window, q.device)
         else:
             ks, vs = gather_slots(keys, batch.context_slots[i]), gather_slots(values, batch.context_slots[i])
-            mask = _offset_causal_mask(n, ctx, q.device)
+            mask = causal_mask(n, ctx, window, q.device)
         o = _sdpa(qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0), mask, scale,
                   gqa, causal=mask is None)
         out[start : start + n] = o[0].transpose(0, 1)
@@ -183,10 +189,30 @@ def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
 
 
-def _offset_causal_mask(num_queries: int, context: int, device: torch.device) -> torch.Tensor:
+def causal_mask(num_queries: int, context: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[num_queries, context] True = attend, for the last `num_queries` of `context` positions:
+    causal, and with `window` only the `window` most recent keys (the query's own included)."""
     past = context - num_queries
-    keys = torch.arange(context, device=device)
-    return keys[None, :] <= (past + torch.arange(num_queries, device=device))[:, None]
+    keys = torch.arange(context, device=device)[None, :]
+    query = (past + torch.arange(num_queries, device=device))[:, None]
+    mask = keys <= query
+    if window is not None:
+        mask &= keys > query - window
+    return mask
+
+
+def _decode_window_mask(batch: PagedBatch, window: int | None) -> torch.Tensor:
+    """The decode rows' key mask, restricted to each row's last `window` keys (cached per batch)."""
+    if window is None or max(batch.context_lens) <= window:
+        return batch.decode_mask
+    cached = batch.__dict__.setdefault("_window_masks", {})
+    if window not in cached:
+        mask = batch.decode_mask
+        lens = torch.tensor([batch.context_lens[i] for i, n in enumerate(batch.query_lens) if n == 1],
+                            device=mask.device)
+        keys = torch.arange(mask.shape[-1], device=mask.device)
+        cached[window] = mask & (keys[None, :] >= (lens - window)[:, None]).view(mask.shape)
+    return cached[window]
 
 
 # SDPA's own grouped-query support (torch >= 2.5) reads each kv head for its query heads in place:

@@ -30,13 +30,42 @@ def hf_config_from_spec(spec: ModelSpec) -> dict:
     rope = {"rope_type": "default", "rope_theta": spec.rope_theta}
     if spec.rope_scaling is not None:
         rope.update(spec.rope_scaling.model_dump())
-    return {**common, "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+    model_type, cls = _llama_family(spec)
+    family = {}
+    if model_type in ("qwen2", "qwen3", "mistral"):
+        family["sliding_window"] = spec.sliding_window
+    if model_type in ("qwen2", "qwen3"):
+        windowed = set(range(spec.num_layers)) if spec.sliding_window_layers is None else set(spec.sliding_window_layers)
+        family["use_sliding_window"] = spec.sliding_window is not None
+        family["layer_types"] = ["sliding_attention" if spec.window_of(i) else "full_attention"
+                                 for i in range(spec.num_layers)]
+        family["max_window_layers"] = min(windowed, default=spec.num_layers)
+    return {**common, **family, "model_type": model_type, "architectures": [cls],
             "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
             "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_heads,
             "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
             "max_position_embeddings": spec.max_position_embeddings, "rms_norm_eps": spec.norm_eps,
             "rope_theta": spec.rope_theta, "rope_parameters": rope, "hidden_act": "silu",
             "attention_bias": spec.attention_bias, "mlp_bias": spec.mlp_bias}
+
+
+def _llama_family(spec: ModelSpec) -> tuple[str, str]:
+    """The transformers model_type and class that compute what a 'llama' spec computes."""
+    if spec.qk_norm:
+        family = ("qwen3", "Qwen3ForCausalLM")
+    elif spec.qkv_bias:
+        family = ("qwen2", "Qwen2ForCausalLM")
+    elif spec.sliding_window is not None:
+        family = ("mistral", "MistralForCausalLM")
+    else:
+        return "llama", "LlamaForCausalLM"
+    if spec.qkv_bias and (spec.qk_norm or spec.attention_bias):
+        raise ValueError("qkv_bias with qk_norm or attention_bias has no transformers equivalent to export to")
+    if spec.mlp_bias or (family[0] == "mistral" and spec.attention_bias):
+        raise ValueError(f"mlp_bias/attention_bias cannot be expressed in a {family[0]} config.json")
+    if family[0] == "mistral" and spec.sliding_window_layers is not None:
+        raise ValueError("per-layer sliding windows cannot be expressed in a mistral config.json")
+    return family
 
 
 def _shapes(spec: ModelSpec) -> Iterator[tuple[str, tuple[int, ...]]]:
@@ -49,11 +78,14 @@ def _shapes(spec: ModelSpec) -> Iterator[tuple[str, tuple[int, ...]]]:
             yield f"{p}.input_layernorm.weight", (h,)
             for name, rows in (("q", q), ("k", kv), ("v", kv)):
                 yield f"{p}.self_attn.{name}_proj.weight", (rows, h)
-                if spec.attention_bias:
+                if spec.attention_bias or spec.qkv_bias:
                     yield f"{p}.self_attn.{name}_proj.bias", (rows,)
             yield f"{p}.self_attn.o_proj.weight", (h, q)
             if spec.attention_bias:
                 yield f"{p}.self_attn.o_proj.bias", (h,)
+            if spec.qk_norm:
+                yield f"{p}.self_attn.q_norm.weight", (spec.head_dim,)
+                yield f"{p}.self_attn.k_norm.weight", (spec.head_dim,)
             yield f"{p}.post_attention_layernorm.weight", (h,)
             yield f"{p}.mlp.gate_proj.weight", (f, h)
             yield f"{p}.mlp.up_proj.weight", (f, h)

@@ -51,6 +51,9 @@ def _llama_block(i: int, block: nn.Module, layer: int) -> Plan:
     qkv = [f"{hf}.self_attn.{x}_proj.weight" for x in "qkv"]
     yield from _linear(f"{p}.attn.qkv", block.attn.qkv, qkv, conv1d=False)
     yield from _row(f"{p}.attn.o", block.attn.o, f"{hf}.self_attn.o_proj.weight", conv1d=False)
+    if block.attn.q_norm is not None:  # Qwen3: per-head norms, replicated on every TP rank
+        yield from _norm(f"{p}.attn.q_norm", block.attn.q_norm, f"{hf}.self_attn.q_norm")
+        yield from _norm(f"{p}.attn.k_norm", block.attn.k_norm, f"{hf}.self_attn.k_norm")
     yield from _norm(f"{p}.mlp_norm", block.mlp_norm, f"{hf}.post_attention_layernorm")
     gate_up = [f"{hf}.mlp.gate_proj.weight", f"{hf}.mlp.up_proj.weight"]
     yield from _linear(f"{p}.mlp.gate_up", block.mlp.gate_up, gate_up, conv1d=False)

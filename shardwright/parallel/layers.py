@@ -38,7 +38,10 @@ WEIGHT_LEFT_CHUNK = 2048
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias); on CPU fp32 inference with 2-256 rows computed as
     (weight @ x^T)^T. Each output is the same dot product over the input features either way (BLAS
-    may block that sum differently, as it does between any two shapes)."""
+    may block that sum differently, as it does between any two shapes). A `weight` that is not a
+    tensor (a quantized weight, shardwright.models.quant) computes the product itself."""
+    if not isinstance(weight, torch.Tensor):
+        return weight.linear(x, bias)
     if not _weight_left(x, weight):
         return F.linear(x, weight, bias)
     rows, out_features = x.numel() // x.shape[-1], weight.shape[0]

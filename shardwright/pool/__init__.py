@@ -5,7 +5,8 @@
   (a peer on the same node, a peer on another node, or host memory), refused with the missing
   bytes when nothing has room.
 - `PeerStore`: the memory a peer lends (loaded straight from the checkpoint).
-- `LayerFetcher`: fetches pooled layers ahead of use in the background and drops them after.
+- `LayerFetcher`: binds a same-node peer's mapped segment in place (zero-copy, no thread); fetches
+  other pooled layers ahead of use in the background and drops them after.
 
 Pure torch: nothing here imports Ray, gRPC or Redis (the Ray shells are in shardwright.actors).
 """

@@ -3,7 +3,8 @@
 Every tensor a worker keeps (weights, KV blocks, fetched pooled layers, the activations of the
 step in progress) is reserved here before it is allocated and released when it is dropped; a
 reservation that would pass the budget raises BudgetExceeded instead of allocating. The high-water
-mark is what tests read. Thread-safe: the prefetch thread reserves while the step computes.
+mark is what tests read. Layers bound in place from a same-node peer's mapped segment are
+the peer's memory, on the peer's ledger only. Thread-safe: the prefetch thread reserves while the step computes.
 """
 
 from __future__ import annotations

@@ -2,17 +2,20 @@
 
 For each (rank, local layer) the plan gives it, the peer builds that rank's model on the meta
 device (shapes only), allocates one flat buffer for the layer (reserved in the peer's own ledger
-first), and fills it with that rank's slices straight from the checkpoint. A same-node owner maps
-the buffer (a shared-memory segment on the CPU) and copies from it; an owner elsewhere asks for
-the tensors (`tensors`).
+first), and fills it with that rank's slices straight from the checkpoint, then never writes it
+again. A same-node owner maps the buffer (a shared-memory segment on the CPU) read-only and binds
+it in place (`map_segment`); an owner elsewhere asks for the tensors (`tensors`).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import uuid
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,7 +24,7 @@ from shardwright.models.checkpoint import CheckpointReader
 from shardwright.models.decoder import DecoderModel
 from shardwright.models.weights import weight_plan
 from shardwright.parallel.context import ParallelContext
-from shardwright.pool.fetch import TensorSource, param_slots, views
+from shardwright.pool.fetch import MappedSource, param_slots, views
 from shardwright.pool.ledger import MemoryLedger
 
 SHM_DIR = Path("/dev/shm")
@@ -110,7 +113,18 @@ class PeerStore:
         self.flat.clear()
 
 
-def map_segment(handle: dict) -> TensorSource:
-    """An owner's view of a same-node peer's segment (no copy until a fetch reads it)."""
+def map_segment(handle: dict) -> MappedSource:
+    """An owner's read-only mapping of a same-node peer's segment (`handles()`), copying nothing.
+
+    The pages are mapped PROT_READ (a write faults rather than changes the peer's layer); the
+    mapping stays open while the returned source or any view of it lives, also after the peer
+    unlinks the segment's name or exits.
+    """
     dtype = getattr(torch, handle["dtype"])
-    return TensorSource(shared_segment(Path(handle["path"]), handle["numel"], dtype), handle["shapes"])
+    nbytes = handle["numel"] * torch.empty((), dtype=dtype).element_size()
+    with open(handle["path"], "rb") as f:
+        mapping = mmap.mmap(f.fileno(), nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    with warnings.catch_warnings():  # read-only on purpose: torch has no read-only tensors to say so
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        raw = torch.from_numpy(np.frombuffer(mapping, dtype=np.uint8))  # pins the mapping open
+    return MappedSource(raw.view(dtype), handle["shapes"], mapping)

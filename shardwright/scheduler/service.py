@@ -48,7 +48,7 @@ from shardwright.cluster.ray_connect import connect
 from shardwright.cluster.state_store import HOLDING, TERMINAL, WAITING, JobRecord, JobState, StateStore
 from shardwright.cluster.state_store import TransitionError
 from shardwright.config import InferenceDeployment, JobSpec, ModelSpec, Settings, StrictModel, TrainingJob, parse_job
-from shardwright.scheduler.model import GangShape, Job, PriorityClass, RunningJob
+from shardwright.scheduler.model import ClusterInventory, GangShape, Job, PriorityClass, RunningJob
 from shardwright.scheduler.placement import Placement
 from shardwright.scheduler.policies import PreemptJob, StartJob, make_policy
 from shardwright.scheduler.runners import JobRunner, Progress, make_runner
@@ -127,7 +127,8 @@ class SchedulerService:
                           peers=_memory_peers(spec.model_dump(mode="json")))
         job = Job(spec.name, spec.tenant, spec.kind, shape, time.time(),
                   priority=int(PRIORITY_CLASSES[spec.priority]))
-        self.policy.check_submission(job, inventory.empty_inventory(inventory.list_nodes()))
+        empty = inventory.gpu_counts(inventory.list_nodes())
+        self.policy.check_submission(job, ClusterInventory.from_nodes(empty.total_by_node))
 
     def get(self, job_id: str, tenant: str | None = None) -> dict:
         return self._record(job_id, tenant).model_dump(mode="json")
@@ -307,7 +308,8 @@ class SchedulerService:
         if not queue:
             return []
         now = time.time()
-        cluster = inventory.gpu_inventory(inventory.list_nodes(), Counter(n for r in active for n in r.placement))
+        counts = inventory.gpu_counts(inventory.list_nodes(), Counter(n for r in active for n in r.placement))
+        cluster = ClusterInventory.from_nodes(counts.total_by_node, counts.free_by_node)
         running = [_running_job(r, now) for r in active
                    if r.placement and all(n in cluster.total_by_node for n in r.placement)]
         decisions = self.policy.schedule([_scheduler_job(r) for r in queue], running, cluster, now)

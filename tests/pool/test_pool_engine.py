@@ -1,13 +1,15 @@
 """Peer memory pooling in the Ray engine: a model needing twice a worker's budget.
 
-Exactness: pooled layers are the same weights copied from the peer into the same kernels, so the
-greedy tokens must equal the single-process reference exactly (no tolerance), at tp=1 and tp=2.
+Exactness: pooled layers are the same weights (the peers here share the node, so their segments
+are bound in place) in the same kernels, so the greedy tokens must equal the single-process
+reference exactly (no tolerance), at tp=1 and tp=2; the segments are unchanged after (sha256).
 Budget: every worker's ledger high-water mark (weights, KV cache, step activations, fetched
 layers) must stay within its budget for the whole run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import pytest
@@ -37,17 +39,34 @@ def test_model_needing_twice_the_budget_generates_the_reference_tokens(ray_clust
     with InferenceEngine(cfg).start() as eng:
         plan = eng.health(probe=False)["memory_pool"]
         assert all("layers resident" in line and "fetched per step" in line for line in plan), plan
+        before = segment_digests(eng)
         outs = eng.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True), timeout_s=300)
         assert [o.token_ids for o in outs] == refs
+        assert segment_digests(eng) == before, "a peer's segment changed while bound"
         memory = eng.memory()
     compute = [m for who, m in memory["workers"].items() if who.startswith("rank")]
     assert len(compute) == tp * pp
     for m in compute:
         assert m["budget_bytes"] == budget
         assert 0 < m["high_water_bytes"] <= budget, m
-        assert m["bytes_fetched"] > 0, "nothing was fetched: the layers were not pooled"
+        # The peers are on this node: their segments are bound in place, nothing is copied, and
+        # the bound bytes are on the peers' ledgers only.
+        assert m["bytes_mapped"] > 0, "nothing was bound: the layers were not pooled"
+        assert m["bytes_fetched"] == 0 and "pooled_fetch" not in m["by_kind"], m
     peers = [m for who, m in memory["workers"].items() if who.startswith("memory peer")]
-    assert sum(m["by_kind"].get("held_for_peers", 0) for m in peers) > 0
+    held = sum(m["by_kind"].get("held_for_peers", 0) for m in peers)
+    assert held == sum(m["bytes_mapped"] for m in compute)
+
+
+def segment_digests(eng) -> dict:
+    """sha256 of every layer the memory peers hold, read through the peer actors."""
+    out = {}
+    for i, peer_rank in enumerate(eng._gang.peer_ranks):
+        for rank, layer in eng.pool_plan.held_by(i):
+            tensors = eng._gang.call_rank(peer_rank, "tensors", rank, layer)
+            out[(rank, layer)] = hashlib.sha256(b"".join(t.numpy().tobytes() for t in tensors)).hexdigest()
+    assert out, "no layer is held by a peer"
+    return out
 
 
 def test_no_room_on_any_peer_is_refused_at_admission_with_the_missing_bytes(ray_cluster, pool_model):

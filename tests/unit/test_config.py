@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from model_helpers import tiny_spec
 from shardwright.config import ModelSpec, ParallelLayout
-from shardwright.models.hf_config import spec_fields_from_hf
+from shardwright.hf_config import spec_fields_from_hf
 
 
 def test_layout_world_size_and_defaults():

@@ -1,22 +1,36 @@
-"""Translate a Hugging Face `config.json` (Llama or GPT-2 family) into ModelSpec fields.
+"""Translate a Hugging Face `config.json` into ModelSpec fields.
+
+Supported: Llama, Qwen2 / Qwen2.5, Qwen3 and Mistral (all built as 'llama' blocks, told apart by
+qkv_bias, qk_norm and sliding_window) and GPT-2.
 
 Both the transformers 4 spelling (`rope_theta`, `rope_scaling`) and the transformers 5 one
 (`rope_parameters`) are read. Anything this runtime cannot reproduce exactly is refused with a
 message naming the key, rather than silently computing something else.
+
+Part of the configuration layer beside `config.py`: it imports nothing from shardwright and nothing
+heavy (no torch), so `ModelSpec.from_hf_dir` works in the CLI and the scheduler without the models.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-LLAMA_TYPES = {"llama"}
+LLAMA_TYPES = {"llama", "qwen2", "qwen3", "mistral"}
 GPT2_TYPES = {"gpt2"}
+# The `architectures` entries (model classes) whose weights and forward this runtime reproduces.
+SUPPORTED_CLASSES = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
+                     "GPT2LMHeadModel"}
 _DTYPES = {"float32", "float64", "bfloat16", "float16"}
 
 
 def spec_fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     """ModelSpec keyword arguments for the Hugging Face config dict `hf`."""
     model_type = hf.get("model_type")
+    unknown = [a for a in hf.get("architectures") or [] if a not in SUPPORTED_CLASSES]
+    if unknown:
+        raise ValueError(
+            f"config.json architectures={unknown} is not supported; supported: {sorted(SUPPORTED_CLASSES)}"
+        )
     if model_type in LLAMA_TYPES:
         fields = _llama_fields(hf)
     elif model_type in GPT2_TYPES:
@@ -39,6 +53,8 @@ def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"config.json hidden_act={act!r}: llama blocks support only 'silu'")
+    model_type = hf["model_type"]
+    window, window_layers = _sliding_window(hf)
     return {
         "architecture": "llama",
         "vocab_size": hf["vocab_size"],
@@ -53,10 +69,38 @@ def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
         "rope_theta": theta,
         "rope_scaling": scaling,
         "tie_word_embeddings": hf.get("tie_word_embeddings", False),
-        "attention_bias": hf.get("attention_bias", False),
-        "mlp_bias": hf.get("mlp_bias", False),
+        "attention_bias": False if model_type in ("qwen2", "mistral") else hf.get("attention_bias", False),
+        "qkv_bias": model_type == "qwen2",
+        "qk_norm": model_type == "qwen3",
+        "sliding_window": window,
+        "sliding_window_layers": window_layers,
+        "mlp_bias": hf.get("mlp_bias", False) if model_type == "llama" else False,
         "activation": "silu",
     }
+
+
+def _sliding_window(hf: dict[str, Any]) -> tuple[int | None, list[int] | None]:
+    """(window, windowed layers or None for all) as transformers applies them for this model type."""
+    model_type, layers = hf["model_type"], hf["num_hidden_layers"]
+    window = hf.get("sliding_window")
+    if model_type == "llama" or window is None:
+        return None, None
+    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        return None, None
+    types = hf.get("layer_types")
+    if types is None and model_type in ("qwen2", "qwen3"):
+        first = hf.get("max_window_layers", 28)
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    if types is None:
+        return int(window), None
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise ValueError(f"config.json layer_types {unknown} are not supported; "
+                         "supported: sliding_attention, full_attention")
+    windowed = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if not windowed:
+        return None, None
+    return int(window), None if len(windowed) == layers else windowed
 
 
 def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
