@@ -3,8 +3,9 @@
 FastAPI on uvicorn in a background thread, over the same control plane, tokens and engines as
 the gRPC InferenceService (both queue work through `start_generation`, so greedy output is
 identical). Guarantees:
-- `GET /v1/models` lists the caller's tenant's running deployments; `POST /v1/completions` and
-  `POST /v1/chat/completions` (with the deployment's chat template only) answer as OpenAI does:
+- `GET /v1/models` lists the caller's tenant's running deployments; `POST /v1/completions` (one
+  prompt or a list) and `POST /v1/chat/completions` (with the deployment's chat template only),
+  each with `n` choices per prompt, answer as OpenAI does:
   a JSON body with `usage`, or with `stream: true` server-sent events `data: {chunk}` ending
   with `data: [DONE]` (and a usage chunk first when `stream_options.include_usage`);
 - every error is `{"error": {"message", "type", "param", "code"}}`: 400 for bad or unsupported
@@ -114,39 +115,97 @@ def _sse(body: dict) -> str:
     return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
-class _Call:
-    """One completion request on its way through an engine."""
+class _Choice:
+    """One choice of a completion: its own request in the engine."""
 
-    def __init__(self, request: Request, req, chat: bool, engine, stream, metrics: HttpMetrics,
+    def __init__(self, index: int, engine, stream, counts_prompt: bool) -> None:
+        self.index, self.engine, self.stream = index, engine, stream
+        self.counts_prompt = counts_prompt  # the first choice of its prompt: its prompt tokens count once
+
+    def cancel(self) -> None:
+        self.engine.cancel(self.stream.request_id)  # a no-op once it has finished
+
+
+def _start_choices(backend, tenant: str, model: str, prompts: list, params: list) -> list[_Choice]:
+    """Queue `len(params)` choices of every prompt; on a failure, cancels those already queued."""
+    choices: list[_Choice] = []
+    try:
+        for prompt in prompts:
+            for j, one in enumerate(params):
+                engine, stream = _start(backend, tenant, model, prompt, one)
+                choices.append(_Choice(len(choices), engine, stream, counts_prompt=j == 0))
+    except BaseException:
+        for c in choices:
+            c.cancel()
+        raise
+    return choices
+
+
+class _Call:
+    """One completion request (its choices) on its way through an engine."""
+
+    def __init__(self, request: Request, req, chat: bool, choices: list[_Choice], metrics: HttpMetrics,
                  queued_at: float) -> None:
-        self.request, self.req, self.chat, self.engine, self.stream = request, req, chat, engine, stream
+        self.request, self.req, self.chat, self.choices = request, req, chat, choices
         self.cid = completion_id(chat)
         self.metrics, self.queued_at = metrics, queued_at
+        self._first_seen = False
 
     def _first_token(self) -> None:
-        self.metrics.first_token(self.req.model, time.monotonic() - self.queued_at)
+        if not self._first_seen:
+            self._first_seen = True
+            self.metrics.first_token(self.req.model, time.monotonic() - self.queued_at)
 
     def _envelope(self, chunk: bool, choices: list[dict], **extra) -> dict:
         return envelope(self.cid, self.chat, self.req.model, chunk, choices, **extra)
 
     def cancel(self) -> None:
-        """Cancel the request in its engine (a no-op once it has finished)."""
-        self.engine.cancel(self.stream.request_id)
+        """Cancel every choice's request in its engine (a no-op once it has finished)."""
+        for c in self.choices:
+            c.cancel()
 
     def _usage(self) -> dict:
-        out = self.stream.output
-        return usage(len(out.prompt_ids), len(out.token_ids))
+        outs = [(c.counts_prompt, c.stream.output) for c in self.choices]
+        return usage(sum(len(o.prompt_ids) for counts, o in outs if counts), sum(len(o.token_ids) for _, o in outs))
+
+    async def _merged(self):
+        """(choice, text or None at its end) as the choices' events arrive; raises RequestFailed."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(c: _Choice) -> None:
+            try:
+                async for _, text in _events(c.stream, self._first_token):
+                    await queue.put((c, text))
+                await queue.put((c, None))
+            except RequestFailed as err:
+                await queue.put(err)
+
+        tasks = [asyncio.ensure_future(pump(c)) for c in self.choices]
+        try:
+            for _ in self.choices:
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, Exception):
+                        raise item
+                    yield item
+                    if item[1] is None:
+                        break
+        finally:
+            for task in tasks:
+                task.cancel()
 
     async def sse(self):
-        """Server-sent events; the request is cancelled however the stream ends."""
+        """Server-sent events; every choice's request is cancelled however the stream ends."""
         try:
             if self.chat:
-                yield _sse(self._envelope(True, [choice(True, "", None, delta=True, first=True)]))
-            async for _, text in _events(self.stream, self._first_token):
-                if text:
-                    yield _sse(self._envelope(True, [choice(self.chat, text, None, delta=True)]))
-            reason = finish(self.stream.output.finish_reason)
-            yield _sse(self._envelope(True, [choice(self.chat, "", reason, delta=True)]))
+                yield _sse(self._envelope(True, [choice(True, "", None, delta=True, first=True, index=c.index)
+                                                 for c in self.choices]))
+            async for c, text in self._merged():
+                if text is None:
+                    reason = finish(c.stream.output.finish_reason)
+                    yield _sse(self._envelope(True, [choice(self.chat, "", reason, delta=True, index=c.index)]))
+                elif text:
+                    yield _sse(self._envelope(True, [choice(self.chat, text, None, delta=True, index=c.index)]))
             if self.req.stream_options is not None and self.req.stream_options.include_usage:
                 yield _sse(self._envelope(True, [], usage=self._usage()))
             yield "data: [DONE]\n\n"
@@ -156,9 +215,13 @@ class _Call:
             self.cancel()
 
     async def whole(self) -> dict:
-        """The complete answer; cancels the request if the client goes away first."""
-        async def drain() -> str:
-            return "".join([text async for _, text in _events(self.stream, self._first_token)])
+        """The complete answer; cancels the requests if the client goes away first."""
+        async def drain() -> dict[int, str]:
+            texts = {c.index: [] for c in self.choices}
+            async for c, text in self._merged():
+                if text:
+                    texts[c.index].append(text)
+            return {i: "".join(parts) for i, parts in texts.items()}
 
         task = asyncio.ensure_future(drain())
         try:
@@ -167,13 +230,14 @@ class _Call:
                     task.cancel()
                     raise OpenAIError(499, "the client disconnected; the request was cancelled")
             try:
-                text = task.result()
+                texts = task.result()
             except RequestFailed as err:
                 raise OpenAIError(503, one_line(err), code="request_failed") from err
         finally:
             self.cancel()
-        reason = finish(self.stream.output.finish_reason)
-        return self._envelope(False, [choice(self.chat, text, reason, delta=False)], usage=self._usage())
+        return self._envelope(False, [choice(self.chat, texts[c.index], finish(c.stream.output.finish_reason),
+                                             delta=False, index=c.index) for c in self.choices],
+                              usage=self._usage())
 
 
 class _EventStream(StreamingResponse):
@@ -220,11 +284,11 @@ def build_app(backend, auth: Authenticator, max_request_bytes: int) -> FastAPI:
     async def generate(request: Request, chat: bool):
         tenant = _tenant(request, auth)
         req = parse(ChatRequest if chat else CompletionRequest, await _json_body(request, max_request_bytes))
-        params = req.sampling_params(req.max_completion_tokens if chat else None)
-        prompt = await asyncio.to_thread(_chat_prompt, backend, tenant, req) if chat else req.one_prompt()
+        params = req.choice_params(req.max_completion_tokens if chat else None)
+        prompts = [await asyncio.to_thread(_chat_prompt, backend, tenant, req)] if chat else req.prompts()
         queued_at = time.monotonic()
-        engine, stream = await asyncio.to_thread(_start, backend, tenant, req.model, prompt, params)
-        call = _Call(request, req, chat, engine, stream, metrics, queued_at)
+        choices = await asyncio.to_thread(_start_choices, backend, tenant, req.model, prompts, params)
+        call = _Call(request, req, chat, choices, metrics, queued_at)
         if req.stream:
             return _EventStream(call)
         return await call.whole()

@@ -1,8 +1,12 @@
 """The OpenAI wire format of completions: request models, response and chunk bodies, error bodies.
 
-Requests are checked strictly: a parameter this server does not implement (`n` > 1, `logprobs`,
+Requests are checked strictly: a parameter this server does not implement (`logprobs`,
 penalties, ...) or does not know is refused with a 400 naming it, never ignored. Parameters left
-at OpenAI's no-op values (`n: 1`, `presence_penalty: 0`, `logprobs: null`, ...) are accepted.
+at OpenAI's no-op values (`presence_penalty: 0`, `logprobs: null`, ...) are accepted.
+
+Several choices: `n` choices per prompt, and for completions a list of prompts; choice
+`i * n + j` is prompt i's j-th sample (OpenAI's order). Choice j > 0 of a seeded request samples
+with `derive_seed(seed, j)`, so choice 0 equals the same request with `n: 1`.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shardwright.actors.sampling import SamplingParams
+from shardwright.actors.sampling import SamplingParams, derive_seed
 
 DEFAULT_MAX_TOKENS = 16
+MAX_CHOICES = 64  # prompts x n in one request: each is a request of its own in the engine
 # OpenAI parameters this server does not implement, with the value that means "off".
 NOT_IMPLEMENTED: dict[str, Any] = {
-    "n": 1, "best_of": 1, "logprobs": None, "top_logprobs": None, "echo": False, "suffix": None,
+    "best_of": 1, "logprobs": None, "top_logprobs": None, "echo": False, "suffix": None,
     "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": None,
     "tools": None, "tool_choice": None, "functions": None, "function_call": None, "response_format": None,
     "parallel_tool_calls": None,
@@ -59,6 +64,7 @@ class _Common(BaseModel):
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings; text is cut before the first.")
     stream: bool = Field(False, description="Answer as server-sent events.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options (include_usage).")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate for each prompt.")
     top_k: int = Field(0, description="Extension: keep the k most likely tokens; 0 is off.")
     ignore_eos: bool = Field(False, description="Extension: generate past end-of-sequence tokens.")
     stop_token_ids: list[int] = Field(default_factory=list, description="Extension: token ids that end generation.")
@@ -76,6 +82,13 @@ class _Common(BaseModel):
                                   f"omit it or send {json.dumps(NOT_IMPLEMENTED[name])}", param=name, code="unsupported_parameter")
         return self
 
+    def choice_params(self, max_tokens: int | None = None) -> list[SamplingParams]:
+        """The sampling parameters of the n choices of one prompt (see the module's docstring)."""
+        first = self.sampling_params(max_tokens)
+        if first.seed is None:
+            return [first] * self.n
+        return [first] + [first.model_copy(update={"seed": derive_seed(first.seed, j)}) for j in range(1, self.n)]
+
     def sampling_params(self, max_tokens: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         fields = {"max_tokens": max_tokens or self.max_tokens or DEFAULT_MAX_TOKENS, "temperature": self.temperature,
@@ -90,16 +103,19 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str] | list[list[int]] = Field(description="Text or token ids; one prompt.")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="Text or token ids, or a list of prompts (each answered with n choices).")
 
-    def one_prompt(self) -> str | list[int]:
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts, at most MAX_CHOICES choices in all."""
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise OpenAIError(400, f"prompt: {len(prompt)} prompts in one request are not supported; "
-                                  "send one prompt per request", param="prompt", code="unsupported_parameter")
-            prompt = prompt[0]
-        return prompt
+        many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+        prompts = list(prompt) if many else [prompt]
+        if len(prompts) * self.n > MAX_CHOICES:
+            raise OpenAIError(400, f"prompt: {len(prompts)} prompts x n={self.n} is {len(prompts) * self.n} "
+                              f"choices, over the limit of {MAX_CHOICES}: split the request", param="prompt",
+                              code="invalid_value")
+        return prompts
 
 
 class ChatMessage(BaseModel):
@@ -139,13 +155,14 @@ def finish(reason: str | None) -> str | None:
     return None if reason is None else "length" if reason == "length" else "stop"
 
 
-def choice(chat: bool, text: str, finish_reason: str | None, delta: bool, first: bool = False) -> dict:
+def choice(chat: bool, text: str, finish_reason: str | None, delta: bool, first: bool = False,
+           index: int = 0) -> dict:
     if not chat:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
     if delta:
         body = ({"role": "assistant", "content": text} if first else {"content": text}) if text or first else {}
-        return {"index": 0, "delta": body, "logprobs": None, "finish_reason": finish_reason}
-    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        return {"index": index, "delta": body, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
             "finish_reason": finish_reason}
 
 

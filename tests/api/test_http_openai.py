@@ -110,16 +110,51 @@ def test_sse_framing_usage_chunk_and_done(served):
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
 
 
-@pytest.mark.parametrize("extra, param", [({"logprobs": 2}, "logprobs"), ({"n": 2}, "n"),
+@pytest.mark.parametrize("extra, param", [({"logprobs": 2}, "logprobs"), ({"n": 0}, "n"), ({"n": 65}, "n"),
+                                          ({"prompt": ["a"] * 33, "n": 2}, "prompt"),
                                           ({"presence_penalty": 0.5}, "presence_penalty"),
                                           ({"bogus": 1}, "bogus"), ({"temperature": -1}, "temperature")])
 def test_unsupported_or_bad_parameters_are_400_naming_them(served, extra, param):
     _, url = served
-    response = httpx.post(f"{url}/completions", json={"model": "chat", "prompt": "hi", **extra},
+    response = httpx.post(f"{url}/completions", json={"model": "chat", "prompt": "hi"} | extra,
                           headers={"Authorization": f"Bearer {ALICE}"}, timeout=60)
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == param and param in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_n_choices_and_prompt_lists_answer_in_openais_order(served):
+    """Choice i*n+j is prompt i's j-th sample; greedy choices equal gRPC's greedy run of their
+    prompt; prompt tokens count once per prompt, completion tokens once per choice."""
+    alice, url = served
+    prompts = [[1, 2, 3], [4, 5], [9, 8, 7, 6]]
+    expected = [alice.generate("chat", p, max_tokens=12, ignore_eos=True) for p in prompts]
+    out = _openai(url).completions.create(model="chat", prompt=prompts, n=2, **GREEDY)
+    assert [c.index for c in out.choices] == list(range(6))
+    assert [c.text for c in out.choices] == [e["text"] for e in expected for _ in range(2)]
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (9, 6 * 12)
+    chunks = list(_openai(url).completions.create(model="chat", prompt=prompts, n=2, stream=True, **GREEDY))
+    streamed = {i: "".join(ch.choices[0].text for ch in chunks if ch.choices and ch.choices[0].index == i)
+                for i in range(6)}
+    assert streamed == {c.index: c.text for c in out.choices}
+    finishes = [ch.choices[0].index for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert sorted(finishes) == list(range(6))  # exactly one finish chunk per choice
+
+
+def test_seeded_n_choices_differ_and_the_first_equals_n_1(served):
+    _, url = served
+    client = _openai(url)
+    sampled = {"prompt": [3, 1, 4], "max_tokens": 12, "temperature": 1.0, "seed": 1234,
+               "extra_body": {"ignore_eos": True}}
+    single = client.completions.create(model="chat", **sampled)
+    several = client.completions.create(model="chat", n=3, **sampled)
+    again = client.completions.create(model="chat", n=3, **sampled)
+    texts = [c.text for c in several.choices]
+    assert texts[0] == single.choices[0].text and texts == [c.text for c in again.choices]
+    assert len(set(texts)) == 3  # 12 tokens drawn at temperature 1 from three different seeds
+    chat = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], n=2, **GREEDY)
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content
 
 
 def test_auth_and_unknown_model_errors(served):
