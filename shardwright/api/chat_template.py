@@ -2,7 +2,8 @@
 
 The template is `chat_template` in the model directory's `tokenizer_config.json` (a string, or a
 list of `{name, template}` where "default" is used). It runs in Jinja2's immutable sandbox with
-`trim_blocks` and `lstrip_blocks`, gets `messages`, `add_generation_prompt=True`, `bos_token`,
+`trim_blocks`, `lstrip_blocks` and the loop controls (`break`, `continue`), a `tojson` that keeps
+non-ASCII text as it is, gets `messages`, `add_generation_prompt=True`, `bos_token`,
 `eos_token` and `raise_exception`, and its text is tokenised without added special tokens (the
 template writes them). A model without a template is an OpenAIError 400, never a guessed format.
 """
@@ -14,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from shardwright.api.openai_schema import OpenAIError
@@ -21,6 +23,10 @@ from shardwright.api.openai_schema import OpenAIError
 
 def _raise(message: str):
     raise TemplateError(message)
+
+
+def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _token(value) -> str:
@@ -45,8 +51,9 @@ def render_chat(model: str, model_dir: str, messages: list[dict]) -> str:
                           f"{model_dir}/tokenizer_config.json): use /v1/completions with a prompt, or deploy "
                           "a model directory whose tokenizer_config.json has one", param="messages",
                           code="no_chat_template")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = _raise
+    env.filters["tojson"] = _tojson
     try:
         return env.from_string(template).render(messages=messages, add_generation_prompt=True,
                                                 bos_token=bos, eos_token=eos)
