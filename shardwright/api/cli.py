@@ -56,7 +56,7 @@ def cmd_generate_local(args: argparse.Namespace) -> int:
                          "(make one with: shardwright init-model DIR)")
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed)
+                                top_p=args.top_p, seed=args.seed, stop=args.stop or [])
         pool = PoolOptions(budget_bytes=_budget(args.memory_budget), peers=args.pool_peers) \
             if args.memory_budget is not None or args.pool_peers else PoolOptions()
         config = EngineConfig(model_dir=model_dir, layout=ParallelLayout(tp=args.tp, pp=args.pp, cp=args.cp),
@@ -75,14 +75,30 @@ def cmd_generate_local(args: argparse.Namespace) -> int:
     with engine.start():
         out = engine.generate([prompt], params)[0]
         plan = engine.health(probe=False).get("memory_pool")
-    result = {"tokens": out.token_ids, "text": out.text, "prompt_tokens": len(out.prompt_ids),
-              "finish_reason": out.finish_reason, "tp": args.tp, "pp": args.pp, "cp": args.cp,
-              "elapsed_s": round(time.perf_counter() - start, 3)}
+    result = generation_result(out.token_ids, out.text, len(out.prompt_ids), out.finish_reason, start,
+                               tp=args.tp, pp=args.pp, cp=args.cp)
     if plan:
         result["memory_pool"] = plan
-    _print_result(result, args.json, lambda r: f"{r['text']!r}\n({len(r['tokens'])} tokens at tp={r['tp']} "
-                                                 f"pp={r['pp']} in {r['elapsed_s']} s, including start-up)")
+    if not args.json:
+        print(out.text)
+    print_generation(result, args.json, f"at tp={args.tp} pp={args.pp} cp={args.cp}, including start-up")
     return 0
+
+
+def generation_result(tokens: list[int], text: str, prompt_tokens: int, finish_reason: str | None,
+                      started: float, **extra) -> dict:
+    """The JSON of `generate`, the same keys locally and through a deployment (plus `extra`)."""
+    return {"tokens": list(tokens), "text": text, "prompt_tokens": prompt_tokens,
+            "finish_reason": finish_reason or "", "elapsed_s": round(time.perf_counter() - started, 3), **extra}
+
+
+def print_generation(result: dict, as_json: bool, where: str) -> None:
+    """After the text (already on stdout): one JSON line, or a stats line on stderr."""
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(f"({len(result['tokens'])} tokens, finish {result['finish_reason'] or '-'}, "
+              f"{result['elapsed_s']} s {where})", file=sys.stderr)
 
 
 def _budget(text: str | None):
@@ -130,7 +146,8 @@ def _add_generate(sub) -> None:
     target.add_argument("--model", help="Hugging Face directory (config.json + safetensors): run locally")
     target.add_argument("--deployment", help="name of a deployment on a running server (see --address)")
     p.add_argument("--address", default=os.environ.get("SHARDWRIGHT_ADDRESS", "127.0.0.1:50051"),
-                   help="server host:port for --deployment (default SHARDWRIGHT_ADDRESS or 127.0.0.1:50051)")
+                   help="server host[:port] for --deployment (port 50051 when omitted; default "
+                        "SHARDWRIGHT_ADDRESS or 127.0.0.1:50051)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (default 1)")
     p.add_argument("--cp", type=int, default=1, help="context-parallel degree: the KV cache is sharded over cp ranks (default 1)")
@@ -143,10 +160,14 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed: same seed, same tokens")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop string: the text ends before its first occurrence (repeat for several)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (tokenised with the model's tokenizer)")
     prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
-    p.add_argument("--json", action="store_true", help="print one JSON object with tokens and text")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (tokens, text, prompt_tokens, finish_reason, elapsed_s) "
+                        "instead of the text and a stats line on stderr")
     p.set_defaults(func=cmd_generate)
 
 
@@ -225,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shardwright {args.command}: {_first_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # the work failed (or the server said no): one line, exit 1
+        if getattr(err, "bad_input", False):  # the server refused the request itself (ShardwrightError)
+            print(f"shardwright {args.command}: {_first_line(err)}", file=sys.stderr)
+            return 2
         print(f"shardwright {args.command}: {type(err).__name__}: {_first_line(err)}", file=sys.stderr)
         return 1
 

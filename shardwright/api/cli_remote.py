@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from shardwright.config import Settings
@@ -30,8 +31,9 @@ def _emit(result, as_json: bool, human: str) -> None:
 def _job_line(job: dict) -> str:
     layout = job.get("layout", {})
     shape = "x".join(str(layout.get(k, 1)) for k in ("tp", "pp", "cp", "dp"))
+    progress = f"step={job.get('step', 0)} " if job.get("kind") == "training" else ""  # deployments have no step
     return (f"{job['job_id']:<14} {job.get('name', ''):<20} {job.get('kind', ''):<9} {job.get('state', ''):<11} "
-            f"tp.pp.cp.dp={shape:<8} step={job.get('step', 0)} {job.get('message', '')}")
+            f"tp.pp.cp.dp={shape:<8} {progress}{job.get('message', '')}").rstrip()
 
 
 def cmd_submit(args) -> int:
@@ -97,25 +99,31 @@ def cmd_health(args) -> int:
 
 
 def cmd_generate_remote(args) -> int:
-    prompt = [int(x) for x in args.prompt_ids.split(",")] if args.prompt_ids else args.prompt
+    """`generate --deployment`: the text streams to stdout as it comes; then the same stats line
+    or JSON keys as a local `generate` (api/cli.py `generation_result`)."""
+    from shardwright.api.cli import _parse_prompt_ids, generation_result, print_generation
+
+    prompt = _parse_prompt_ids(args.prompt_ids) if args.prompt_ids else args.prompt
     params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
-              "top_p": args.top_p}
+              "top_p": args.top_p, "stop": args.stop or []}
     if args.seed is not None:
         params["seed"] = args.seed
-    tokens, text, reason = [], [], ""
+    tokens, text, reason, prompt_tokens = [], [], "", 0
+    start = time.perf_counter()
     with client_from(args) as c:
         for msg in c.generate_stream(args.deployment, prompt, **params):
             if msg.get("token_id", -1) >= 0:
                 tokens.append(msg["token_id"])
             text.append(msg.get("text", ""))
             reason = msg.get("finish_reason") or reason
+            prompt_tokens = msg.get("prompt_tokens") or prompt_tokens
             if not args.json:
                 sys.stdout.write(msg.get("text", ""))
                 sys.stdout.flush()
-    if args.json:
-        print(json.dumps({"tokens": tokens, "text": "".join(text), "finish_reason": reason}))
-    else:
+    if not args.json:
         print()
+    result = generation_result(tokens, "".join(text), prompt_tokens, reason, start, deployment=args.deployment)
+    print_generation(result, args.json, f"through deployment {args.deployment!r} at {c.address}")
     return 0
 
 
@@ -123,7 +131,8 @@ def add_remote_commands(sub) -> None:
     """Register the client commands on the CLI's subparsers."""
     def common(p) -> None:
         p.add_argument("--address", default=os.environ.get("SHARDWRIGHT_ADDRESS", DEFAULT_ADDRESS),
-                       help=f"server host:port (default SHARDWRIGHT_ADDRESS or {DEFAULT_ADDRESS})")
+                       help=f"server host[:port] (port 50051 when omitted; default SHARDWRIGHT_ADDRESS or "
+                            f"{DEFAULT_ADDRESS})")
         p.add_argument("--ca-cert", type=Path, help="CA certificate to verify a TLS server")
         p.add_argument("--client-cert", type=Path, help="client certificate for mutual TLS")
         p.add_argument("--client-key", type=Path, help="client key for mutual TLS")

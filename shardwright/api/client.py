@@ -21,10 +21,38 @@ from shardwright.api.gen.shardwright.v1 import cluster_pb2, cluster_pb2_grpc, in
 from shardwright.api.gen.shardwright.v1 import jobs_pb2, jobs_pb2_grpc
 
 
+DEFAULT_PORT = 50051
+# Codes that mean the request itself was wrong (the CLI exits 2 for these, 1 for the others).
+BAD_INPUT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE)
+
+
 class ShardwrightError(RuntimeError):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
+
+    @property
+    def bad_input(self) -> bool:
+        return self.code in BAD_INPUT
+
+
+def with_default_port(address: str) -> str:
+    """`host` -> `host:50051` (also `[::1]`); addresses with a port or a scheme are kept."""
+    if "://" in address or address.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return address
+    if address.startswith("["):
+        return address if "]:" in address else f"{address}:{DEFAULT_PORT}"
+    if address.count(":") > 1:  # a bare IPv6 address
+        return f"[{address}]:{DEFAULT_PORT}"
+    return address if ":" in address else f"{address}:{DEFAULT_PORT}"
+
+
+def _error(err: grpc.RpcError, address: str) -> ShardwrightError:
+    details = err.details() or ""
+    if err.code() == grpc.StatusCode.UNAVAILABLE and ("connect" in details.lower() or "dns" in details.lower()):
+        details = (f"no Shardwright server answered at {address}: start one with `shardwright serve`, or point "
+                   f"--address / SHARDWRIGHT_ADDRESS at a running one ({details.splitlines()[0] if details else ''})")
+    return ShardwrightError(err.code(), details)
 
 
 INT64_FIELDS = ("sequence", "step", "memory_total_bytes", "memory_free_bytes")
@@ -49,6 +77,7 @@ class Client:
 
     def __init__(self, address: str, *, token: str | None = None, ca_cert: Path | None = None,
                  client_cert: Path | None = None, client_key: Path | None = None, timeout_s: float = 60.0) -> None:
+        self.address = address = with_default_port(address)
         self.timeout_s = timeout_s
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
         if ca_cert is not None:
@@ -77,7 +106,7 @@ class Client:
         try:
             return method(request, metadata=self._metadata, timeout=timeout_s or self.timeout_s)
         except grpc.RpcError as err:
-            raise ShardwrightError(err.code(), err.details() or "") from None
+            raise _error(err, self.address) from None
 
     # ---- jobs
     def submit(self, spec_text: str, idempotency_key: str | None = None) -> dict:
@@ -101,7 +130,7 @@ class Client:
             for event in self.jobs.WatchJob(req, metadata=self._metadata, timeout=timeout_s):
                 yield _dict(event)
         except grpc.RpcError as err:
-            raise ShardwrightError(err.code(), err.details() or "") from None
+            raise _error(err, self.address) from None
 
     # ---- inference
     def _generate_request(self, deployment: str, prompt: str | list[int], **params) -> inference_pb2.GenerateRequest:
@@ -125,7 +154,7 @@ class Client:
             for msg in call:
                 yield _dict(msg)
         except grpc.RpcError as err:
-            raise ShardwrightError(err.code(), err.details() or "") from None
+            raise _error(err, self.address) from None
         finally:
             call.cancel()
 

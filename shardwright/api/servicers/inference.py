@@ -95,4 +95,5 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 yield pb.GenerateStreamResponse(token_id=token if token is not None else -1, text=text)
         except RequestFailed as err:
             context.abort(grpc.StatusCode.UNAVAILABLE, _one_line(err))
-        yield pb.GenerateStreamResponse(token_id=-1, finish_reason=stream.output.finish_reason or "")
+        yield pb.GenerateStreamResponse(token_id=-1, finish_reason=stream.output.finish_reason or "",
+                                        prompt_tokens=len(stream.output.prompt_ids))

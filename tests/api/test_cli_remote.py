@@ -1,0 +1,108 @@
+"""The client commands as a user runs them (subprocesses) against a real `shardwright serve` on
+localhost: one output format for local and remote generate, `--stop`, `--address HOST` without a
+port, a connection error that says what to check, and exit status 2 for requests the server
+refuses as bad input (1 for work that failed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from model_helpers import tiny_spec
+from shardwright.api.client import Client, with_default_port
+from shardwright.models.random_init import write_random_checkpoint
+from test_server_e2e import TOKENS, start_server_info, stop_server, wait_state
+
+ALICE = "alice-token-123"
+CORE_KEYS = {"tokens", "text", "prompt_tokens", "finish_reason", "elapsed_s"}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(server address, model directory) with deployment 'chat' running for alice."""
+    root = tmp_path_factory.mktemp("cli-remote")
+    model = write_random_checkpoint(root / "model", tiny_spec("llama", max_position_embeddings=512), seed=5, std=0.2)
+    tokens_file = root / "tokens.yaml"
+    tokens_file.write_text("\n".join(f"{t}: {n}" for t, n in TOKENS.items()))
+    proc, info = start_server_info(root / "state", tokens_file)
+    try:
+        with Client(info["address"], token=ALICE) as alice:
+            job = alice.submit(f"kind: inference\nname: chat\nmodel: {model}\nlayout: {{tp: 1}}\n"
+                               "engine: {num_blocks: 64, block_size: 8}\n")
+            wait_state(alice, job["job_id"], {"running"})
+        yield info["address"], model
+    finally:
+        stop_server(proc)
+
+
+def run_cli(*args: str, token: str | None = ALICE) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("SHARDWRIGHT_TOKEN", "SHARDWRIGHT_ADDRESS")}
+    if token:
+        env["SHARDWRIGHT_TOKEN"] = token
+    return subprocess.run([sys.executable, "-m", "shardwright.api.cli", *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_remote_generate_prints_as_local_generate_does(served):
+    address, model = served
+    prompt = ["--prompt-ids", "1,2,3", "--max-tokens", "8"]
+    remote = run_cli("generate", "--deployment", "chat", "--address", address, *prompt, "--json")
+    local = run_cli("generate", "--model", str(model), *prompt, "--json")
+    assert remote.returncode == 0 and local.returncode == 0, remote.stderr + local.stderr
+    remote_out, local_out = json.loads(remote.stdout.splitlines()[-1]), json.loads(local.stdout.splitlines()[-1])
+    assert CORE_KEYS <= set(remote_out) and CORE_KEYS <= set(local_out)
+    assert {k: remote_out[k] for k in ("tokens", "text", "prompt_tokens", "finish_reason")} == \
+        {k: local_out[k] for k in ("tokens", "text", "prompt_tokens", "finish_reason")}
+    assert remote_out["prompt_tokens"] == 3 and len(remote_out["tokens"]) == 8
+    human = run_cli("generate", "--deployment", "chat", "--address", address, *prompt)
+    assert human.returncode == 0 and human.stdout == remote_out["text"] + "\n"
+    assert human.stderr.strip().startswith("(8 tokens, finish ")  # the stats line goes to stderr
+
+
+def test_stop_cuts_the_text_before_the_stop_string(served):
+    address, _ = served
+    base = ["generate", "--deployment", "chat", "--address", address, "--prompt-ids", "1,2,3", "--max-tokens",
+            "12", "--json"]
+    full = json.loads(run_cli(*base).stdout.splitlines()[-1])["text"]
+    stop = full[len(full) // 2]
+    cut = run_cli(*base, "--stop", stop)
+    assert cut.returncode == 0, cut.stderr
+    out = json.loads(cut.stdout.splitlines()[-1])
+    assert out["text"] == full[:full.index(stop)] and out["finish_reason"] == "stop"
+
+
+def test_bad_requests_exit_2_and_failures_exit_1(served, tmp_path):
+    address, _ = served
+    missing = run_cli("status", "job-does-not-exist", "--address", address)
+    assert missing.returncode == 2 and missing.stderr.startswith("shardwright status: NOT_FOUND")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: inference\nname: x\nmodel: /nowhere\nlayout: {tp: 0}\n")
+    refused = run_cli("submit", str(bad), "--address", address)
+    assert refused.returncode == 2 and "INVALID_ARGUMENT" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    denied = run_cli("status", "--address", address, token="wrong-token-000")
+    assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_address_without_a_port_means_50051_and_nothing_listening_says_what_to_check():
+    assert with_default_port("localhost") == "localhost:50051"
+    assert with_default_port("10.0.0.2:7000") == "10.0.0.2:7000"
+    assert with_default_port("[::1]") == "[::1]:50051" and with_default_port("::1") == "[::1]:50051"
+    assert with_default_port("unix:/tmp/sock") == "unix:/tmp/sock"
+    port = _free_port()  # bound and released: nothing listens there
+    done = run_cli("health", "--address", f"127.0.0.1:{port}")
+    assert done.returncode == 1
+    assert "shardwright serve" in done.stderr and "SHARDWRIGHT_ADDRESS" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
