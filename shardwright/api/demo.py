@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
-CORPUS_PLACES = (Path(__file__).resolve().parents[2] / "examples" / "corpus", Path.cwd() / "examples" / "corpus")
+# Package data (pyproject's package-data), so the demo runs from any folder on a wheel install;
+# examples/corpus in a checkout is a link to it.
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"
 TRAIN_STEPS = 40
 
 
@@ -63,12 +66,11 @@ def _train(client, corpus: Path, steps: int) -> dict:
 
 
 def bundled_corpus() -> Path:
-    """examples/corpus of the source checkout (editable install) or of the current directory."""
-    for place in CORPUS_PLACES:
-        if place.is_dir():
-            return place.resolve()
-    raise FileNotFoundError("the bundled corpus examples/corpus was not found; run the demo from the "
-                            "repository root (where README.md is)")
+    """The public-domain corpus shipped inside the package (shardwright/data/corpus)."""
+    if not any(CORPUS.glob("*.txt")):
+        raise FileNotFoundError(f"the bundled corpus {CORPUS} is missing: reinstall shardwright "
+                                "(pip install --force-reinstall shardwright)")
+    return CORPUS
 
 
 def run_demo(workdir: Path, steps: int, port: int) -> dict:
@@ -111,13 +113,35 @@ def run_demo(workdir: Path, steps: int, port: int) -> dict:
         _say("shut down")
 
 
+def _next_steps(model_dir: str | None) -> str:
+    serve = "shardwright serve --http-port 8000   # gRPC on 127.0.0.1:50051, OpenAI API on :8000"
+    deploy = (f"a deployment of {model_dir}: 'kind: inference', 'name: chat', 'model: {model_dir}' "
+              "(see examples/deployment.yaml), then shardwright submit FILE" if model_dir else
+              "keep the trained model with --keep DIR and deploy it (see examples/deployment.yaml)")
+    return ("what to try next:\n"
+            f"  {serve}\n"
+            f"  {deploy}\n"
+            "  shardwright generate --deployment chat --prompt 'Four score'\n"
+            "  shardwright run examples/train_tiny.yaml   # train on your own data (see the README)")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.keep is not None and args.keep.exists() and (not args.keep.is_dir() or any(args.keep.iterdir())):
+        raise ValueError(f"--keep {args.keep}: it exists and is not an empty folder; choose another")
     with tempfile.TemporaryDirectory(prefix="shardwright-demo-") as tmp:
         result = run_demo(Path(tmp), args.steps, args.port)
+        if args.keep is not None:
+            args.keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(result["model_dir"], args.keep, dirs_exist_ok=True)
+            result["model_dir"] = str(args.keep.resolve())
+        else:
+            result["model_dir"] = None  # it lived in the temporary folder, now removed
     if args.json:
         print(json.dumps(result))
     else:
-        _say(f"done: loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}, {result['tokens']} tokens served")
+        _say(f"done: loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}, {result['tokens']} tokens served"
+             + (f"; the trained model is in {result['model_dir']}" if result["model_dir"] else ""))
+        print(_next_steps(result["model_dir"]))
     return 0
 
 
@@ -126,6 +150,8 @@ def add_demo_command(sub) -> None:
                        description=__doc__)
     p.add_argument("--steps", type=int, default=TRAIN_STEPS, help=f"training steps (default {TRAIN_STEPS})")
     p.add_argument("--port", type=int, default=0, help="gRPC port (default: a free one)")
+    p.add_argument("--keep", type=Path, metavar="DIR",
+                   help="keep the trained model (a Hugging Face directory) in DIR; by default it is removed")
     p.add_argument("--json", action="store_true", help="print one JSON object last")
     p.set_defaults(func=cmd_demo)
 

@@ -54,7 +54,7 @@ def test_the_default_build_is_cpu_and_cuda_is_a_build_arg():
 
 def test_everything_pip_install_needs_is_copied_and_not_docker_ignored():
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    needed = {"pyproject.toml", pyproject["project"]["readme"], "shardwright", "examples"}  # examples: demo corpus
+    needed = {"pyproject.toml", pyproject["project"]["readme"], "shardwright", "examples"}  # the example job files
     copied = set(_copied_sources())
     assert needed <= copied, f"the Dockerfile does not copy {needed - copied}"
     ignored = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines()
