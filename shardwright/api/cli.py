@@ -185,6 +185,46 @@ def _add_init_model(sub) -> None:
     p.set_defaults(func=cmd_init_model)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from shardwright.training.checkpoint import MANIFEST, latest_checkpoint, read_manifest
+    from shardwright.training.reshard import export_hf
+
+    source = Path(args.checkpoint)
+    if not source.is_dir():
+        raise UsageError(f"{source} is not a folder; give a checkpoint (a step-N folder with {MANIFEST}) "
+                         "or a run's checkpoint folder")
+    if not (source / MANIFEST).is_file():
+        newest = latest_checkpoint(source)
+        if newest is None:
+            raise UsageError(f"{source} holds no complete checkpoint (no {MANIFEST} in it or in a step-N "
+                             "folder below it)")
+        source = newest
+    out = Path(args.directory)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise UsageError(f"{out} exists and is not an empty folder; choose another or pass --force")
+    step = read_manifest(source).step
+    export_hf(source, out)
+    result = {"checkpoint": str(source.resolve()), "step": step, "directory": str(out.resolve()),
+              "files": sorted(p.name for p in out.iterdir())}
+    _print_result(result, args.json, lambda r: f"exported step {r['step']} of {r['checkpoint']} to "
+                                                 f"{r['directory']} ({', '.join(r['files'])}); deploy it "
+                                                 "with model: set to that folder")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="turn a training checkpoint into a Hugging Face model folder",
+                       description="Gather a training checkpoint's tp/pp shards into one Hugging Face "
+                                   "directory (config.json, model.safetensors, tokenizer files when the run "
+                                   "had them, a chat template), servable as a deployment's model.")
+    p.add_argument("checkpoint", help="a checkpoint (step-N folder with manifest.json), or a run's checkpoint "
+                                      "folder: its newest complete checkpoint is taken")
+    p.add_argument("directory", help="output folder (new or empty)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_export)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     root = Path(__file__).resolve().parents[2]
     if not (root / "benchmarks" / "runner.py").is_file():
@@ -216,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_init_model(sub)
+    _add_export(sub)
     _add_bench(sub)
     _add_sim(sub)
     from shardwright.api.cli_remote import add_remote_commands

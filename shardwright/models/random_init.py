@@ -15,6 +15,7 @@ import torch
 from shardwright.config import ModelSpec
 from shardwright.models.checkpoint import save_checkpoint
 from shardwright.models.decoder import TORCH_DTYPES
+from shardwright.models.tokenizer import write_default_chat_template
 
 
 def hf_config_from_spec(spec: ModelSpec) -> dict:
@@ -122,7 +123,9 @@ def random_hf_tensors(spec: ModelSpec, seed: int = 0, std: float = 0.02) -> dict
 
 def write_random_checkpoint(directory: str | Path, spec: ModelSpec, *, seed: int = 0,
                             num_shards: int = 1, std: float = 0.02) -> Path:
-    """Write a random model of shape `spec` to `directory` in Hugging Face layout."""
+    """Write a random model of shape `spec` to `directory` in Hugging Face layout (with the
+    default chat template)."""
     save_checkpoint(directory, random_hf_tensors(spec, seed, std), hf_config_from_spec(spec),
                     num_shards=num_shards)
+    write_default_chat_template(directory)
     return Path(directory)

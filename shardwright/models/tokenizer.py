@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol
+
+# The chat template of models this project writes (init-model, export) when they have none of
+# their own, so that /v1/chat/completions works on them out of the box.
+DEFAULT_CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def write_default_chat_template(directory: str | Path) -> None:
+    """Give `directory` a tokenizer_config.json with DEFAULT_CHAT_TEMPLATE unless it has one."""
+    path = Path(directory) / "tokenizer_config.json"
+    if not path.exists():
+        path.write_text(json.dumps({"chat_template": DEFAULT_CHAT_TEMPLATE}, indent=2) + "\n")
 
 
 class TextTokenizer(Protocol):

@@ -23,6 +23,7 @@ from shardwright.models.checkpoint import CheckpointReader
 from shardwright.models.checkpoint import save_checkpoint as save_hf_checkpoint
 from shardwright.models.decoder import DecoderModel
 from shardwright.models.random_init import hf_config_from_spec
+from shardwright.models.tokenizer import write_default_chat_template
 from shardwright.models.weights import load_weights, weight_plan
 from shardwright.training.checkpoint import Manifest, read_manifest, shard_files
 from shardwright.training.sharding import FullTensors, param_pieces, stage_model
@@ -48,13 +49,17 @@ def gather_hf(checkpoint: Path, manifest: Manifest, kind: str = "param") -> dict
 
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write checkpoint's model as a Hugging Face directory (config.json, model.safetensors)."""
+    """Write checkpoint's model as a Hugging Face directory: config.json, model.safetensors, the
+    tokenizer's tokenizer.json and tokenizer_config.json when the run had them, and the default
+    chat template when it had none."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     manifest = read_manifest(checkpoint)
     tensors = gather_hf(checkpoint, manifest)
     save_hf_checkpoint(out_dir, tensors, hf_config_from_spec(manifest.model))
-    if manifest.tokenizer_dir and (Path(manifest.tokenizer_dir) / "tokenizer.json").is_file():
-        shutil.copy2(Path(manifest.tokenizer_dir) / "tokenizer.json", out_dir / "tokenizer.json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if manifest.tokenizer_dir and (Path(manifest.tokenizer_dir) / name).is_file():
+            shutil.copy2(Path(manifest.tokenizer_dir) / name, out_dir / name)
+    write_default_chat_template(out_dir)
     return out_dir
 
 
