@@ -1,5 +1,5 @@
-"""CLI commands that talk to a running server: submit, status, watch, cancel, cluster, health,
-and `generate --deployment`. The server address comes from --address (default
+"""CLI commands that talk to a running server: submit, status, watch, cancel, deployments,
+cluster, health, and `generate --deployment`. Jobs are named by id or by name. The server address comes from --address (default
 SHARDWRIGHT_ADDRESS or 127.0.0.1:50051) and the token from SHARDWRIGHT_TOKEN."""
 
 from __future__ import annotations
@@ -30,10 +30,47 @@ def _emit(result, as_json: bool, human: str) -> None:
 
 def _job_line(job: dict) -> str:
     layout = job.get("layout", {})
+    job = {**job, "state": _state_label(job, job.get("state", ""))}
     shape = "x".join(str(layout.get(k, 1)) for k in ("tp", "pp", "cp", "dp"))
     progress = f"step={job.get('step', 0)} " if job.get("kind") == "training" else ""  # deployments have no step
     return (f"{job['job_id']:<14} {job.get('name', ''):<20} {job.get('kind', ''):<9} {job.get('state', ''):<11} "
             f"tp.pp.cp.dp={shape:<8} {progress}{job.get('message', '')}").rstrip()
+
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def _all_jobs(c, **filters) -> list[dict]:
+    jobs, token = c.list(page_size=500, **filters)
+    while token:
+        more, token = c.list(page_size=500, page_token=token, **filters)
+        jobs += more
+    return jobs
+
+
+def resolve_job(c, ref: str) -> dict:
+    """The caller's job with id `ref`, else its newest job named `ref` (a deployment's or a
+    training job's name): jobs and deployments are addressed by id or by name everywhere."""
+    from shardwright.api.client import ShardwrightError
+
+    try:
+        return c.get(ref)
+    except ShardwrightError as err:
+        if not err.bad_input:
+            raise
+    named = [j for j in _all_jobs(c) if j.get("name") == ref]
+    live = [j for j in named if j.get("state") not in TERMINAL] or named
+    if not live:
+        import grpc
+
+        raise ShardwrightError(grpc.StatusCode.NOT_FOUND, f"no job or deployment has the id or name {ref!r}: "
+                               "`shardwright status` lists yours")
+    return max(live, key=lambda j: j.get("submitted_at_s", 0))
+
+
+def _state_label(job: dict, state: str) -> str:
+    """A running deployment is `ready` (it answers requests); other states as they are."""
+    return "ready" if state == "running" and job.get("kind") == "inference" else state
 
 
 def cmd_submit(args) -> int:
@@ -47,7 +84,7 @@ def cmd_submit(args) -> int:
 def cmd_status(args) -> int:
     with client_from(args) as c:
         if args.job_id:
-            job = c.get(args.job_id)
+            job = resolve_job(c, args.job_id)
             _emit(job, args.json, _job_line(job))
             return 0
         jobs, token = c.list(page_size=args.limit, state=args.state or "", kind=args.kind or "")
@@ -57,21 +94,26 @@ def cmd_status(args) -> int:
 
 
 def cmd_watch(args) -> int:
+    """Events until the job ends, or until it reaches `--until` (ready: a deployment serving)."""
     last = None
     with client_from(args) as c:
-        for event in c.watch(args.job_id):
+        job = resolve_job(c, args.job_id)
+        for event in c.watch(job["job_id"]):
             last = event
+            label = _state_label(job, event["state"])
             if not args.json:
                 metrics = " ".join(f"{k}={v:.4g}" for k, v in event.get("metrics", {}).items())
-                print(f"[{event['sequence']}] {event['state']:<11} {event.get('message', '')} {metrics}".rstrip())
+                print(f"[{event['sequence']}] {label:<11} {event.get('message', '')} {metrics}".rstrip(), flush=True)
+            if args.until is not None and args.until in (label, event["state"]):
+                break
     if args.json:
-        print(json.dumps({"job_id": args.job_id, "last_event": last}))
+        print(json.dumps({"job_id": job["job_id"], "last_event": last}))
     return 0 if last is None or last.get("state") != "failed" else 1
 
 
 def cmd_cancel(args) -> int:
     with client_from(args) as c:
-        job = c.cancel(args.job_id)
+        job = c.cancel(resolve_job(c, args.job_id)["job_id"])
     _emit(job, args.json, f"cancelled {_job_line(job)}")
     return 0
 
@@ -88,6 +130,22 @@ def cmd_cluster(args) -> int:
                          f"{g.get('memory_peers', 0)} memory peers")
         lines += [f"  {line}" for line in g.get("memory_plan", [])]
     _emit(info, args.json, "\n".join(lines))
+    return 0
+
+
+def cmd_deployments(args) -> int:
+    """The caller's deployments that are not over: name, id, state, layout and how to reach them."""
+    with client_from(args) as c:
+        jobs = [j for j in _all_jobs(c, kind="inference") if j.get("state") not in TERMINAL or args.all]
+        address = c.address
+    rows = [{"name": j["name"], "job_id": j["job_id"], "state": _state_label(j, j["state"]),
+             "layout": {k: j.get("layout", {}).get(k, 1) for k in ("tp", "pp", "cp")},
+             "endpoint": f"generate --deployment {j['name']} --address {address} | HTTP model {j['name']!r}",
+             "message": j.get("message", "")} for j in jobs]
+    human = "\n".join(f"{r['name']:<20} {r['job_id']:<14} {r['state']:<10} "
+                      f"tp={r['layout']['tp']} pp={r['layout']['pp']} cp={r['layout']['cp']}  {r['endpoint']}"
+                      for r in rows) or "no deployments"
+    _emit({"deployments": rows}, args.json, human)
     return 0
 
 
@@ -144,18 +202,26 @@ def add_remote_commands(sub) -> None:
     common(p)
     p.set_defaults(func=cmd_submit)
     p = sub.add_parser("status", help="show one job, or list jobs")
-    p.add_argument("job_id", nargs="?", help="a job id; omit to list")
+    p.add_argument("job_id", nargs="?", help="a job id or a job's or deployment's name; omit to list")
     p.add_argument("--state", help="filter the list by state")
     p.add_argument("--kind", choices=["training", "inference"], help="filter the list by kind")
     p.add_argument("--limit", type=int, default=50, help="jobs per page (default 50)")
     common(p)
     p.set_defaults(func=cmd_status)
-    for name, fn, text in (("watch", cmd_watch, "stream a job's events until it ends"),
-                           ("cancel", cmd_cancel, "cancel a job")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("job_id")
-        common(p)
-        p.set_defaults(func=fn)
+    p = sub.add_parser("watch", help="stream a job's events until it ends (or reaches --until)")
+    p.add_argument("job_id", help="a job id, or the name of a job or deployment")
+    p.add_argument("--until", metavar="STATE",
+                   help="return once the job reaches STATE (ready: a deployment is serving; or running, ...)")
+    common(p)
+    p.set_defaults(func=cmd_watch)
+    p = sub.add_parser("cancel", help="cancel a job or stop a deployment")
+    p.add_argument("job_id", help="a job id, or the name of a job or deployment")
+    common(p)
+    p.set_defaults(func=cmd_cancel)
+    p = sub.add_parser("deployments", help="your deployments: name, id, state, layout, endpoint")
+    p.add_argument("--all", action="store_true", help="also those that have ended")
+    common(p)
+    p.set_defaults(func=cmd_deployments)
     for name, fn, text in (("cluster", cmd_cluster, "nodes, GPUs, free memory and running gangs"),
                            ("health", cmd_health, "the server's standard health check (exit 0 when SERVING)")):
         p = sub.add_parser(name, help=text)

@@ -106,3 +106,26 @@ def test_an_address_without_a_port_means_50051_and_nothing_listening_says_what_t
     assert done.returncode == 1
     assert "shardwright serve" in done.stderr and "SHARDWRIGHT_ADDRESS" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_deployments_by_name_watch_until_ready_and_cancel(served, tmp_path):
+    address, model = served
+    job_file = tmp_path / "second.yaml"
+    job_file.write_text(f"kind: inference\nname: second\nmodel: {model}\nengine: {{num_blocks: 16, block_size: 8}}\n")
+    submitted = run_cli("submit", str(job_file), "--address", address, "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout.splitlines()[-1])["job_id"]
+    watched = run_cli("watch", "second", "--until", "ready", "--address", address)  # by name; returns when serving
+    assert watched.returncode == 0, watched.stderr
+    assert " ready " in watched.stdout.splitlines()[-1] + " "
+    listed = run_cli("deployments", "--address", address, "--json")
+    rows = {r["name"]: r for r in json.loads(listed.stdout.splitlines()[-1])["deployments"]}
+    assert {"chat", "second"} <= set(rows) and rows["second"]["job_id"] == job_id
+    assert rows["second"]["state"] == "ready" and rows["second"]["layout"] == {"tp": 1, "pp": 1, "cp": 1}
+    status = run_cli("status", "second", "--address", address)
+    assert status.returncode == 0 and job_id in status.stdout and "step=" not in status.stdout
+    assert run_cli("cancel", "second", "--address", address).returncode == 0
+    final = run_cli("watch", job_id, "--address", address, "--json")  # by id; returns once it ended
+    assert json.loads(final.stdout.splitlines()[-1])["last_event"]["state"] == "cancelled"
+    gone = run_cli("deployments", "--address", address, "--json")
+    assert "second" not in {r["name"] for r in json.loads(gone.stdout.splitlines()[-1])["deployments"]}
