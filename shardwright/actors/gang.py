@@ -26,6 +26,17 @@ class ChannelStep:
     """One step in flight through the gang's step channel (its replies come back in order)."""
 
 
+def placement_advice(needed: float, free: float, total: float) -> str:
+    """What to do about a gang of `needed` GPUs that did not place, given the cluster's GPUs."""
+    have = f"the cluster has {free:g} free of {total:g} GPUs, the gang needs {needed:g}"
+    if total == 0:
+        return (f"{have}; on a CPU-only machine declare logical GPUs: `ray start --head --num-gpus N` or "
+                "ray.init(num_gpus=N)")
+    if total < needed:
+        return f"{have}; add GPUs to the cluster or lower tp*pp"
+    return f"{have}; wait for running jobs to free them, or stop some"
+
+
 class GangError(RuntimeError):
     """A worker of the gang died or failed; the message names the rank and node."""
 
@@ -142,10 +153,10 @@ class WorkerGang:
             ray.get(self.pg.ready(), timeout=self.config.placement_timeout_s)
         except GetTimeoutError as err:
             remove_placement_group(self.pg)
+            total, free = ray.cluster_resources().get("GPU", 0), ray.available_resources().get("GPU", 0)
             raise GangError(
                 f"could not place {n} workers of {self.config.gpus_per_worker} GPU each within "
-                f"{self.config.placement_timeout_s:.0f} s; cluster has {ray.available_resources().get('GPU', 0)} "
-                f"free of {ray.cluster_resources().get('GPU', 0)} GPUs: free GPUs or lower tp*pp"
+                f"{self.config.placement_timeout_s:.0f} s: {placement_advice(n * self.config.gpus_per_worker, free, total)}"
             ) from err
 
     def _create_workers(self) -> None:
