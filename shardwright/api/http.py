@@ -14,7 +14,8 @@ identical). Guarantees:
   engine cannot serve;
 - a client that disconnects, mid-stream or while waiting for a whole completion, cancels its
   request, which frees its KV blocks before the engine's next step;
-- `GET /metrics` serves Prometheus text without a token (api/http_metrics.py).
+- `GET /metrics` serves Prometheus text without a token: the server's metrics, gRPC and HTTP
+  requests alike (api/metrics.py).
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ from shardwright.actors.requests import RequestFailed
 from shardwright.api.auth import Authenticator
 from shardwright.api.chat_template import render_chat
 from shardwright.api.errors import one_line
-from shardwright.api.http_metrics import CountRequests, HttpMetrics
+from shardwright.api.metrics import CountRequests, ServiceMetrics
 from shardwright.api.limits import too_large_message
 from shardwright.api.openai_schema import (ChatRequest, CompletionRequest, OpenAIError, choice, completion_id,
                                            envelope, finish, parse, usage)
-from shardwright.api.servicers.inference import start_generation
+from shardwright.api.servicers.inference import cancel_generation, start_generation
 from shardwright.config import Settings
 
 _END = object()
@@ -68,10 +69,10 @@ async def _json_body(request: Request, limit_bytes: int):
         raise OpenAIError(400, f"the request body is not JSON: {err}", code="invalid_json") from err
 
 
-def _start(backend, tenant: str, model: str, prompt, params):
+def _start(backend, tenant: str, model: str, prompt, params, metrics: ServiceMetrics):
     """`start_generation`, with its failures as OpenAI errors."""
     try:
-        return start_generation(backend, tenant, model, prompt, params)
+        return start_generation(backend, tenant, model, prompt, params, metrics, "http")
     except LookupError as err:
         raise OpenAIError(404, f"The model {model!r} does not exist: {one_line(err)}", param="model",
                           code="model_not_found") from err
@@ -81,10 +82,9 @@ def _start(backend, tenant: str, model: str, prompt, params):
         raise OpenAIError(503, one_line(err), code="engine_unavailable") from err
 
 
-async def _events(stream, on_first=None):
+async def _events(stream):
     """The stream's (token, text) events on the event loop, pumped by a thread of its own (so
-    that many open streams do not exhaust the default executor); raises RequestFailed.
-    `on_first()` runs when the first event arrives."""
+    that many open streams do not exhaust the default executor); raises RequestFailed."""
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
     def put(item) -> None:
@@ -105,9 +105,6 @@ async def _events(stream, on_first=None):
     while (item := await queue.get()) is not _END:
         if isinstance(item, Exception):
             raise item
-        if on_first is not None:
-            on_first()
-            on_first = None
         yield item
 
 
@@ -123,16 +120,17 @@ class _Choice:
         self.counts_prompt = counts_prompt  # the first choice of its prompt: its prompt tokens count once
 
     def cancel(self) -> None:
-        self.engine.cancel(self.stream.request_id)  # a no-op once it has finished
+        cancel_generation(self.engine, self.stream)  # a no-op once it has finished
 
 
-def _start_choices(backend, tenant: str, model: str, prompts: list, params: list) -> list[_Choice]:
+def _start_choices(backend, tenant: str, model: str, prompts: list, params: list,
+                   metrics: ServiceMetrics) -> list[_Choice]:
     """Queue `len(params)` choices of every prompt; on a failure, cancels those already queued."""
     choices: list[_Choice] = []
     try:
         for prompt in prompts:
             for j, one in enumerate(params):
-                engine, stream = _start(backend, tenant, model, prompt, one)
+                engine, stream = _start(backend, tenant, model, prompt, one, metrics)
                 choices.append(_Choice(len(choices), engine, stream, counts_prompt=j == 0))
     except BaseException:
         for c in choices:
@@ -144,17 +142,9 @@ def _start_choices(backend, tenant: str, model: str, prompts: list, params: list
 class _Call:
     """One completion request (its choices) on its way through an engine."""
 
-    def __init__(self, request: Request, req, chat: bool, choices: list[_Choice], metrics: HttpMetrics,
-                 queued_at: float) -> None:
+    def __init__(self, request: Request, req, chat: bool, choices: list[_Choice]) -> None:
         self.request, self.req, self.chat, self.choices = request, req, chat, choices
         self.cid = completion_id(chat)
-        self.metrics, self.queued_at = metrics, queued_at
-        self._first_seen = False
-
-    def _first_token(self) -> None:
-        if not self._first_seen:
-            self._first_seen = True
-            self.metrics.first_token(self.req.model, time.monotonic() - self.queued_at)
 
     def _envelope(self, chunk: bool, choices: list[dict], **extra) -> dict:
         return envelope(self.cid, self.chat, self.req.model, chunk, choices, **extra)
@@ -174,7 +164,7 @@ class _Call:
 
         async def pump(c: _Choice) -> None:
             try:
-                async for _, text in _events(c.stream, self._first_token):
+                async for _, text in _events(c.stream):
                     await queue.put((c, text))
                 await queue.put((c, None))
             except RequestFailed as err:
@@ -255,10 +245,11 @@ class _EventStream(StreamingResponse):
             self.call.cancel()
 
 
-def build_app(backend, auth: Authenticator, max_request_bytes: int) -> FastAPI:
-    """The FastAPI application of the OpenAI-compatible API over `backend` (a SchedulerService)."""
+def build_app(backend, auth: Authenticator, max_request_bytes: int, metrics: ServiceMetrics | None = None) -> FastAPI:
+    """The FastAPI application of the OpenAI-compatible API over `backend` (a SchedulerService);
+    `metrics`: the server's (shared with gRPC), else a registry of its own."""
     app = FastAPI(title="Shardwright OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = HttpMetrics()
+    metrics = metrics or ServiceMetrics()
     app.add_middleware(CountRequests, metrics=metrics, auth=auth)
 
     @app.exception_handler(OpenAIError)
@@ -286,9 +277,8 @@ def build_app(backend, auth: Authenticator, max_request_bytes: int) -> FastAPI:
         req = parse(ChatRequest if chat else CompletionRequest, await _json_body(request, max_request_bytes))
         params = req.choice_params(req.max_completion_tokens if chat else None)
         prompts = [await asyncio.to_thread(_chat_prompt, backend, tenant, req)] if chat else req.prompts()
-        queued_at = time.monotonic()
-        choices = await asyncio.to_thread(_start_choices, backend, tenant, req.model, prompts, params)
-        call = _Call(request, req, chat, choices, metrics, queued_at)
+        choices = await asyncio.to_thread(_start_choices, backend, tenant, req.model, prompts, params, metrics)
+        call = _Call(request, req, chat, choices)
         if req.stream:
             return _EventStream(call)
         return await call.whole()
@@ -325,14 +315,14 @@ class HttpServer:
     """uvicorn serving `build_app` on its own thread; TLS from the same PEM files as gRPC."""
 
     def __init__(self, backend, auth: Authenticator, host: str, port: int, max_request_bytes: int,
-                 settings: Settings, grace_s: float = 10.0) -> None:
+                 settings: Settings, grace_s: float = 10.0, metrics: ServiceMetrics | None = None) -> None:
         self.host, self.requested_port, self.grace_s = host, port, grace_s
         tls = {}
         if settings.tls_cert is not None and settings.tls_key is not None:
             tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
             if settings.tls_client_ca is not None:
                 tls |= {"ssl_ca_certs": str(settings.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
-        config = uvicorn.Config(build_app(backend, auth, max_request_bytes), log_level="warning",
+        config = uvicorn.Config(build_app(backend, auth, max_request_bytes, metrics), log_level="warning",
                                 access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=max(1, round(grace_s)), **tls)
         self.tls = bool(tls)
@@ -374,6 +364,6 @@ def start_http(grpc_server, port: int) -> HttpServer:
     request size limit, TLS files and grace period. Returns the started HttpServer."""
     options = grpc_server.options
     http = HttpServer(grpc_server.control, grpc_server.auth, options.host, port, options.max_message_bytes,
-                      options.settings, options.grace_s)
+                      options.settings, options.grace_s, metrics=grpc_server.metrics)
     http.start()
     return http

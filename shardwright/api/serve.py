@@ -32,6 +32,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from shardwright.cluster.ray_connect import connect
     from shardwright.scheduler.service import SchedulerConfig, SchedulerService
 
+    from shardwright.api.metrics import configure_logging
+
+    configure_logging(args.log_format)
     settings = Settings.from_env()
     options = ServerOptions(host=args.host, port=args.port, health_port=args.health_port,
                             health_host=args.health_host, grace_s=args.grace_s,
@@ -45,6 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         service.close()
         raise
     http = _start_http(server, args.http_port, service)
+    metrics_port = _start_metrics(server, args.metrics_port, args.host, service)
     stop = threading.Event()
     threading.Thread(target=_health_watch, args=(server, service, stop), daemon=True).start()
 
@@ -59,7 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(json.dumps({"address": f"{args.host}:{port}", "policy": args.policy,
                       "auth": "tokens" if settings.tokens_file else "open (loopback only)",
                       "tls": bool(settings.tls_cert),
-                      **({"http_address": f"{args.host}:{http.port}"} if http else {})}), flush=True)
+                      **({"http_address": f"{args.host}:{http.port}"} if http else {}),
+                      **({"metrics_address": f"{args.host}:{metrics_port}"} if metrics_port else {})}), flush=True)
     server.wait()
     service.close()
     return 0
@@ -77,6 +82,22 @@ def _start_http(server, port: int | None, service):
         server.stop()
         service.close()
         raise
+
+
+def _start_metrics(server, port: int | None, host: str, service) -> int | None:
+    """Prometheus text on its own port (--metrics-port), for servers without the HTTP API."""
+    if port is None:
+        return None
+    from prometheus_client import start_http_server
+
+    try:
+        httpd, _ = start_http_server(port, addr=host, registry=server.metrics.registry)
+    except OSError as err:
+        server.stop()
+        service.close()
+        raise OSError(f"cannot bind the metrics port {host}:{port} ({err.strerror}); choose another "
+                      "--metrics-port") from err
+    return httpd.server_address[1]
 
 
 def _positive(text: str) -> float:
@@ -106,4 +127,10 @@ def add_serve_command(sub) -> None:
     p.add_argument("--http-port", type=int, default=None,
                    help="also serve the OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
                         "/v1/chat/completions) on this port, same host, tokens and TLS (0 picks a free one)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at /metrics on this port, same host, no token (0 picks a free "
+                        "one); with --http-port they are also at its /metrics")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="log lines on stderr: text (default) or one JSON object a line; one line per finished "
+                        "request and per job transition")
     p.set_defaults(func=cmd_serve)

@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from shardwright.api.auth import AuthInterceptor, Authenticator, load_tokens
 from shardwright.api.limits import RequestSizeInterceptor, core_limit_bytes
+from shardwright.api.metrics import ServiceMetrics
 from shardwright.api.gen.shardwright.v1 import cluster_pb2, cluster_pb2_grpc, inference_pb2, inference_pb2_grpc
 from shardwright.api.gen.shardwright.v1 import jobs_pb2, jobs_pb2_grpc
 from shardwright.api.servicers.inference import InferenceServicer
@@ -87,6 +88,7 @@ class ShardwrightServer:
         tokens = load_tokens(options.settings.tokens_file) if options.settings.tokens_file else None
         check_listen(options.host, authenticated=tokens is not None)
         self.auth = Authenticator(tokens)
+        self.metrics = ServiceMetrics()  # shared with the HTTP API (api/http.py) and --metrics-port
         self.stopping = threading.Event()
         self.health = health.HealthServicer()
         self.server = self._build()
@@ -101,7 +103,8 @@ class ShardwrightServer:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.options.max_workers),
                              interceptors=interceptors, options=opts)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.control, self.auth, self.stopping), server)
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.control, self.auth), server)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.control, self.auth, self.metrics),
+                                                                  server)
         cluster_pb2_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(self.control, self.auth), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import shutil
 import time
 import uuid
@@ -35,6 +36,16 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from shardwright.config import Settings
+
+transition_log = logging.getLogger("shardwright.jobs")
+
+
+def _log_transitions(record: JobRecord, changes: list[tuple[JobState, str]]) -> None:
+    """One structured log line per job state change (serve --log-format shapes it)."""
+    for state, message in changes:
+        transition_log.info("job %s", state.value, extra={"fields": {
+            "job_id": record.job_id, "tenant": record.tenant, "name": record.name, "kind": record.kind,
+            "state": state.value, "detail": message}})
 
 EMBEDDED_DB_NAME = "shardwright.rdb"
 
@@ -228,6 +239,7 @@ class StateStore:
                     record = self._write_events(pipe, record, events, {})
                     pipe.hset(self._key("job", record.job_id), mapping=_dumps(record.model_dump(mode="json")))
                     pipe.execute()
+                    _log_transitions(record, events)
                     return record, True
                 except redis.WatchError:
                     continue
@@ -291,6 +303,8 @@ class StateStore:
                                                                       "num_events", "message"})
                     pipe.hset(key, mapping=_dumps(changed))
                     pipe.execute()
+                    if state is not None:
+                        _log_transitions(record, [(state, message or "")])
                     return record
                 except redis.WatchError:
                     continue

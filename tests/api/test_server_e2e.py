@@ -39,12 +39,14 @@ def start_server(state_dir: Path, tokens_file: Path) -> tuple[subprocess.Popen, 
     return proc, info["address"]
 
 
-def start_server_info(state_dir: Path, tokens_file: Path, *args: str) -> tuple[subprocess.Popen, dict]:
-    """`serve --port 0 ARGS...` as a subprocess, and the JSON line it prints once serving."""
+def start_server_info(state_dir: Path, tokens_file: Path, *args: str, stderr=subprocess.DEVNULL
+                      ) -> tuple[subprocess.Popen, dict]:
+    """`serve --port 0 ARGS...` as a subprocess, and the JSON line it prints once serving
+    (`stderr`: where its log goes, by default nowhere)."""
     env = {**os.environ, "SHARDWRIGHT_STATE_DIR": str(state_dir), "SHARDWRIGHT_TOKENS_FILE": str(tokens_file)}
     env.pop("SHARDWRIGHT_REDIS_URL", None)
     proc = subprocess.Popen([sys.executable, "-m", "shardwright.api.cli", "serve", "--port", "0", "--grace-s", "5", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = proc.stdout.readline()

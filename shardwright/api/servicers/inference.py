@@ -17,6 +17,7 @@ from shardwright.api.auth import Authenticator, tenant_of
 from shardwright.api.errors import one_line as _one_line
 from shardwright.api.gen.shardwright.v1 import inference_pb2 as pb
 from shardwright.api.gen.shardwright.v1 import inference_pb2_grpc as pb_grpc
+from shardwright.api.metrics import ServiceMetrics
 
 DEFAULT_MAX_TOKENS = 16
 # grpc reports "no deadline" as ~9.2e18 s left, which threading waits cannot take (OverflowError).
@@ -33,21 +34,33 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(**fields)
 
 
-def start_generation(backend, tenant: str, deployment: str, prompt: str | list[int], params: SamplingParams):
+def start_generation(backend, tenant: str, deployment: str, prompt: str | list[int], params: SamplingParams,
+                     metrics: ServiceMetrics | None = None, api: str = "grpc"):
     """Queue one generation on the tenant's running deployment; returns (engine, stream).
 
     The one path from every API (gRPC here, OpenAI-compatible HTTP in api/http.py) into an
-    engine, so both give identical tokens. Raises LookupError (no such running deployment),
-    ValueError (a request that can never run) or RuntimeError (the engine is shut down).
+    engine, so both give identical tokens, and both are measured and logged alike (with
+    `metrics`, the stream is an ObservedStream; its `end()` records a request that ends early).
+    Raises LookupError (no such running deployment), ValueError (a request that can never run)
+    or RuntimeError (the engine is shut down).
     """
     engine = backend.engine(tenant, deployment)
-    return engine, engine.submit(prompt, params)
+    stream = engine.submit(prompt, params)
+    return engine, stream if metrics is None else metrics.observe(stream, tenant, deployment, api)
+
+
+def cancel_generation(engine, stream) -> None:
+    """Cancel a request (a no-op once finished) and, for an observed one, record its end now."""
+    engine.cancel(stream.request_id)
+    if hasattr(stream, "end"):
+        stream.end("cancelled")
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, backend, auth: Authenticator) -> None:
+    def __init__(self, backend, auth: Authenticator, metrics: ServiceMetrics | None = None) -> None:
         self.backend = backend
         self.auth = auth
+        self.metrics = metrics
 
     def _submit(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
         tenant = tenant_of(context, self.auth)
@@ -58,7 +71,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             if prompt is None:
                 self.backend.engine(tenant, request.deployment)  # an unknown deployment is NOT_FOUND first
                 raise ValueError("give a prompt: text or token_ids")
-            engine, stream = start_generation(self.backend, tenant, request.deployment, prompt, params)
+            engine, stream = start_generation(self.backend, tenant, request.deployment, prompt, params,
+                                              self.metrics, "grpc")
         except LookupError as err:
             context.abort(grpc.StatusCode.NOT_FOUND, _one_line(err))
         except (ValueError, ValidationError) as err:
@@ -67,8 +81,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, _one_line(err))
         # Runs when the call ends for any reason: a client gone or a deadline passed frees the blocks
         # (cancelling a finished request is a no-op).
-        if not context.add_callback(lambda: engine.cancel(stream.request_id)):
-            engine.cancel(stream.request_id)  # the call had already ended
+        if not context.add_callback(lambda: cancel_generation(engine, stream)):
+            cancel_generation(engine, stream)  # the call had already ended
         return engine, stream
 
     def Generate(self, request, context):

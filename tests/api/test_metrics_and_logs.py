@@ -1,0 +1,83 @@
+"""Metrics and logs of a real `shardwright serve` (gRPC only, `--metrics-port 0 --log-format
+json`): after a known set of requests the counters and histogram counts are exactly what was
+sent, and the log has one JSON line per finished request and per job transition."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from model_helpers import tiny_spec
+from shardwright.api.client import Client
+from shardwright.models.random_init import write_random_checkpoint
+from test_server_e2e import TOKENS, start_server_info, stop_server, wait_state
+
+ALICE = "alice-token-123"
+UNARY, STREAMS, UNARY_TOKENS, STREAM_TOKENS = 10, 2, 4, 5
+
+
+def _samples(url: str) -> dict[tuple, float]:
+    text = httpx.get(url, timeout=60).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("metrics")
+    model = write_random_checkpoint(root / "model", tiny_spec("llama", max_position_embeddings=512), seed=5, std=0.2)
+    tokens_file = root / "tokens.yaml"
+    tokens_file.write_text("\n".join(f"{t}: {n}" for t, n in TOKENS.items()))
+    log_path = root / "serve.log"
+    with open(log_path, "w") as log:
+        proc, info = start_server_info(root / "state", tokens_file, "--metrics-port", "0", "--log-format", "json",
+                                       stderr=log)
+    try:
+        with Client(info["address"], token=ALICE) as alice:
+            job = alice.submit(f"kind: inference\nname: chat\nmodel: {model}\nlayout: {{tp: 1}}\n"
+                               "engine: {num_blocks: 64, block_size: 8}\n")
+            wait_state(alice, job["job_id"], {"running"})
+            yield alice, f"http://{info['metrics_address']}/metrics", log_path, job["job_id"]
+    finally:
+        stop_server(proc)
+
+
+def test_counters_and_histograms_count_exactly_what_was_sent(served):
+    alice, url, _, _ = served
+    before = _samples(url)
+    prompts = [[1 + i, 2, 3] for i in range(UNARY)]
+    for prompt in prompts:
+        assert len(alice.generate("chat", prompt, max_tokens=UNARY_TOKENS, ignore_eos=True)["token_ids"]) == UNARY_TOKENS
+    for _ in range(STREAMS):
+        list(alice.generate_stream("chat", [9, 9], max_tokens=STREAM_TOKENS, ignore_eos=True))
+    after = _samples(url)
+    chat = (("deployment", "chat"),)
+
+    def delta(name, labels=chat):
+        return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+
+    done = UNARY + STREAMS
+    assert delta("shardwright_requests_total", (("deployment", "chat"), ("finish_reason", "length"))) == done
+    assert delta("shardwright_generation_tokens_total") == UNARY * UNARY_TOKENS + STREAMS * STREAM_TOKENS
+    assert delta("shardwright_prompt_tokens_total") == UNARY * 3 + STREAMS * 2
+    assert delta("shardwright_request_latency_seconds_count",
+                 (("deployment", "chat"), ("finish_reason", "length"))) == done
+    assert delta("shardwright_time_to_first_token_seconds_count") == STREAMS  # seen token by token: streams
+    assert delta("shardwright_inter_token_latency_seconds_count") == STREAMS * (STREAM_TOKENS - 1)
+    assert after[("shardwright_requests_in_flight", chat)] == 0
+
+
+def test_one_json_log_line_per_finished_request_and_per_transition(served):
+    alice, _, log_path, job_id = served
+    alice.generate("chat", [5, 6, 7], max_tokens=3, ignore_eos=True)
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    requests = [entry for entry in lines if entry["message"] == "request finished"]
+    last = requests[-1]
+    assert (last["tenant"], last["deployment"], last["api"], last["prompt_tokens"], last["generated_tokens"],
+            last["finish_reason"], last["status"]) == ("alice", "chat", "grpc", 3, 3, "length", "ok")
+    assert last["latency_s"] > 0 and last["level"] == "info" and last["logger"] == "shardwright.requests"
+    states = [entry["state"] for entry in lines if entry.get("logger") == "shardwright.jobs" and entry["job_id"] == job_id]
+    assert states[0] in ("submitted", "queued") and "running" in states
