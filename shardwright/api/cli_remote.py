@@ -111,6 +111,30 @@ def cmd_watch(args) -> int:
     return 0 if last is None or last.get("state") != "failed" else 1
 
 
+def _event_line(event: dict, label: str | None = None) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.get("time_s", 0)))
+    metrics = " ".join(f"{k}={v:.4g}" for k, v in event.get("metrics", {}).items())
+    return f"{when} [{event['sequence']}] {label or event['state']:<11} {event.get('message', '')} {metrics}".rstrip()
+
+
+def cmd_logs(args) -> int:
+    """A job's events from the first; with -f, and then new ones until the job ends."""
+    with client_from(args) as c:
+        job = resolve_job(c, args.job_id)
+        stored, printed = job.get("num_events", 0), []
+        if not args.follow and stored == 0:
+            return 0
+        for event in c.watch(job["job_id"]):
+            printed.append(event)
+            if not args.json:
+                print(_event_line(event, _state_label(job, event["state"])), flush=True)
+            if not args.follow and event["sequence"] >= stored - 1:
+                break
+    if args.json:
+        print(json.dumps({"job_id": job["job_id"], "events": printed}))
+    return 0
+
+
 def cmd_cancel(args) -> int:
     with client_from(args) as c:
         job = c.cancel(resolve_job(c, args.job_id)["job_id"])
@@ -214,6 +238,11 @@ def add_remote_commands(sub) -> None:
                    help="return once the job reaches STATE (ready: a deployment is serving; or running, ...)")
     common(p)
     p.set_defaults(func=cmd_watch)
+    p = sub.add_parser("logs", help="a job's events (state changes, progress, errors); -f follows")
+    p.add_argument("job_id", help="a job id, or the name of a job or deployment")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new events until the job ends")
+    common(p)
+    p.set_defaults(func=cmd_logs)
     p = sub.add_parser("cancel", help="cancel a job or stop a deployment")
     p.add_argument("job_id", help="a job id, or the name of a job or deployment")
     common(p)

@@ -55,7 +55,7 @@ def _error(err: grpc.RpcError, address: str) -> ShardwrightError:
     return ShardwrightError(err.code(), details)
 
 
-INT64_FIELDS = ("sequence", "step", "memory_total_bytes", "memory_free_bytes")
+INT64_FIELDS = ("sequence", "step", "memory_total_bytes", "memory_free_bytes", "num_events")
 
 
 def _dict(msg) -> dict:

@@ -129,3 +129,17 @@ def test_deployments_by_name_watch_until_ready_and_cancel(served, tmp_path):
     assert json.loads(final.stdout.splitlines()[-1])["last_event"]["state"] == "cancelled"
     gone = run_cli("deployments", "--address", address, "--json")
     assert "second" not in {r["name"] for r in json.loads(gone.stdout.splitlines()[-1])["deployments"]}
+
+
+def test_logs_prints_a_jobs_events_and_returns(served):
+    address, _ = served
+    done = run_cli("logs", "chat", "--address", address, "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    with Client(address, token=ALICE) as alice:
+        job = alice.get(out["job_id"])
+    assert [e["sequence"] for e in out["events"]] == list(range(job["num_events"]))
+    assert "running" in [e["state"] for e in out["events"]]
+    human = run_cli("logs", "chat", "--address", address)
+    assert human.returncode == 0 and len(human.stdout.splitlines()) == job["num_events"]
+    assert " ready " in human.stdout

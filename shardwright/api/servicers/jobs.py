@@ -36,7 +36,8 @@ def job_message(job: dict) -> jobs_pb2.Job:
         state=job.get("state", ""), priority=job.get("priority", ""),
         layout={k: int(layout.get(k, 1)) for k in ("tp", "pp", "cp", "dp")},
         submitted_at_s=float(job.get("submitted_at_s", 0)), updated_at_s=float(job.get("updated_at_s", 0)),
-        message=job.get("message", ""), step=int(job.get("step", 0)), checkpoint=job.get("checkpoint") or "")
+        message=job.get("message", ""), step=int(job.get("step", 0)), checkpoint=job.get("checkpoint") or "",
+        num_events=int(job.get("num_events", 0)))
 
 
 def event_message(event: dict) -> jobs_pb2.JobEvent:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shardwright.api.gen.shardwright.v1 import common_pb2 as shardwright_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardwright/v1/jobs.proto\x12\x0eshardwright.v1\x1a\x1bshardwright/v1/common.proto\">\n\x10SubmitJobRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"\xf3\x01\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\t\x12.\n\x06layout\x18\x07 \x01(\x0b\x32\x1e.shardwright.v1.ParallelLayout\x12\x16\n\x0esubmitted_at_s\x18\x08 \x01(\x01\x12\x14\n\x0cupdated_at_s\x18\t \x01(\x01\x12\x0f\n\x07message\x18\n \x01(\t\x12\x0c\n\x04step\x18\x0b \x01(\x03\x12\x12\n\ncheckpoint\x18\x0c \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"U\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\"N\n\x10ListJobsResponse\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.shardwright.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"8\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfrom_sequence\x18\x02 \x01(\x03\"\xc4\x01\n\x08JobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0e\n\x06time_s\x18\x05 \x01(\x01\x12\x36\n\x07metrics\x18\x06 \x03(\x0b\x32%.shardwright.v1.JobEvent.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xea\x02\n\nJobService\x12\x42\n\tSubmitJob\x12 .shardwright.v1.SubmitJobRequest\x1a\x13.shardwright.v1.Job\x12<\n\x06GetJob\x12\x1d.shardwright.v1.GetJobRequest\x1a\x13.shardwright.v1.Job\x12M\n\x08ListJobs\x12\x1f.shardwright.v1.ListJobsRequest\x1a .shardwright.v1.ListJobsResponse\x12\x42\n\tCancelJob\x12 .shardwright.v1.CancelJobRequest\x1a\x13.shardwright.v1.Job\x12G\n\x08WatchJob\x12\x1f.shardwright.v1.WatchJobRequest\x1a\x18.shardwright.v1.JobEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardwright/v1/jobs.proto\x12\x0eshardwright.v1\x1a\x1bshardwright/v1/common.proto\">\n\x10SubmitJobRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"\x87\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\t\x12.\n\x06layout\x18\x07 \x01(\x0b\x32\x1e.shardwright.v1.ParallelLayout\x12\x16\n\x0esubmitted_at_s\x18\x08 \x01(\x01\x12\x14\n\x0cupdated_at_s\x18\t \x01(\x01\x12\x0f\n\x07message\x18\n \x01(\t\x12\x0c\n\x04step\x18\x0b \x01(\x03\x12\x12\n\ncheckpoint\x18\x0c \x01(\t\x12\x12\n\nnum_events\x18\r \x01(\x03\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"U\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\"N\n\x10ListJobsResponse\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.shardwright.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"8\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfrom_sequence\x18\x02 \x01(\x03\"\xc4\x01\n\x08JobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0e\n\x06time_s\x18\x05 \x01(\x01\x12\x36\n\x07metrics\x18\x06 \x03(\x0b\x32%.shardwright.v1.JobEvent.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xea\x02\n\nJobService\x12\x42\n\tSubmitJob\x12 .shardwright.v1.SubmitJobRequest\x1a\x13.shardwright.v1.Job\x12<\n\x06GetJob\x12\x1d.shardwright.v1.GetJobRequest\x1a\x13.shardwright.v1.Job\x12M\n\x08ListJobs\x12\x1f.shardwright.v1.ListJobsRequest\x1a .shardwright.v1.ListJobsResponse\x12\x42\n\tCancelJob\x12 .shardwright.v1.CancelJobRequest\x1a\x13.shardwright.v1.Job\x12G\n\x08WatchJob\x12\x1f.shardwright.v1.WatchJobRequest\x1a\x18.shardwright.v1.JobEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,21 +37,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITJOBREQUEST']._serialized_start=74
   _globals['_SUBMITJOBREQUEST']._serialized_end=136
   _globals['_JOB']._serialized_start=139
-  _globals['_JOB']._serialized_end=382
-  _globals['_GETJOBREQUEST']._serialized_start=384
-  _globals['_GETJOBREQUEST']._serialized_end=415
-  _globals['_LISTJOBSREQUEST']._serialized_start=417
-  _globals['_LISTJOBSREQUEST']._serialized_end=502
-  _globals['_LISTJOBSRESPONSE']._serialized_start=504
-  _globals['_LISTJOBSRESPONSE']._serialized_end=582
-  _globals['_CANCELJOBREQUEST']._serialized_start=584
-  _globals['_CANCELJOBREQUEST']._serialized_end=618
-  _globals['_WATCHJOBREQUEST']._serialized_start=620
-  _globals['_WATCHJOBREQUEST']._serialized_end=676
-  _globals['_JOBEVENT']._serialized_start=679
-  _globals['_JOBEVENT']._serialized_end=875
-  _globals['_JOBEVENT_METRICSENTRY']._serialized_start=829
-  _globals['_JOBEVENT_METRICSENTRY']._serialized_end=875
-  _globals['_JOBSERVICE']._serialized_start=878
-  _globals['_JOBSERVICE']._serialized_end=1240
+  _globals['_JOB']._serialized_end=402
+  _globals['_GETJOBREQUEST']._serialized_start=404
+  _globals['_GETJOBREQUEST']._serialized_end=435
+  _globals['_LISTJOBSREQUEST']._serialized_start=437
+  _globals['_LISTJOBSREQUEST']._serialized_end=522
+  _globals['_LISTJOBSRESPONSE']._serialized_start=524
+  _globals['_LISTJOBSRESPONSE']._serialized_end=602
+  _globals['_CANCELJOBREQUEST']._serialized_start=604
+  _globals['_CANCELJOBREQUEST']._serialized_end=638
+  _globals['_WATCHJOBREQUEST']._serialized_start=640
+  _globals['_WATCHJOBREQUEST']._serialized_end=696
+  _globals['_JOBEVENT']._serialized_start=699
+  _globals['_JOBEVENT']._serialized_end=895
+  _globals['_JOBEVENT_METRICSENTRY']._serialized_start=849
+  _globals['_JOBEVENT_METRICSENTRY']._serialized_end=895
+  _globals['_JOBSERVICE']._serialized_start=898
+  _globals['_JOBSERVICE']._serialized_end=1260
 # @@protoc_insertion_point(module_scope)

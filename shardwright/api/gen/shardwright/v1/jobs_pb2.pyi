@@ -16,7 +16,7 @@ class SubmitJobRequest(_message.Message):
     def __init__(self, spec_yaml: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "name", "kind", "tenant", "state", "priority", "layout", "submitted_at_s", "updated_at_s", "message", "step", "checkpoint")
+    __slots__ = ("job_id", "name", "kind", "tenant", "state", "priority", "layout", "submitted_at_s", "updated_at_s", "message", "step", "checkpoint", "num_events")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class Job(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    NUM_EVENTS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     kind: str
@@ -41,7 +42,8 @@ class Job(_message.Message):
     message: str
     step: int
     checkpoint: str
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[str] = ..., priority: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.ParallelLayout, _Mapping]] = ..., submitted_at_s: _Optional[float] = ..., updated_at_s: _Optional[float] = ..., message: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[str] = ...) -> None: ...
+    num_events: int
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[str] = ..., priority: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.ParallelLayout, _Mapping]] = ..., submitted_at_s: _Optional[float] = ..., updated_at_s: _Optional[float] = ..., message: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[str] = ..., num_events: _Optional[int] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
