@@ -91,6 +91,9 @@ class SeqChunk:
     seed: int
     step: int  # index (within the request) of the token sampled from this chunk
     feedback: bool = False  # token_ids[0] is unknown here: the token sampled in the previous step
+    # The sequence's tokens before start_pos, for a sampled chunk whose params have penalties
+    # (the workers add this chunk's own tokens); empty otherwise.
+    context: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -317,10 +320,12 @@ class StepScheduler:
         table = self.blocks.ensure(seq.seq_id, end)
         sample = end == len(seq.tokens)
         seq.num_scheduled, seq.in_flight, seq.last_chunk_samples = end, seq.in_flight + 1, sample
+        params = seq.request.params
         return SeqChunk(
             seq.seq_id, seq.request.request_id, tuple(seq.tokens[start:end]), start, tuple(table),
             tuple(self.blocks.slots(seq.seq_id, start, end)), sample,
-            seq.request.params, seq.seed, len(seq.tokens) - seq.num_prompt_tokens,
+            params, seq.seed, len(seq.tokens) - seq.num_prompt_tokens,
+            context=tuple(seq.tokens[:start]) if sample and params.penalized else (),
         )
 
     def _can_look_ahead(self, seq: SequenceState) -> bool:
@@ -334,10 +339,12 @@ class StepScheduler:
         start = seq.num_scheduled  # == len(seq.tokens): the position of the pending token
         table = self.blocks.ensure(seq.seq_id, start + 1)
         seq.num_scheduled, seq.in_flight, seq.last_chunk_samples = start + 1, seq.in_flight + 1, True
+        params = seq.request.params
         return SeqChunk(
             seq.seq_id, seq.request.request_id, (-1,), start, tuple(table),
             tuple(self.blocks.slots(seq.seq_id, start, start + 1)), True,
-            seq.request.params, seq.seed, len(seq.tokens) + 1 - seq.num_prompt_tokens, feedback=True,
+            params, seq.seed, len(seq.tokens) + 1 - seq.num_prompt_tokens, feedback=True,
+            context=tuple(seq.tokens[:start]) if params.penalized else (),
         )
 
     # ----------------------------------------------------------------------- update

@@ -401,7 +401,8 @@ class InferenceEngine:
             token_ids=plan.token_ids(), positions=plan.positions(), slot_mapping=plan.slot_mapping(),
             query_lens=plan.query_lens, block_tables=[c.block_table for c in plan.chunks],
             sample_index=plan.sample_indices(), sampling=[c.params for c in sampled],
-            seeds=[c.seed for c in sampled], steps=[c.step for c in sampled])
+            seeds=[c.seed for c in sampled], steps=[c.step for c in sampled],
+            contexts=[list(c.context) for c in sampled] if any(c.params.penalized for c in sampled) else [])
 
     def _on_gang_failure(self, err: GangError, inflight: deque) -> None:
         log.error("gang failure: %s", err)

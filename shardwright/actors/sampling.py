@@ -51,6 +51,16 @@ class SamplingParams(StrictModel):
         default_factory=list, description="Token ids that end generation (the id is kept in tokens)."
     )
     ignore_eos: bool = Field(False, description="Keep generating past the model's end-of-sequence ids.")
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Subtract this from the logit of every token already generated."
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Subtract this times its count so far from each generated token's logit."
+    )
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, le=10.0, description="Divide positive (multiply negative) logits of prompt and generated "
+                                          "tokens by this (CTRL); 1 is off."
+    )
 
     @field_validator("max_tokens")
     @classmethod
@@ -104,8 +114,13 @@ class SamplingParams(StrictModel):
 
     @property
     def greedy(self) -> bool:
-        """True when the draw is a plain argmax (temperature 0 or top_k 1)."""
+        """True when the draw is an argmax (temperature 0 or top_k 1), after any penalties."""
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        """True when the logits depend on the tokens so far (a penalty is on)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 # ------------------------------------------------------------------ counter-based random numbers
@@ -130,11 +145,34 @@ def derive_seed(base_seed: int | None, index: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ sampler
+def apply_penalties(row: torch.Tensor, history: Sequence[int], num_generated: int, p: SamplingParams) -> torch.Tensor:
+    """`row` [vocab] with p's penalties applied, as vLLM and the OpenAI API define them.
+
+    `history` is the request's tokens so far (prompt, then `num_generated` generated ones).
+    Repetition (CTRL, Keskar et al. 2019) over prompt and generated tokens: a positive logit is
+    divided by the penalty, a negative one multiplied. Then over generated tokens only: minus
+    frequency_penalty times the token's count, minus presence_penalty once if it occurs.
+    """
+    out = row.clone()
+    if p.repetition_penalty != 1.0 and len(history):
+        seen = torch.unique(torch.tensor(list(history), dtype=torch.long))
+        vals = out[seen]
+        out[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    generated = list(history[len(history) - num_generated:]) if num_generated > 0 else []
+    if generated and (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0):
+        counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=out.shape[0]).to(out.dtype)
+        out -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(out.dtype)
+    return out
+
+
 def sample_tokens(
-    logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]
+    logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int],
+    histories: Sequence[Sequence[int]] | None = None,
 ) -> list[int]:
     """One token id per row of `logits` [batch, vocab] (any float dtype, any device).
 
+    Rows with penalties first get `apply_penalties` (in float64 on the CPU) over `histories[i]`,
+    the request's tokens so far, of which the last `steps[i]` were generated.
     Greedy rows (temperature 0 or top_k 1) take the argmax, lowest id on ties. Other rows, each
     on its own in float64 on the CPU: weights exp((logits - max) / temperature); keep the top_k
     tokens; keep the top_p nucleus (the shortest prefix, in order of weight with ties to the
@@ -151,11 +189,16 @@ def sample_tokens(
         bad = torch.nonzero(~torch.isfinite(maxima)).flatten().tolist()
         raise ValueError(f"logits rows {bad} have a NaN or infinite maximum; check the model output")
     out = first_max.tolist()
-    todo = [i for i, p in enumerate(params) if not p.greedy]
+    todo = [i for i, p in enumerate(params) if not p.greedy or p.penalized]
+    if todo and histories is None and any(params[i].penalized for i in todo):
+        raise ValueError("penalised rows need the requests' token histories; pass histories")
     if todo:
         rows = logits[todo].to("cpu", torch.float64)  # one exact copy; rows stay independent
         for row, i in zip(rows, todo):
-            out[i] = _sample_row(row, params[i], uniform(seeds[i], steps[i]))
+            p = params[i]
+            if p.penalized:
+                row = apply_penalties(row, histories[i], steps[i], p)
+            out[i] = int(row.max(dim=0).indices) if p.greedy else _sample_row(row, p, uniform(seeds[i], steps[i]))
     return out
 
 

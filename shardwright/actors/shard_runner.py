@@ -43,6 +43,21 @@ class StepMessage:
     feedback_index: list[int] = field(default_factory=list)
     feedback_seq: list[int] = field(default_factory=list)
     sampled_seq: list[int] = field(default_factory=list)
+    # Penalties: per sampled row, the sequence's tokens before its chunk (empty when the row has
+    # none); the whole list is empty when no row has penalties. See `histories()`.
+    contexts: list[list[int]] = field(default_factory=list)
+
+    def histories(self) -> list[list[int]] | None:
+        """Per sampled row, the request's tokens so far: its context, then its chunk's tokens
+        (as the workers ran them, fed-back tokens filled in); None when no row has penalties."""
+        if not self.contexts:
+            return None
+        start_of_end, at = {}, 0
+        for n in self.query_lens:
+            start_of_end[at + n - 1] = at
+            at += n
+        return [ctx + self.token_ids[start_of_end[i]: i + 1] if ctx or self.sampling[r].penalized else []
+                for r, (ctx, i) in enumerate(zip(self.contexts, self.sample_index))]
 
 
 class ShardRunner(GroupMember):
@@ -183,12 +198,12 @@ class ShardRunner(GroupMember):
             return None
         logits = self.model.full_logits(out).float()
         if msg.sampled_seq:  # async scheduling: every rank samples (identical logits, same seeds)
-            tokens = sample_tokens(logits, msg.sampling, msg.seeds, msg.steps)
+            tokens = sample_tokens(logits, msg.sampling, msg.seeds, msg.steps, msg.histories())
             self._last_sampled = dict(zip(msg.sampled_seq, tokens))
             return tokens if ctx.tp_rank == 0 and ctx.cp_rank == 0 else None
         if ctx.tp_rank != 0:
             return None
-        return sample_tokens(logits, msg.sampling, msg.seeds, msg.steps)
+        return sample_tokens(logits, msg.sampling, msg.seeds, msg.steps, msg.histories())
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor | None:

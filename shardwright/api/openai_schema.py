@@ -1,8 +1,8 @@
 """The OpenAI wire format of completions: request models, response and chunk bodies, error bodies.
 
 Requests are checked strictly: a parameter this server does not implement (`logprobs`,
-penalties, ...) or does not know is refused with a 400 naming it, never ignored. Parameters left
-at OpenAI's no-op values (`presence_penalty: 0`, `logprobs: null`, ...) are accepted.
+`logit_bias`, ...) or does not know is refused with a 400 naming it, never ignored. Parameters left
+at OpenAI's no-op values (`logit_bias: null`, `logprobs: null`, ...) are accepted.
 
 Several choices: `n` choices per prompt, and for completions a list of prompts; choice
 `i * n + j` is prompt i's j-th sample (OpenAI's order). Choice j > 0 of a seeded request samples
@@ -25,7 +25,7 @@ MAX_CHOICES = 64  # prompts x n in one request: each is a request of its own in 
 # OpenAI parameters this server does not implement, with the value that means "off".
 NOT_IMPLEMENTED: dict[str, Any] = {
     "best_of": 1, "logprobs": None, "top_logprobs": None, "echo": False, "suffix": None,
-    "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": None,
+    "logit_bias": None,
     "tools": None, "tool_choice": None, "functions": None, "function_call": None, "response_format": None,
     "parallel_tool_calls": None,
 }
@@ -65,7 +65,10 @@ class _Common(BaseModel):
     stream: bool = Field(False, description="Answer as server-sent events.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options (include_usage).")
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate for each prompt.")
+    presence_penalty: float = Field(0.0, description="Subtract from each generated token's logit, -2..2.")
+    frequency_penalty: float = Field(0.0, description="Times each token's count among generated ones, -2..2.")
     top_k: int = Field(0, description="Extension: keep the k most likely tokens; 0 is off.")
+    repetition_penalty: float = Field(1.0, description="Extension: CTRL penalty over prompt and output, > 0.")
     ignore_eos: bool = Field(False, description="Extension: generate past end-of-sequence tokens.")
     stop_token_ids: list[int] = Field(default_factory=list, description="Extension: token ids that end generation.")
 
@@ -93,7 +96,9 @@ class _Common(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         fields = {"max_tokens": max_tokens or self.max_tokens or DEFAULT_MAX_TOKENS, "temperature": self.temperature,
                   "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed, "stop": stop,
-                  "stop_token_ids": self.stop_token_ids, "ignore_eos": self.ignore_eos}
+                  "stop_token_ids": self.stop_token_ids, "ignore_eos": self.ignore_eos,
+                  "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                  "repetition_penalty": self.repetition_penalty}
         try:
             return SamplingParams(**fields)
         except ValidationError as err:

@@ -112,7 +112,8 @@ def test_sse_framing_usage_chunk_and_done(served):
 
 @pytest.mark.parametrize("extra, param", [({"logprobs": 2}, "logprobs"), ({"n": 0}, "n"), ({"n": 65}, "n"),
                                           ({"prompt": ["a"] * 33, "n": 2}, "prompt"),
-                                          ({"presence_penalty": 0.5}, "presence_penalty"),
+                                          ({"presence_penalty": 2.5}, "presence_penalty"),
+                                          ({"repetition_penalty": 0}, "repetition_penalty"),
                                           ({"bogus": 1}, "bogus"), ({"temperature": -1}, "temperature")])
 def test_unsupported_or_bad_parameters_are_400_naming_them(served, extra, param):
     _, url = served
@@ -155,6 +156,20 @@ def test_seeded_n_choices_differ_and_the_first_equals_n_1(served):
     chat = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], n=2, **GREEDY)
     assert [c.index for c in chat.choices] == [0, 1]
     assert chat.choices[0].message.content == chat.choices[1].message.content
+
+
+def test_penalties_reach_the_engine_as_grpcs_do(served):
+    """The same penalties through HTTP and gRPC give the same tokens, and they change the output
+    (tests/engine/test_engine_penalties.py checks the engine against a reference)."""
+    alice, url = served
+    penalties = {"presence_penalty": -2.0, "frequency_penalty": 0.5, "repetition_penalty": 1.25}  # < 0 favours repeats
+    expected = alice.generate("chat", [5, 5, 5, 5], max_tokens=12, ignore_eos=True, **penalties)
+    plain = alice.generate("chat", [5, 5, 5, 5], max_tokens=12, ignore_eos=True)
+    assert expected["token_ids"] != plain["token_ids"]
+    out = _openai(url).completions.create(model="chat", prompt=[5, 5, 5, 5], presence_penalty=-2.0,
+                                          frequency_penalty=0.5, temperature=0, max_tokens=12,
+                                          extra_body={"ignore_eos": True, "repetition_penalty": 1.25})
+    assert out.choices[0].text == expected["text"]
 
 
 def test_auth_and_unknown_model_errors(served):

@@ -28,7 +28,9 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     """The pydantic SamplingParams of a request (proto zero values mean 'default')."""
     fields = {"max_tokens": msg.max_tokens or DEFAULT_MAX_TOKENS, "temperature": msg.temperature,
               "top_k": msg.top_k, "top_p": msg.top_p or 1.0, "stop": list(msg.stop),
-              "stop_token_ids": list(msg.stop_token_ids), "ignore_eos": msg.ignore_eos}
+              "stop_token_ids": list(msg.stop_token_ids), "ignore_eos": msg.ignore_eos,
+              "presence_penalty": msg.presence_penalty, "frequency_penalty": msg.frequency_penalty,
+              "repetition_penalty": msg.repetition_penalty or 1.0}
     if msg.HasField("seed"):
         fields["seed"] = msg.seed
     return SamplingParams(**fields)
