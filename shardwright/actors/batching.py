@@ -162,6 +162,7 @@ class TokenEvent:
     token_id: int | None
     text: str = ""
     finish_reason: FinishReason | None = None
+    logprob: tuple | None = None  # the token's (logprob, top) when its params ask (sampling.token_logprobs)
 
 
 class StepScheduler:

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -79,6 +80,11 @@ def resident_need(spec: ModelSpec, config: EngineConfig, rank: int) -> tuple[int
     fixed = (sizes.other_weight_bytes + cache_tokens * sizes.kv_bytes_per_token
              + sizes.activation_bytes(config.max_tokens_per_step, config.max_running, context, context))
     return fixed, sizes.layer_bytes
+
+
+def _split_reply(reply) -> tuple[list[int], list | None]:
+    """A worker's step reply: tokens, or (tokens, logprobs) when a request asked for them."""
+    return reply if isinstance(reply, tuple) else (reply, None)
 
 
 class InferenceEngine:
@@ -380,14 +386,18 @@ class InferenceEngine:
         plan, refs = inflight.popleft()
         results = self._gang.get(refs, list(range(len(self._gang.workers))),
                                  timeout_s=self.config.collective_timeout_s + 30)
-        tokens = results[self._gang.sampler_rank()]
+        tokens, logprobs = _split_reply(results[self._gang.sampler_rank()])
         sampled = dict(zip(plan.sampled_seq_ids(), tokens))
+        by_request = {} if logprobs is None else {
+            c.request_id: lp for c, lp in zip(plan.sampled_chunks(), logprobs) if lp is not None}
         self.steps += 1
         self.step_log.append((time.perf_counter(), len(tokens), all(n == 1 for n in plan.query_lens)))
         for event in self._scheduler.update(plan, sampled):
             stream = self._streams.get(event.request_id)
             if stream is None:
                 continue
+            if event.token_id is not None and event.request_id in by_request:
+                event = replace(event, logprob=by_request[event.request_id])
             stream.push(event)
             if event.finish_reason is not None:
                 self._streams.pop(event.request_id, None)

@@ -24,6 +24,8 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # 'stop' | 'length' | 'cancelled'
+    # With SamplingParams.logprobs: logprobs[i] = (token_ids[i]'s logprob, ((id, logprob) top...)).
+    logprobs: list[tuple] = field(default_factory=list)
 
 
 _DONE = object()
@@ -46,6 +48,8 @@ class RequestStream:
         """Take one TokenEvent (token id, text delta, finish reason) from the scheduler."""
         if event.token_id is not None:
             self.output.token_ids.append(event.token_id)
+            if getattr(event, "logprob", None) is not None:
+                self.output.logprobs.append(event.logprob)
         if event.token_id is not None or event.text:
             self._queue.put((event.token_id, event.text))
         self._text += event.text

@@ -28,6 +28,7 @@ from pydantic import Field, field_validator
 from shardwright.config import StrictModel
 
 _MASK64 = (1 << 64) - 1
+MAX_LOGPROBS = 20
 
 
 class SamplingParams(StrictModel):
@@ -51,6 +52,10 @@ class SamplingParams(StrictModel):
         default_factory=list, description="Token ids that end generation (the id is kept in tokens)."
     )
     ignore_eos: bool = Field(False, description="Keep generating past the model's end-of-sequence ids.")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Return each new token's log-probability and those of the "
+                                                 "this many most likely tokens (0: the chosen one only); None is off."
+    )
     presence_penalty: float = Field(
         0.0, ge=-2.0, le=2.0, description="Subtract this from the logit of every token already generated."
     )
@@ -199,6 +204,26 @@ def sample_tokens(
             if p.penalized:
                 row = apply_penalties(row, histories[i], steps[i], p)
             out[i] = int(row.max(dim=0).indices) if p.greedy else _sample_row(row, p, uniform(seeds[i], steps[i]))
+    return out
+
+
+TokenLogprob = tuple[float, tuple[tuple[int, float], ...]]  # (chosen's, ((id, logprob) most likely first))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], params: list[SamplingParams]
+                   ) -> list[TokenLogprob | None]:
+    """Per row, None unless its params ask for logprobs: the chosen token's log-probability and
+    the `logprobs` most likely tokens', from the log-softmax of the model's raw logits (before
+    temperature, penalties and filtering, as vLLM reports them by default), in float64."""
+    out: list[TokenLogprob | None] = [None] * len(tokens)
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return out
+    lsm = torch.log_softmax(logits[rows].detach().to("cpu", torch.float64), dim=-1)
+    for row, i in zip(lsm, rows):
+        k = params[i].logprobs
+        top = _top(row, k) if k else torch.empty(0, dtype=torch.long)
+        out[i] = (float(row[tokens[i]]), tuple((int(t), float(row[t])) for t in top))
     return out
 
 

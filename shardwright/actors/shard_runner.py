@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from shardwright.actors.compute_thread import any_thread
 from shardwright.actors.group_member import GroupMember
-from shardwright.actors.sampling import SamplingParams, sample_tokens
+from shardwright.actors.sampling import SamplingParams, sample_tokens, token_logprobs
 from shardwright.config import ParallelLayout
 from shardwright.models import load_model
 from shardwright.models.paged import PagedBatch
@@ -58,6 +58,13 @@ class StepMessage:
             at += n
         return [ctx + self.token_ids[start_of_end[i]: i + 1] if ctx or self.sampling[r].penalized else []
                 for r, (ctx, i) in enumerate(zip(self.contexts, self.sample_index))]
+
+
+def _with_logprobs(logits: torch.Tensor, tokens: list[int], msg: StepMessage):
+    """The step's reply: the sampled tokens, or (tokens, per-row logprobs) when a row asks."""
+    if not any(p.logprobs is not None for p in msg.sampling):
+        return tokens
+    return tokens, token_logprobs(logits, tokens, msg.sampling)
 
 
 class ShardRunner(GroupMember):
@@ -200,10 +207,10 @@ class ShardRunner(GroupMember):
         if msg.sampled_seq:  # async scheduling: every rank samples (identical logits, same seeds)
             tokens = sample_tokens(logits, msg.sampling, msg.seeds, msg.steps, msg.histories())
             self._last_sampled = dict(zip(msg.sampled_seq, tokens))
-            return tokens if ctx.tp_rank == 0 and ctx.cp_rank == 0 else None
+            return _with_logprobs(logits, tokens, msg) if ctx.tp_rank == 0 and ctx.cp_rank == 0 else None
         if ctx.tp_rank != 0:
             return None
-        return sample_tokens(logits, msg.sampling, msg.seeds, msg.steps, msg.histories())
+        return _with_logprobs(logits, sample_tokens(logits, msg.sampling, msg.seeds, msg.steps, msg.histories()), msg)
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor | None:

@@ -39,7 +39,7 @@ from shardwright.api.errors import one_line
 from shardwright.api.metrics import CountRequests, ServiceMetrics
 from shardwright.api.limits import too_large_message
 from shardwright.api.openai_schema import (ChatRequest, CompletionRequest, OpenAIError, choice, completion_id,
-                                           envelope, finish, parse, usage)
+                                           envelope, finish, logprobs_body, parse, usage)
 from shardwright.api.servicers.inference import cancel_generation, start_generation
 from shardwright.config import Settings
 
@@ -115,9 +115,25 @@ def _sse(body: dict) -> str:
 class _Choice:
     """One choice of a completion: its own request in the engine."""
 
-    def __init__(self, index: int, engine, stream, counts_prompt: bool) -> None:
+    def __init__(self, index: int, engine, stream, counts_prompt: bool, wants_logprobs: bool) -> None:
         self.index, self.engine, self.stream = index, engine, stream
         self.counts_prompt = counts_prompt  # the first choice of its prompt: its prompt tokens count once
+        self.wants_logprobs = wants_logprobs
+        self.tokens_seen = 0  # tokens delivered so far (events with a token id)
+        self.logprobs_sent = 0  # of which the logprobs went out in a chunk
+        self.text_offset = 0  # completions' text_offset of the next logprob entry
+
+    def take_logprobs(self) -> list | None:
+        """Logprob entries of the tokens delivered since the last call (None when not asked)."""
+        if not self.wants_logprobs:
+            return None
+        out = self.stream.output
+        upto = min(self.tokens_seen, len(out.logprobs))
+        decode = self.engine.tokenizer.decode
+        entries = [(decode([out.token_ids[i]]), out.logprobs[i][0],
+                    [(decode([t]), lp) for t, lp in out.logprobs[i][1]]) for i in range(self.logprobs_sent, upto)]
+        self.logprobs_sent = upto
+        return entries
 
     def cancel(self) -> None:
         cancel_generation(self.engine, self.stream)  # a no-op once it has finished
@@ -131,7 +147,8 @@ def _start_choices(backend, tenant: str, model: str, prompts: list, params: list
         for prompt in prompts:
             for j, one in enumerate(params):
                 engine, stream = _start(backend, tenant, model, prompt, one, metrics)
-                choices.append(_Choice(len(choices), engine, stream, counts_prompt=j == 0))
+                choices.append(_Choice(len(choices), engine, stream, counts_prompt=j == 0,
+                                       wants_logprobs=one.logprobs is not None))
     except BaseException:
         for c in choices:
             c.cancel()
@@ -159,14 +176,15 @@ class _Call:
         return usage(sum(len(o.prompt_ids) for counts, o in outs if counts), sum(len(o.token_ids) for _, o in outs))
 
     async def _merged(self):
-        """(choice, text or None at its end) as the choices' events arrive; raises RequestFailed."""
+        """(choice, text or None at its end) as the choices' events arrive (counting each
+        choice's tokens in `tokens_seen`); raises RequestFailed."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(c: _Choice) -> None:
             try:
-                async for _, text in _events(c.stream):
-                    await queue.put((c, text))
-                await queue.put((c, None))
+                async for token, text in _events(c.stream):
+                    await queue.put((c, token, text))
+                await queue.put((c, None, None))
             except RequestFailed as err:
                 await queue.put(err)
 
@@ -177,8 +195,10 @@ class _Call:
                     item = await queue.get()
                     if isinstance(item, Exception):
                         raise item
-                    yield item
-                    if item[1] is None:
+                    c, token, text = item
+                    c.tokens_seen += token is not None
+                    yield c, text
+                    if text is None:
                         break
         finally:
             for task in tasks:
@@ -193,9 +213,11 @@ class _Call:
             async for c, text in self._merged():
                 if text is None:
                     reason = finish(c.stream.output.finish_reason)
-                    yield _sse(self._envelope(True, [choice(self.chat, "", reason, delta=True, index=c.index)]))
+                    yield _sse(self._envelope(True, [choice(self.chat, "", reason, delta=True, index=c.index,
+                                                            logprobs=self._logprobs(c))]))
                 elif text:
-                    yield _sse(self._envelope(True, [choice(self.chat, text, None, delta=True, index=c.index)]))
+                    yield _sse(self._envelope(True, [choice(self.chat, text, None, delta=True, index=c.index,
+                                                            logprobs=self._logprobs(c))]))
             if self.req.stream_options is not None and self.req.stream_options.include_usage:
                 yield _sse(self._envelope(True, [], usage=self._usage()))
             yield "data: [DONE]\n\n"
@@ -226,8 +248,16 @@ class _Call:
         finally:
             self.cancel()
         return self._envelope(False, [choice(self.chat, texts[c.index], finish(c.stream.output.finish_reason),
-                                             delta=False, index=c.index) for c in self.choices],
-                              usage=self._usage())
+                                             delta=False, index=c.index, logprobs=self._logprobs(c))
+                                      for c in self.choices], usage=self._usage())
+
+    def _logprobs(self, c: _Choice) -> dict | None:
+        """The logprobs of `c`'s tokens not yet sent, in OpenAI's shape (None when not asked)."""
+        entries = c.take_logprobs()
+        body = logprobs_body(self.chat, entries, c.text_offset)
+        if entries:
+            c.text_offset += sum(len(t) for t, _, _ in entries)
+        return body
 
 
 class _EventStream(StreamingResponse):

@@ -18,13 +18,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shardwright.actors.sampling import SamplingParams, derive_seed
+from shardwright.actors.sampling import MAX_LOGPROBS, SamplingParams, derive_seed
 
 DEFAULT_MAX_TOKENS = 16
 MAX_CHOICES = 64  # prompts x n in one request: each is a request of its own in the engine
 # OpenAI parameters this server does not implement, with the value that means "off".
 NOT_IMPLEMENTED: dict[str, Any] = {
-    "best_of": 1, "logprobs": None, "top_logprobs": None, "echo": False, "suffix": None,
+    "best_of": 1, "echo": False, "suffix": None,
     "logit_bias": None,
     "tools": None, "tool_choice": None, "functions": None, "function_call": None, "response_format": None,
     "parallel_tool_calls": None,
@@ -85,6 +85,10 @@ class _Common(BaseModel):
                                   f"omit it or send {json.dumps(NOT_IMPLEMENTED[name])}", param=name, code="unsupported_parameter")
         return self
 
+    def _logprobs(self) -> int | None:
+        """SamplingParams.logprobs of this request (None: off)."""
+        return None
+
     def choice_params(self, max_tokens: int | None = None) -> list[SamplingParams]:
         """The sampling parameters of the n choices of one prompt (see the module's docstring)."""
         first = self.sampling_params(max_tokens)
@@ -98,7 +102,7 @@ class _Common(BaseModel):
                   "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed, "stop": stop,
                   "stop_token_ids": self.stop_token_ids, "ignore_eos": self.ignore_eos,
                   "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-                  "repetition_penalty": self.repetition_penalty}
+                  "repetition_penalty": self.repetition_penalty, "logprobs": self._logprobs()}
         try:
             return SamplingParams(**fields)
         except ValidationError as err:
@@ -110,6 +114,11 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
         description="Text or token ids, or a list of prompts (each answered with n choices).")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="Each token's logprob and this many most likely alternatives.")
+
+    def _logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The request's prompts, at most MAX_CHOICES choices in all."""
@@ -132,6 +141,18 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     max_completion_tokens: int | None = Field(None, description="Most new tokens (newer name of max_tokens).")
+    logprobs: bool = Field(False, description="Return each output token's logprob.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                     description="With logprobs: this many most likely alternatives per token.")
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        return self
+
+    def _logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def parse(model: type[_Common], body: Any) -> _Common:
@@ -160,14 +181,34 @@ def finish(reason: str | None) -> str | None:
     return None if reason is None else "length" if reason == "length" else "stop"
 
 
+LogprobEntry = tuple[str, float, list[tuple[str, float]]]  # token text, its logprob, top (text, logprob)
+
+
+def logprobs_body(chat: bool, entries: list[LogprobEntry] | None, offset: int = 0) -> dict | None:
+    """OpenAI's `logprobs` of a choice (or chunk): for chat `{"content": [...]}`, for completions
+    the legacy `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}` (offsets from `offset`)."""
+    if entries is None:
+        return None
+    if chat:
+        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
+                             "top_logprobs": [{"token": a, "logprob": b, "bytes": list(a.encode())} for a, b in top]}
+                            for t, lp, top in entries]}
+    offsets, at = [], offset
+    for t, _, _ in entries:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": offsets}
+
+
 def choice(chat: bool, text: str, finish_reason: str | None, delta: bool, first: bool = False,
-           index: int = 0) -> dict:
+           index: int = 0, logprobs: dict | None = None) -> dict:
     if not chat:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     if delta:
         body = ({"role": "assistant", "content": text} if first else {"content": text}) if text or first else {}
-        return {"index": index, "delta": body, "logprobs": None, "finish_reason": finish_reason}
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        return {"index": index, "delta": body, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
             "finish_reason": finish_reason}
 
 

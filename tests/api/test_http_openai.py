@@ -110,7 +110,8 @@ def test_sse_framing_usage_chunk_and_done(served):
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
 
 
-@pytest.mark.parametrize("extra, param", [({"logprobs": 2}, "logprobs"), ({"n": 0}, "n"), ({"n": 65}, "n"),
+@pytest.mark.parametrize("extra, param", [({"logprobs": 21}, "logprobs"), ({"logit_bias": {"1": 5}}, "logit_bias"),
+                                          ({"n": 0}, "n"), ({"n": 65}, "n"),
                                           ({"prompt": ["a"] * 33, "n": 2}, "prompt"),
                                           ({"presence_penalty": 2.5}, "presence_penalty"),
                                           ({"repetition_penalty": 0}, "repetition_penalty"),
@@ -170,6 +171,33 @@ def test_penalties_reach_the_engine_as_grpcs_do(served):
                                           frequency_penalty=0.5, temperature=0, max_tokens=12,
                                           extra_body={"ignore_eos": True, "repetition_penalty": 1.25})
     assert out.choices[0].text == expected["text"]
+
+
+def test_logprobs_equal_grpcs_in_openais_shapes(served):
+    """Completions (whole and streamed) and chat logprobs carry the engine's values, the same
+    the gRPC API returns (tests/engine/test_engine_penalties.py checks them against a reference)."""
+    alice, url = served
+    grpc_out = alice.generate("chat", [1, 2, 3], max_tokens=6, ignore_eos=True, logprobs=3)
+    chosen = [e["logprob"] for e in grpc_out["logprobs"]]
+    tops = [[t["logprob"] for t in e["top"]] for e in grpc_out["logprobs"]]
+    assert [e["token_id"] for e in grpc_out["logprobs"]] == grpc_out["token_ids"] and all(len(t) == 3 for t in tops)
+    client = _openai(url)
+    out = client.completions.create(model="chat", prompt=[1, 2, 3], logprobs=3, **{**GREEDY, "max_tokens": 6})
+    lp = out.choices[0].logprobs
+    assert lp.token_logprobs == chosen
+    # keyed by token text, as OpenAI does: byte tokens >= 128 all decode to U+FFFD and collide
+    assert all(set(d.values()) <= set(t) and d for d, t in zip(lp.top_logprobs, tops))
+    assert "".join(lp.tokens) == out.choices[0].text and lp.text_offset[0] == 0
+    chunks = list(client.completions.create(model="chat", prompt=[1, 2, 3], logprobs=3, stream=True,
+                                            **{**GREEDY, "max_tokens": 6}))
+    assert [v for c in chunks if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs] \
+        == chosen
+    chat = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], logprobs=True,
+                                          top_logprobs=2, **{**GREEDY, "max_tokens": 6})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 6 and all(len(e.top_logprobs) == 2 for e in content)
+    assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[1].logprob
+    assert _openai(url).completions.create(model="chat", prompt=[1], **GREEDY).choices[0].logprobs is None
 
 
 def test_auth_and_unknown_model_errors(served):

@@ -54,3 +54,28 @@ def test_greedy_with_penalties_equals_the_reference(ray_cluster, served_models, 
         assert [s.result(timeout_s=300).token_ids for s in streams] == expected
     finally:
         engine.shutdown()
+
+
+@torch.inference_mode()
+def test_logprobs_equal_the_log_softmax_of_the_reference_logits(ray_cluster, served_models):
+    """Chosen and top-5 logprobs of a greedy run at tp=2 equal the log-softmax of the
+    single-process logits (1e-4: tp=2 sums partial products in another order)."""
+    _, model = load_model(served_models["llama"], ParallelContext.single("cpu"))
+    prompt, params = [4, 8, 15, 16, 23, 42], SamplingParams(max_tokens=10, ignore_eos=True, logprobs=5)
+    config = EngineConfig(model_dir=served_models["llama"], layout=ParallelLayout(tp=2), block_size=8, num_blocks=64)
+    engine = InferenceEngine(config).start()
+    try:
+        out = engine.submit(prompt, params).result(timeout_s=300)
+        plain = engine.submit(prompt, params.model_copy(update={"logprobs": None})).result(timeout_s=300)
+    finally:
+        engine.shutdown()
+    assert len(out.logprobs) == len(out.token_ids) == 10 and plain.logprobs == []
+    assert out.token_ids == plain.token_ids
+    tokens = list(prompt)
+    for token, (chosen, top) in zip(out.token_ids, out.logprobs):
+        logits = model.full_logits(model(torch.tensor([tokens]), torch.arange(len(tokens)).unsqueeze(0)))[0, -1]
+        expected = torch.log_softmax(logits.double(), dim=-1)
+        assert abs(chosen - float(expected[token])) < 1e-4
+        assert [t for t, _ in top] == torch.topk(expected, 5).indices.tolist() and top[0][0] == token
+        assert all(abs(lp - float(expected[t])) < 1e-4 for t, lp in top)
+        tokens.append(token)

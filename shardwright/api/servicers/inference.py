@@ -33,7 +33,14 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
               "repetition_penalty": msg.repetition_penalty or 1.0}
     if msg.HasField("seed"):
         fields["seed"] = msg.seed
+    if msg.HasField("logprobs"):
+        fields["logprobs"] = msg.logprobs
     return SamplingParams(**fields)
+
+
+def logprob_message(token: int, logprob: tuple) -> pb.TokenLogprob:
+    chosen, top = logprob
+    return pb.TokenLogprob(token_id=token, logprob=chosen, top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in top])
 
 
 def start_generation(backend, tenant: str, deployment: str, prompt: str | list[int], params: SamplingParams,
@@ -100,15 +107,22 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         except RequestFailed as err:
             context.abort(grpc.StatusCode.UNAVAILABLE, _one_line(err))
         return pb.GenerateResponse(request_id=out.request_id, token_ids=out.token_ids, text=out.text,
-                                   finish_reason=out.finish_reason or "", prompt_tokens=len(out.prompt_ids))
+                                   finish_reason=out.finish_reason or "", prompt_tokens=len(out.prompt_ids),
+                                   logprobs=[logprob_message(t, lp) for t, lp in zip(out.token_ids, out.logprobs)])
 
     def GenerateStream(self, request, context):
         engine, stream = self._submit(request, context)
         try:
+            seen = 0
             for token, text in stream.events():
                 if not context.is_active():
                     return
-                yield pb.GenerateStreamResponse(token_id=token if token is not None else -1, text=text)
+                logprob = None
+                if token is not None:
+                    logprobs, seen = stream.output.logprobs, seen + 1
+                    logprob = logprob_message(token, logprobs[seen - 1]) if len(logprobs) >= seen else None
+                yield pb.GenerateStreamResponse(token_id=token if token is not None else -1, text=text,
+                                                logprob=logprob)
         except RequestFailed as err:
             context.abort(grpc.StatusCode.UNAVAILABLE, _one_line(err))
         yield pb.GenerateStreamResponse(token_id=-1, finish_reason=stream.output.finish_reason or "",
