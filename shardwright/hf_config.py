@@ -1,7 +1,8 @@
 """Translate a Hugging Face `config.json` into ModelSpec fields.
 
-Supported: Llama, Qwen2 / Qwen2.5, Qwen3 and Mistral (all built as 'llama' blocks, told apart by
-qkv_bias, qk_norm and sliding_window) and GPT-2.
+Supported: Llama, Qwen2 / Qwen2.5, Qwen3, Mistral and Phi-3 (all built as 'llama' blocks, told
+apart by qkv_bias, qk_norm and sliding_window; Phi-3's fused qkv_proj and gate_up_proj are split
+when the weights load, models/weights.py) and GPT-2.
 
 Both the transformers 4 spelling (`rope_theta`, `rope_scaling`) and the transformers 5 one
 (`rope_parameters`) are read. Anything this runtime cannot reproduce exactly is refused with a
@@ -15,11 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
-LLAMA_TYPES = {"llama", "qwen2", "qwen3", "mistral"}
+LLAMA_TYPES = {"llama", "qwen2", "qwen3", "mistral", "phi3"}
 GPT2_TYPES = {"gpt2"}
 # The `architectures` entries (model classes) whose weights and forward this runtime reproduces.
 SUPPORTED_CLASSES = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
-                     "GPT2LMHeadModel"}
+                     "Phi3ForCausalLM", "GPT2LMHeadModel"}
 _DTYPES = {"float32", "float64", "bfloat16", "float16"}
 
 
@@ -54,6 +55,9 @@ def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
     if act != "silu":
         raise ValueError(f"config.json hidden_act={act!r}: llama blocks support only 'silu'")
     model_type = hf["model_type"]
+    if model_type == "phi3" and (hf.get("partial_rotary_factor") or 1.0) != 1.0:
+        raise ValueError(f"config.json partial_rotary_factor={hf['partial_rotary_factor']} is not supported "
+                         "for phi3; supported: 1.0")
     window, window_layers = _sliding_window(hf)
     return {
         "architecture": "llama",
@@ -69,7 +73,7 @@ def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
         "rope_theta": theta,
         "rope_scaling": scaling,
         "tie_word_embeddings": hf.get("tie_word_embeddings", False),
-        "attention_bias": False if model_type in ("qwen2", "mistral") else hf.get("attention_bias", False),
+        "attention_bias": False if model_type in ("qwen2", "mistral", "phi3") else hf.get("attention_bias", False),
         "qkv_bias": model_type == "qwen2",
         "qk_norm": model_type == "qwen3",
         "sliding_window": window,
@@ -112,6 +116,8 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if rope_type not in ("linear", "llama3"):
         raise ValueError(
             f"config.json rope type {rope_type!r} is not supported; supported: default, linear, llama3"
+            + (" (Phi-3's long-context longrope/su variants are not yet; its 4k models use the default)"
+               if rope_type in ("longrope", "su") else "")
         )
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     scaling = {k: params[k] for k in keys if k in params}

@@ -44,19 +44,28 @@ def _norm(prefix: str, norm: nn.Module, name: str) -> Plan:
         yield f"{prefix}.bias", norm.bias, [Read(f"{name}.bias")]
 
 
-def _llama_block(i: int, block: nn.Module, layer: int) -> Plan:
+def _llama_block(i: int, block: nn.Module, layer: int, reader: CheckpointReader, spec) -> Plan:
     hf = f"model.layers.{layer}"
     p = f"blocks.{i}"
     yield from _norm(f"{p}.attn_norm", block.attn_norm, f"{hf}.input_layernorm")
-    qkv = [f"{hf}.self_attn.{x}_proj.weight" for x in "qkv"]
-    yield from _linear(f"{p}.attn.qkv", block.attn.qkv, qkv, conv1d=False)
+    if reader.has(f"{hf}.self_attn.qkv_proj.weight"):  # Phi-3: q, k and v fused along the output dim
+        q_rows, kv_rows = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        yield from _linear(f"{p}.attn.qkv", block.attn.qkv, [f"{hf}.self_attn.qkv_proj.weight"], conv1d=False,
+                           offsets=[0, q_rows, q_rows + kv_rows])
+    else:
+        qkv = [f"{hf}.self_attn.{x}_proj.weight" for x in "qkv"]
+        yield from _linear(f"{p}.attn.qkv", block.attn.qkv, qkv, conv1d=False)
     yield from _row(f"{p}.attn.o", block.attn.o, f"{hf}.self_attn.o_proj.weight", conv1d=False)
     if block.attn.q_norm is not None:  # Qwen3: per-head norms, replicated on every TP rank
         yield from _norm(f"{p}.attn.q_norm", block.attn.q_norm, f"{hf}.self_attn.q_norm")
         yield from _norm(f"{p}.attn.k_norm", block.attn.k_norm, f"{hf}.self_attn.k_norm")
     yield from _norm(f"{p}.mlp_norm", block.mlp_norm, f"{hf}.post_attention_layernorm")
-    gate_up = [f"{hf}.mlp.gate_proj.weight", f"{hf}.mlp.up_proj.weight"]
-    yield from _linear(f"{p}.mlp.gate_up", block.mlp.gate_up, gate_up, conv1d=False)
+    if reader.has(f"{hf}.mlp.gate_up_proj.weight"):  # Phi-3: gate and up fused, gate first
+        yield from _linear(f"{p}.mlp.gate_up", block.mlp.gate_up, [f"{hf}.mlp.gate_up_proj.weight"], conv1d=False,
+                           offsets=[0, spec.intermediate_size])
+    else:
+        gate_up = [f"{hf}.mlp.gate_proj.weight", f"{hf}.mlp.up_proj.weight"]
+        yield from _linear(f"{p}.mlp.gate_up", block.mlp.gate_up, gate_up, conv1d=False)
     yield from _row(f"{p}.mlp.down", block.mlp.down, f"{hf}.mlp.down_proj.weight", conv1d=False)
 
 
@@ -89,7 +98,7 @@ def weight_plan(model: DecoderModel, reader: CheckpointReader) -> Plan:
         yield "pos_embed.weight", model.pos_embed.weight, [Read(names["pos"])]
     for i, (layer, block) in enumerate(zip(model.layer_ids, model.blocks)):
         if model.spec.architecture == "llama":
-            yield from _llama_block(i, block, layer)
+            yield from _llama_block(i, block, layer, reader, model.spec)
         else:
             yield from _gpt2_block(i, block, layer, names["root"], model.spec.hidden_size)
     if model.norm is not None:

@@ -1,4 +1,4 @@
-"""Qwen2 / Qwen2.5, Qwen3 and Mistral checkpoints saved by `transformers` reproduce its logits,
+"""Qwen2 / Qwen2.5, Qwen3, Mistral and Phi-3 checkpoints saved by `transformers` reproduce its logits,
 greedy tokens and gradients here: at tp = 1 (in process) and tp = 2 (two gloo ranks), over the
 paged serving path, and through the Ray engine (Mistral also at tp = 2 and pp = 2).
 
@@ -58,7 +58,13 @@ def _mistral():
     return transformers.MistralForCausalLM(cfg)
 
 
-FAMILIES = {"qwen2": _qwen2, "qwen2_tied": _qwen2_tied, "qwen3": _qwen3, "mistral": _mistral}
+def _phi3():
+    # fused qkv_proj (q 64 + k 32 + v 32 rows) and gate_up_proj, split per TP rank when loading
+    cfg = transformers.Phi3Config(**COMMON, tie_word_embeddings=False, pad_token_id=0)
+    return transformers.Phi3ForCausalLM(cfg)
+
+
+FAMILIES = {"qwen2": _qwen2, "qwen2_tied": _qwen2_tied, "qwen3": _qwen3, "mistral": _mistral, "phi3": _phi3}
 
 
 def _randomise_biases_and_norms(model) -> None:
@@ -103,7 +109,8 @@ def test_configs_parse_to_the_family_features(hf_models):
     assert specs["qwen2_tied"].tie_word_embeddings and not specs["qwen2"].tie_word_embeddings
     assert specs["qwen3"].qk_norm and specs["qwen3"].head_dim == 32 and not specs["qwen3"].qkv_bias
     assert specs["mistral"].window_of(0) == specs["mistral"].window_of(1) == WINDOW
-    assert all(specs[n].sliding_window is None for n in ("qwen2", "qwen2_tied", "qwen3"))
+    assert all(specs[n].sliding_window is None for n in ("qwen2", "qwen2_tied", "qwen3", "phi3"))
+    assert not (specs["phi3"].qkv_bias or specs["phi3"].attention_bias or specs["phi3"].qk_norm)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -181,6 +188,15 @@ def test_paged_serving_path_matches_transformers(hf_models, name):
         ref_short = _hf_greedy(hf, short)
     got = _paged_greedy(model, [prompt, short], NEW_TOKENS, chunk=5)
     assert got == [ref_tokens, ref_short]
+
+
+def test_phi3_long_context_rope_is_refused_naming_it(hf_models):
+    with open(f"{hf_models['phi3'][0]}/config.json") as f:
+        config = json.load(f)
+    config.pop("rope_parameters", None)
+    config["rope_scaling"] = {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+    with pytest.raises(ValueError, match="longrope"):
+        ModelSpec.from_hf_config(config)
 
 
 def test_unknown_architecture_is_refused_listing_the_supported(hf_models):
@@ -272,7 +288,8 @@ def test_sliding_window_refused_with_context_parallelism(hf_models):
 
 
 @pytest.mark.parametrize("name, tp, pp", [("qwen2", 1, 1), ("qwen2_tied", 1, 1), ("qwen3", 1, 1),
-                                          ("mistral", 1, 1), ("mistral", 2, 1), ("mistral", 1, 2)])
+                                          ("mistral", 1, 1), ("mistral", 2, 1), ("mistral", 1, 2),
+                                          ("phi3", 2, 1)])
 def test_engine_greedy_tokens_match_transformers(ray_cluster, hf_models, name, tp, pp):
     """32 greedy tokens through the Ray engine (paged cache, packed steps) equal transformers',
     for the 12-token prompt (longer than Mistral's window) batched with a 3-token one."""
