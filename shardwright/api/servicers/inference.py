@@ -116,8 +116,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 left = end - time.monotonic()
                 if left <= 0:
                     raise TimeoutError
-                # a fresh generator per event (they share the stream's queue): each wait gets what is left
-                event = next(stream.events(timeout_s=left), None)
+                event = stream.next_event(timeout_s=left)  # each wait gets what is left of the deadline
                 if event is None:
                     break
                 if not context.is_active():
