@@ -114,6 +114,8 @@ class WorkerGang:
         self._place()
         self._create_workers()
         host = self.nodes[0]["ip"]
+        if all(n["ip"] == host for n in self.nodes):  # one node: the rendezvous store need not leave it
+            host = "127.0.0.1"
         timeout = self.config.collective_timeout_s
         port = self._call_one(0, "open_store", host, timeout)
         self.call_compute("init_group", host, port, timeout)
@@ -277,7 +279,10 @@ class WorkerGang:
         compute thread reads, and `get` reads the replies. Raises if it cannot be set up."""
         from shardwright.actors.step_channel import StepChannel
 
-        channel = StepChannel(ray.util.get_node_ip_address(), len(self.workers))
+        here = ray.util.get_node_ip_address()
+        # listen where the workers reach this process, and nowhere else: loopback when all are here
+        host = "127.0.0.1" if all(n["ip"] == here for n in self.nodes) else here
+        channel = StepChannel(host, len(self.workers))
         try:
             ranks = list(range(len(self.workers)))
             self.get([w.serve_steps.remote(channel.host, channel.port, channel.token, r)

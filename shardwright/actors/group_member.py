@@ -7,6 +7,7 @@ Start-up runs in named phases; a failure names the phase and the rank (StartupEr
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from datetime import timedelta
 
@@ -60,10 +61,17 @@ class GroupMember:
             raise StartupError(f"rank {self.rank} failed in start-up phase '{name}': {err}") from err
 
     def open_store(self, host: str, timeout_s: float) -> int:
-        """Rank 0 only: host the gang's rendezvous store on a free port (chosen by the OS)."""
-        self._store = dist.TCPStore(host, 0, self.layout.world_size, is_master=True,
-                                    timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
-        return self._store.port
+        """Rank 0 only: host the gang's rendezvous store on a free port (chosen by the OS).
+
+        torch's TCPStore listens on every interface whatever `host` says; it is given a socket
+        bound to `host` alone instead (the address the other ranks use: loopback for a one-node
+        gang), so the store cannot be reached through the node's other addresses."""
+        listener = socket.create_server((host, 0))
+        port = listener.getsockname()[1]
+        self._store = dist.TCPStore(host, port, self.layout.world_size, is_master=True,
+                                    timeout=timedelta(seconds=timeout_s), wait_for_workers=False,
+                                    master_listen_fd=listener.detach())  # the store owns the socket now
+        return port
 
     def init_group(self, host: str, port: int, timeout_s: float) -> None:
         """Phase 1: join the gang's torch.distributed world and build the ParallelContext."""

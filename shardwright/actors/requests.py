@@ -89,16 +89,21 @@ class RequestStream:
 
         With `timeout_s`, raises TimeoutError when no event arrives within that many seconds.
         """
-        while True:
-            try:
-                item = self._queue.get(timeout=timeout_s)
-            except queue.Empty as err:
-                raise TimeoutError(f"{self.request_id}: no token within {timeout_s} s") from err
-            if item is _DONE:
-                if self._error is not None:
-                    raise RequestFailed(self._error)
-                return
+        while (item := self.next_event(timeout_s)) is not None:
             yield item
+
+    def next_event(self, timeout_s: float | None = None):
+        """The next (token id or None, text delta) pair, or None once the request is finished;
+        raises RequestFailed, or TimeoutError when nothing arrives within `timeout_s`."""
+        try:
+            item = self._queue.get(timeout=timeout_s)
+        except queue.Empty as err:
+            raise TimeoutError(f"{self.request_id}: no token within {timeout_s} s") from err
+        if item is _DONE:
+            if self._error is not None:
+                raise RequestFailed(self._error)
+            return None
+        return item
 
     def __iter__(self):
         """Token ids as they are produced."""

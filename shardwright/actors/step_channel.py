@@ -10,8 +10,11 @@ back (the sampled tokens, or the error), and nothing spins.
 
 Frames are an 8-byte big-endian length and a pickle. A worker authenticates its connection with
 the controller's random token before the controller reads anything else from it (workers only
-connect out; nothing listens on a worker). A worker that dies closes its socket: the controller
-sees end-of-file at once instead of waiting for a timeout.
+connect out; nothing listens on a worker). The controller listens only on the address its workers
+use to reach it (loopback when they all run on its node, see WorkerGang.open_channel) and serves
+all connections' handshakes at once, each within HANDSHAKE_TIMEOUT_S, so a connection that sends
+nothing cannot hold up the gang. A worker that dies closes its socket: the controller sees
+end-of-file at once instead of waiting for a timeout.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ import traceback
 from shardwright.actors.compute_thread import ComputeThread
 
 _HEADER = struct.Struct("!Q")
+# A worker sends its token and rank as soon as it connects: a connection that has not within
+# this time is dropped (a port scanner, a stuck client), without holding up the others.
+HANDSHAKE_TIMEOUT_S = 2.0
 
 
 class ChannelClosed(ConnectionError):
@@ -78,40 +84,71 @@ class StepChannel:
         self.port = self._listener.getsockname()[1]
         self.socks: list[socket.socket | None] = [None] * num_workers
 
-    def accept_all(self, timeout_s: float) -> None:
-        """Accept and authenticate every worker's connection (each sends (token, rank) first)."""
+    def accept_all(self, timeout_s: float, handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
+        """Accept and authenticate every worker's connection (each sends (token, rank) first).
+
+        Connections are served side by side in one `select` loop: a connection that sends nothing
+        (or too little) is dropped after `handshake_timeout_s` without delaying the others, and
+        one that sends a wrong token is dropped at once."""
         deadline = time.monotonic() + timeout_s
-        while any(s is None for s in self.socks):
-            left = deadline - time.monotonic()
-            try:
-                if left <= 0:
-                    raise TimeoutError
-                self._listener.settimeout(left)
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                missing = [r for r, s in enumerate(self.socks) if s is None]
-                raise TimeoutError(f"step channel: ranks {missing} did not connect within "
-                                   f"{timeout_s:g} s") from None
-            conn.settimeout(max(0.1, deadline - time.monotonic()))
-            rank = self._handshake(conn)
-            if rank is None or not 0 <= rank < self.num_workers or self.socks[rank] is not None:
-                conn.close()  # not one of ours: drop it without reading anything more
-                continue
-            conn.settimeout(None)
-            _nodelay(conn)
-            self.socks[rank] = conn
+        pending: dict[socket.socket, tuple[bytearray, float]] = {}  # connection -> (bytes so far, its deadline)
+        need = len(self.token) + _HEADER.size
+        self._listener.setblocking(False)
+        try:
+            while any(s is None for s in self.socks):
+                now = time.monotonic()
+                for conn, (_, conn_deadline) in list(pending.items()):
+                    if now >= conn_deadline:  # silent or slow: not one of ours, or not in time
+                        del pending[conn]
+                        conn.close()
+                if now >= deadline:
+                    missing = [r for r, s in enumerate(self.socks) if s is None]
+                    raise TimeoutError(f"step channel: ranks {missing} did not connect within {timeout_s:g} s")
+                wake = min([deadline, *(d for _, d in pending.values())])
+                readable, _, _ = select.select([self._listener, *pending], [], [], max(0.0, wake - now))
+                for sock in readable:
+                    if sock is self._listener:
+                        self._accept_pending(pending, handshake_timeout_s)
+                        continue
+                    buf, conn_deadline = pending[sock]
+                    try:
+                        chunk = sock.recv(need - len(buf))
+                    except OSError:
+                        chunk = b""
+                    buf += chunk
+                    if not chunk or not self._token_prefix_ok(buf):
+                        del pending[sock]  # closed, or a wrong token: drop it without reading more
+                        sock.close()
+                    elif len(buf) == need:
+                        del pending[sock]
+                        self._admit(sock, _HEADER.unpack(buf[len(self.token):])[0])
+        finally:
+            for conn in pending:
+                conn.close()
         self._listener.close()
 
-    def _handshake(self, conn: socket.socket) -> int | None:
-        """The connecting worker's rank, if it presents this channel's token (raw bytes,
-        compared in constant time, before anything is unpickled); else None."""
-        try:
-            got = _recv_exactly(conn, len(self.token))
-            if not hmac.compare_digest(got, self.token.encode()):
-                return None
-            return _HEADER.unpack(_recv_exactly(conn, _HEADER.size))[0]
-        except OSError:
-            return None
+    def _accept_pending(self, pending: dict, handshake_timeout_s: float) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            conn.setblocking(False)
+            pending[conn] = (bytearray(), time.monotonic() + handshake_timeout_s)
+
+    def _token_prefix_ok(self, buf: bytearray) -> bool:
+        """Whether what arrived so far can still be this channel's token (compared in constant
+        time, before anything is unpickled)."""
+        got = bytes(buf[:len(self.token)])
+        return hmac.compare_digest(got, self.token.encode()[:len(got)])
+
+    def _admit(self, conn: socket.socket, rank: int) -> None:
+        if not 0 <= rank < self.num_workers or self.socks[rank] is not None:
+            conn.close()  # not one of ours: drop it
+            return
+        conn.setblocking(True)
+        _nodelay(conn)
+        self.socks[rank] = conn
 
     def send(self, obj) -> None:
         """Write one message to every worker; ChannelClosed (with its rank) if one is gone."""

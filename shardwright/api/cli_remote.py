@@ -1,6 +1,8 @@
-"""CLI commands that talk to a running server: submit, status, watch, cancel, deployments,
-cluster, health, and `generate --deployment`. Jobs are named by id or by name. The server address comes from --address (default
-SHARDWRIGHT_ADDRESS or 127.0.0.1:50051) and the token from SHARDWRIGHT_TOKEN."""
+"""CLI commands that talk to a running server: submit, status, watch, cancel, deployments, logs,
+cluster, health, and `generate --deployment`. Jobs are named by id or by name. The server address
+comes from --address (default SHARDWRIGHT_ADDRESS or 127.0.0.1:50051) and the token from
+SHARDWRIGHT_TOKEN, which is sent without TLS (no --ca-cert) only to a loopback address unless
+--insecure is given."""
 
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ def client_from(args: argparse.Namespace):
 
     settings = Settings.from_env()
     return Client(args.address, token=settings.token, ca_cert=getattr(args, "ca_cert", None),
-                  client_cert=getattr(args, "client_cert", None), client_key=getattr(args, "client_key", None))
+                  client_cert=getattr(args, "client_cert", None), client_key=getattr(args, "client_key", None),
+                  insecure=getattr(args, "insecure", False))
 
 
 def _emit(result, as_json: bool, human: str) -> None:
@@ -218,6 +221,8 @@ def add_remote_commands(sub) -> None:
         p.add_argument("--ca-cert", type=Path, help="CA certificate to verify a TLS server")
         p.add_argument("--client-cert", type=Path, help="client certificate for mutual TLS")
         p.add_argument("--client-key", type=Path, help="client key for mutual TLS")
+        p.add_argument("--insecure", action="store_true",
+                       help="send the token (SHARDWRIGHT_TOKEN) without TLS to a non-loopback address; refused otherwise")
         p.add_argument("--json", action="store_true", help="print one JSON object last")
 
     p = sub.add_parser("submit", help="submit a job file to the server")

@@ -6,10 +6,12 @@
         for token in c.generate_stream("chat", "Hello", max_tokens=16): ...
 
 Errors arrive as `ShardwrightError` with the gRPC status code name and the server's message.
+A token is sent without TLS only to a loopback address, unless `insecure=True` (ValueError).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from google.protobuf.json_format import MessageToDict
 
 from shardwright.api.gen.shardwright.v1 import cluster_pb2, cluster_pb2_grpc, inference_pb2, inference_pb2_grpc
 from shardwright.api.gen.shardwright.v1 import jobs_pb2, jobs_pb2_grpc
+from shardwright.api.limits import RESUME_KEY
 
 
 DEFAULT_PORT = 50051
@@ -72,12 +75,45 @@ def _ints(value):
     return value
 
 
+def address_host(address: str) -> str:
+    """The host of a gRPC target: 'h:p', '[v6]:p', 'dns:///h:p', 'ipv4:h:p'; '' for unix sockets."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return ""
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if address.startswith(scheme):
+            address = address[len(scheme):]
+            break
+    if address.startswith("["):
+        return address[1:address.find("]")]
+    return address.rsplit(":", 1)[0] if address.count(":") == 1 else address
+
+
+def is_local(host: str) -> bool:
+    """True for loopback addresses, 'localhost' and unix sockets (''): a token cannot leave the machine."""
+    if host in ("", "localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_token_transport(address: str, token: str | None, tls: bool, insecure: bool) -> None:
+    """Raise ValueError rather than send a bearer token in cleartext beyond this machine."""
+    if token and not tls and not insecure and not is_local(address_host(address)):
+        raise ValueError(f"refusing to send a token without TLS to {address}: give the server's CA certificate "
+                         "with --ca-cert (ca_cert=), use a loopback address, or pass --insecure (insecure=True) to "
+                         "send it in cleartext")
+
+
 class Client:
     """Synchronous client; every method raises ShardwrightError on a non-OK status."""
 
     def __init__(self, address: str, *, token: str | None = None, ca_cert: Path | None = None,
-                 client_cert: Path | None = None, client_key: Path | None = None, timeout_s: float = 60.0) -> None:
+                 client_cert: Path | None = None, client_key: Path | None = None, timeout_s: float = 60.0,
+                 insecure: bool = False) -> None:
         self.address = address = with_default_port(address)
+        check_token_transport(address, token, tls=ca_cert is not None, insecure=insecure)
         self.timeout_s = timeout_s
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
         if ca_cert is not None:
@@ -125,12 +161,20 @@ class Client:
         return _dict(self._call(self.jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id)))
 
     def watch(self, job_id: str, from_sequence: int = 0, timeout_s: float | None = None) -> Iterator[dict]:
-        req = jobs_pb2.WatchJobRequest(job_id=job_id, from_sequence=from_sequence)
-        try:
-            for event in self.jobs.WatchJob(req, metadata=self._metadata, timeout=timeout_s):
-                yield _dict(event)
-        except grpc.RpcError as err:
-            raise _error(err, self.address) from None
+        """A job's events until it ends; reconnects, from the next sequence, when the server ends
+        the stream for its maximum age (`serve --watch-max-age-s`)."""
+        while True:
+            req = jobs_pb2.WatchJobRequest(job_id=job_id, from_sequence=from_sequence)
+            try:
+                for event in self.jobs.WatchJob(req, metadata=self._metadata, timeout=timeout_s):
+                    from_sequence = int(event.sequence) + 1
+                    yield _dict(event)
+                return
+            except grpc.RpcError as err:
+                resume = dict(err.trailing_metadata() or ()).get(RESUME_KEY)
+                if err.code() != grpc.StatusCode.UNAVAILABLE or resume is None:
+                    raise _error(err, self.address) from None
+                from_sequence = max(from_sequence, int(resume))
 
     # ---- inference
     def _generate_request(self, deployment: str, prompt: str | list[int], **params) -> inference_pb2.GenerateRequest:

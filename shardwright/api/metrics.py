@@ -132,6 +132,19 @@ class ObservedStream:
             raise
         self.end()
 
+    def next_event(self, timeout_s: float | None = None):
+        """RequestStream.next_event, observed: a token counts, the end (None) is recorded."""
+        try:
+            item = self._stream.next_event(timeout_s)
+        except RequestFailed:
+            self.end("failed")
+            raise
+        if item is None:
+            self.end()
+        elif item[0] is not None:
+            self._token()
+        return item
+
     def result(self, timeout_s: float | None = None):
         try:
             out = self._stream.result(timeout_s)

@@ -27,8 +27,8 @@ def _health_watch(server, service, stop: threading.Event, interval_s: float = 5.
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from shardwright.api.limits import MIB
-    from shardwright.api.server import ServerOptions, ShardwrightServer
+    from shardwright.api.limits import FLAGS, MIB, CallLimits
+    from shardwright.api.server import ServerOptions, ShardwrightServer, check_listen
     from shardwright.cluster.ray_connect import connect
     from shardwright.scheduler.service import SchedulerConfig, SchedulerService
 
@@ -36,9 +36,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_format)
     settings = Settings.from_env()
+    limits = CallLimits(**{name: getattr(args, name) for name in FLAGS})
     options = ServerOptions(host=args.host, port=args.port, health_port=args.health_port,
                             health_host=args.health_host, grace_s=args.grace_s,
-                            max_message_bytes=int(args.max_request_mib * MIB), settings=settings)
+                            max_message_bytes=int(args.max_request_mib * MIB), limits=limits,
+                            reflection=args.reflection, insecure=args.insecure, settings=settings)
+    # Refuse a listen address that would leak tokens before anything is started (Ray, Redis).
+    check_listen(args.host, authenticated=settings.tokens_file is not None,
+                 tls=settings.tls_cert is not None or settings.tls_key is not None, insecure=args.insecure)
     connect(settings)
     service = SchedulerService(settings, SchedulerConfig(policy=args.policy)).start()
     try:
@@ -107,6 +112,53 @@ def _positive(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _add_limit_flags(p) -> None:
+    """The overload limits (api/limits.py CallLimits); defaults from there."""
+    from shardwright.api.limits import FLAGS, CallLimits
+
+    d = CallLimits()
+    helps = {
+        "max_workers": f"threads for short calls (everything but streams and Generate); default {d.max_workers}",
+        "max_concurrent_rpcs": "calls in flight beyond which gRPC answers RESOURCE_EXHAUSTED at once; "
+                               f"default {d.max_concurrent_rpcs}",
+        "max_streams": "streams and Generate calls open at once, all callers together (each holds a thread of "
+                       f"its own, beyond --max-workers); default {d.max_streams}",
+        "max_streams_per_tenant": f"streams and Generate calls one tenant may hold open; default "
+                                  f"{d.max_streams_per_tenant}",
+        "max_streams_per_peer": "streams (health Watch, reflection) one IP address without a token may hold "
+                                f"open; default {d.max_streams_per_peer}",
+        "generate_default_deadline_s": "deadline of a Generate/GenerateStream call that sets none; default "
+                                       f"{d.generate_default_deadline_s:g} s",
+        "generate_max_deadline_s": "longest a Generate/GenerateStream call may run, whatever its deadline; "
+                                   f"default {d.generate_max_deadline_s:g} s",
+        "watch_max_age_s": "a WatchJob stream ends after this long with the sequence to resume from (the "
+                           f"client reconnects); default {d.watch_max_age_s:g} s",
+    }
+    for name, flag in FLAGS.items():
+        kind = _seconds if name.endswith("_s") else _positive_int
+        p.add_argument(flag, dest=name, type=kind, default=getattr(d, name), help=helps[name])
+
+
 def add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="run the gRPC server (scheduler + engines on Ray, state in Redis)",
                        description="Serve JobService, InferenceService and ClusterService. Joins the Ray "
@@ -133,4 +185,10 @@ def add_serve_command(sub) -> None:
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="log lines on stderr: text (default) or one JSON object a line; one line per finished "
                         "request and per job transition")
+    p.add_argument("--reflection", action="store_true",
+                   help="serve gRPC server reflection (behind the token when SHARDWRIGHT_TOKENS_FILE is set)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow bearer tokens over plaintext on a non-loopback --host (logged as a warning); "
+                        "without it such a server needs SHARDWRIGHT_TLS_CERT and SHARDWRIGHT_TLS_KEY")
+    _add_limit_flags(p)
     p.set_defaults(func=cmd_serve)

@@ -1,9 +1,15 @@
 """The Shardwright gRPC server (`shardwright serve`).
 
 Serves JobService, InferenceService and ClusterService over one control plane, plus the
-standard grpc.health.v1 health service and server reflection. Guarantees:
-- every call but health and reflection needs a bearer token when a tokens file is configured;
-  without one the server runs single-tenant and refuses to listen beyond loopback;
+standard grpc.health.v1 health service and, with `reflection`, server reflection. Guarantees:
+- every call but health needs a bearer token when a tokens file is configured (reflection too);
+  without one the server runs single-tenant and refuses to listen beyond loopback; with one,
+  beyond loopback only over TLS unless `insecure` (a logged warning);
+- no caller can stall the others (api/limits.py CallLimits): streams and Generate run on threads
+  beyond the short calls' share and are capped per tenant, per unauthenticated peer IP and in
+  total (RESOURCE_EXHAUSTED naming the limit and its flag); gRPC refuses calls beyond
+  `max_concurrent_rpcs`; generations have a default and a maximum deadline; WatchJob streams
+  end after a maximum age with the sequence to resume from (Client.watch reconnects);
 - requests larger than `max_message_bytes` are refused with RESOURCE_EXHAUSTED and a message naming
   the limit (api/limits.py), and the server keeps serving;
 - a call's deadline bounds its work: a generation still running when it passes is cancelled;
@@ -28,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shardwright.api.auth import AuthInterceptor, Authenticator, load_tokens
-from shardwright.api.limits import RequestSizeInterceptor, core_limit_bytes
+from shardwright.api.limits import CallGuard, CallLimits, StreamSlots, core_limit_bytes
 from shardwright.api.metrics import ServiceMetrics
 from shardwright.api.gen.shardwright.v1 import cluster_pb2, cluster_pb2_grpc, inference_pb2, inference_pb2_grpc
 from shardwright.api.gen.shardwright.v1 import jobs_pb2, jobs_pb2_grpc
@@ -48,7 +54,9 @@ class ServerOptions:
     health_host: str | None = None  # None: `host`; health needs no token, so it may listen wider
     max_message_bytes: int = 4 * 1024 * 1024
     grace_s: float = 10.0
-    max_workers: int = 32
+    limits: CallLimits = field(default_factory=CallLimits)
+    reflection: bool = False  # server reflection (behind the token when the server has tokens)
+    insecure: bool = False  # allow tokens over plaintext beyond loopback (logged as a warning)
     settings: Settings = field(default_factory=Settings.from_env)
 
 
@@ -61,11 +69,20 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def check_listen(host: str, authenticated: bool) -> None:
-    """Raise ValueError unless the API may listen on `host`: beyond loopback only with tokens."""
-    if not authenticated and not _is_loopback(host):
+def check_listen(host: str, authenticated: bool, tls: bool = False, insecure: bool = False) -> None:
+    """Raise ValueError unless the API may listen on `host`: beyond loopback only with tokens, and
+    with tokens only over TLS unless `insecure` (then it logs a warning: tokens travel in cleartext)."""
+    if _is_loopback(host):
+        return
+    if not authenticated:
         raise ValueError(f"refusing to listen on {host} without authentication: set "
                          "SHARDWRIGHT_TOKENS_FILE (token: tenant lines) or listen on 127.0.0.1")
+    if not tls and not insecure:
+        raise ValueError(f"refusing to listen on {host} with bearer tokens over plaintext: set SHARDWRIGHT_TLS_CERT "
+                         "and SHARDWRIGHT_TLS_KEY, listen on 127.0.0.1, or pass --insecure to send tokens in cleartext")
+    if not tls:
+        log.warning("--insecure: listening on %s with bearer tokens over plaintext; anyone on the network path "
+                    "can read them", host)
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -86,7 +103,9 @@ class ShardwrightServer:
     def __init__(self, control, options: ServerOptions) -> None:
         self.control, self.options = control, options
         tokens = load_tokens(options.settings.tokens_file) if options.settings.tokens_file else None
-        check_listen(options.host, authenticated=tokens is not None)
+        settings = options.settings
+        check_listen(options.host, authenticated=tokens is not None,
+                     tls=settings.tls_cert is not None or settings.tls_key is not None, insecure=options.insecure)
         self.auth = Authenticator(tokens)
         self.metrics = ServiceMetrics()  # shared with the HTTP API (api/http.py) and --metrics-port
         self.stopping = threading.Event()
@@ -99,23 +118,33 @@ class ShardwrightServer:
         limit = self.options.max_message_bytes
         opts = [("grpc.max_receive_message_length", core_limit_bytes(limit)),
                 ("grpc.max_send_message_length", limit)]
-        interceptors = [AuthInterceptor(self.auth), RequestSizeInterceptor(limit)]  # the first runs first
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.options.max_workers),
-                             interceptors=interceptors, options=opts)
-        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.control, self.auth, self.stopping), server)
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.control, self.auth, self.metrics),
-                                                                  server)
+        limits = self.options.limits
+        self.guard = CallGuard(self.auth, limits, limit)
+        interceptors = [AuthInterceptor(self.auth), self.guard]  # the first runs first
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.threads, thread_name_prefix="grpc"),
+                             interceptors=interceptors, options=opts,
+                             maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(
+            JobServicer(self.control, self.auth, self.stopping, max_age_s=limits.watch_max_age_s), server)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(self.control, self.auth, limits, self.metrics), server)
         cluster_pb2_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(self.control, self.auth), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
                  inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
                  cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name,
                  health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(names, server)
+        if self.options.reflection:
+            reflection.enable_server_reflection(names, server)
         return server
 
     def _build_health_only(self) -> grpc.Server:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        """The plaintext health port: its Watch streams are capped like the main port's (per peer
+        and in total, on threads beyond the 4 that answer Check)."""
+        limits = self.options.limits
+        guard = CallGuard(self.auth, limits, 64 * 1024, StreamSlots(limits))
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4 + limits.max_streams), interceptors=[guard],
+                             maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         return server
 

@@ -146,3 +146,53 @@ def test_a_result_that_cannot_be_pickled_fails_its_step_and_the_worker_keeps_ser
         assert _replies(channel, 1) == [("ok", (0, "fine"))]
     finally:
         channel.close()
+
+
+def _time_to_form(n: int, silent: int) -> float:
+    """Seconds for `n` workers' connections to be accepted, with `silent` connections made first
+    that send nothing (a port scanner, a stuck client)."""
+    import time
+
+    channel = StepChannel("127.0.0.1", n)
+    idle = [socket.create_connection(("127.0.0.1", channel.port)) for _ in range(silent)]
+    try:
+        started = time.monotonic()
+        for r in range(n):
+            connect_worker(Echo(r), "127.0.0.1", channel.port, channel.token, r)
+        channel.accept_all(timeout_s=30)
+        took = time.monotonic() - started
+        channel.send("x")
+        assert _replies(channel, n) == [("ok", (r, "x")) for r in range(n)]
+        return took
+    finally:
+        for sock in idle:
+            sock.close()
+        channel.close()
+
+
+def test_a_silent_connection_does_not_delay_the_gang():
+    """Bound from the issue: the gang forms within 1 s of the time it takes without the silent
+    connection (before, the silent one held the accept loop until accept_all's deadline)."""
+    baseline = _time_to_form(3, silent=0)
+    with_silent = _time_to_form(3, silent=2)
+    assert with_silent < baseline + 1.0, (baseline, with_silent)
+
+
+def test_a_silent_connection_is_dropped_after_the_handshake_timeout():
+    import time
+
+    channel = StepChannel("127.0.0.1", 1)
+    silent = socket.create_connection(("127.0.0.1", channel.port))
+    threading.Timer(1.5, connect_worker, (Echo(0), "127.0.0.1", channel.port, channel.token, 0)).start()
+    try:
+        started = time.monotonic()
+        channel.accept_all(timeout_s=10, handshake_timeout_s=0.5)
+        silent.settimeout(5)
+        try:
+            assert silent.recv(1) == b""  # closed by the controller
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - started < 5
+    finally:
+        silent.close()
+        channel.close()

@@ -101,3 +101,74 @@ def test_server_tls_without_client_certificates(tmp_path, monkeypatch):
             assert err.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         stop_server(proc)
+
+
+# ---- tokens never travel in cleartext beyond loopback unless asked (issue 16, point 4)
+
+def test_serve_beyond_loopback_with_tokens_and_no_tls_refuses_before_starting_anything(tmp_path):
+    """One line naming --insecure and the TLS variables, exit 2, and before Ray is joined (a Ray
+    address that does not exist would fail differently if it got that far)."""
+    import subprocess
+    import sys
+
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("alice-token-123: alice\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDWRIGHT_TLS")}
+    env.update(SHARDWRIGHT_TOKENS_FILE=str(tokens), SHARDWRIGHT_STATE_DIR=str(tmp_path / "state"),
+               SHARDWRIGHT_RAY_ADDRESS="127.0.0.1:1")
+    for host in ("0.0.0.0", "::", "192.0.2.7"):
+        out = subprocess.run([sys.executable, "-m", "shardwright.api.cli", "serve", "--host", host, "--port", "0"],
+                             capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1, out.stderr
+        assert "--insecure" in lines[0] and "SHARDWRIGHT_TLS_CERT" in lines[0] and "SHARDWRIGHT_TLS_KEY" in lines[0]
+
+
+def test_check_listen_matrix(caplog):
+    from shardwright.api.server import check_listen
+
+    check_listen("127.0.0.1", authenticated=False)
+    check_listen("::1", authenticated=True)
+    check_listen("0.0.0.0", authenticated=True, tls=True)
+    with pytest.raises(ValueError, match="without authentication"):
+        check_listen("0.0.0.0", authenticated=False, insecure=True)  # --insecure is about TLS, not tokens
+    with pytest.raises(ValueError, match="--insecure"):
+        check_listen("0.0.0.0", authenticated=True)
+    with caplog.at_level("WARNING"):
+        check_listen("0.0.0.0", authenticated=True, insecure=True)
+    assert "--insecure" in caplog.text and "plaintext" in caplog.text
+
+
+def test_serve_insecure_listens_beyond_loopback_with_a_warning(tmp_path):
+    from test_server_e2e import start_server_info
+
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("alice-token-123: alice\n")
+    proc, info = start_server_info(tmp_path / "state", tokens, "--host", "0.0.0.0", "--insecure")
+    try:
+        port = info["address"].rsplit(":", 1)[1]
+        with Client(f"127.0.0.1:{port}", token="alice-token-123") as client:
+            assert client.list()[0] == []
+    finally:
+        stop_server(proc)
+
+
+def test_client_refuses_to_send_a_token_in_cleartext_beyond_loopback(tmp_path):
+    import subprocess
+    import sys
+
+    for address in ("10.1.2.3:50051", "dns:///example.com:443", "[2001:db8::1]:50051", "example.com:50051"):
+        with pytest.raises(ValueError, match="--insecure"):
+            Client(address, token="alice-token-123")
+        Client(address, token="alice-token-123", insecure=True).close()  # told to: allowed
+        Client(address).close()  # no token: nothing to leak
+    ca, _, _ = make_pki(tmp_path)
+    Client("10.1.2.3:50051", token="alice-token-123", ca_cert=ca).close()  # TLS: allowed
+    for address in ("127.0.0.1:50051", "localhost:50051", "[::1]:50051", "unix:/tmp/sock"):
+        Client(address, token="alice-token-123").close()
+    env = {**os.environ, "SHARDWRIGHT_TOKEN": "alice-token-123"}
+    out = subprocess.run([sys.executable, "-m", "shardwright.api.cli", "status", "--address", "192.0.2.7:50051"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "--insecure" in out.stderr and "--ca-cert" in out.stderr

@@ -3,10 +3,13 @@
 Thin: converts protobuf to the pydantic SamplingParams at the edge, finds the caller's
 deployment, and maps failures to status codes (INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE,
 DEADLINE_EXCEEDED). A call whose client goes away or whose deadline passes cancels its request,
-freeing its KV blocks before the engine's next step.
+freeing its KV blocks before the engine's next step; a call without a deadline gets the server's
+default one, and none runs past the server's maximum (CallLimits).
 """
 
 from __future__ import annotations
+
+import time
 
 import grpc
 from pydantic import ValidationError
@@ -17,6 +20,7 @@ from shardwright.api.auth import Authenticator, tenant_of
 from shardwright.api.errors import one_line as _one_line
 from shardwright.api.gen.shardwright.v1 import inference_pb2 as pb
 from shardwright.api.gen.shardwright.v1 import inference_pb2_grpc as pb_grpc
+from shardwright.api.limits import FLAGS, CallLimits
 from shardwright.api.metrics import ServiceMetrics
 
 DEFAULT_MAX_TOKENS = 16
@@ -65,11 +69,32 @@ def cancel_generation(engine, stream) -> None:
         stream.end("cancelled")
 
 
+def call_deadline_s(context: grpc.ServicerContext, limits: CallLimits) -> tuple[float, str]:
+    """Seconds a generation may run, and whose bound that is: the client's deadline, capped at
+    --generate-max-deadline-s; --generate-default-deadline-s when the client set none."""
+    left = context.time_remaining()
+    if left is None or left >= NO_DEADLINE_S:
+        return limits.generate_default_deadline_s, (f"this server's default deadline "
+                                                    f"({FLAGS['generate_default_deadline_s']}), as the call set none")
+    if left > limits.generate_max_deadline_s:
+        return limits.generate_max_deadline_s, f"this server's maximum deadline ({FLAGS['generate_max_deadline_s']})"
+    return left, "the call's deadline"
+
+
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, backend, auth: Authenticator, metrics: ServiceMetrics | None = None) -> None:
+    def __init__(self, backend, auth: Authenticator, limits: CallLimits | None = None,
+                 metrics: ServiceMetrics | None = None) -> None:
         self.backend = backend
         self.auth = auth
+        self.limits = limits or CallLimits()
         self.metrics = metrics
+
+    @staticmethod
+    def _past_deadline(context, engine, stream, timeout: float, whose: str) -> None:
+        cancel_generation(engine, stream)
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                      f"{stream.request_id} did not finish within {whose}, {timeout:.1f} s; it was cancelled: "
+                      "raise the client timeout, lower max_tokens or use GenerateStream")
 
     def _submit(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
         tenant = tenant_of(context, self.auth)
@@ -95,15 +120,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return engine, stream
 
     def Generate(self, request, context):
+        timeout, whose = call_deadline_s(context, self.limits)
         engine, stream = self._submit(request, context)
-        timeout = context.time_remaining()
         try:
-            out = stream.result(timeout_s=timeout if timeout < NO_DEADLINE_S else None)
+            out = stream.result(timeout_s=timeout)
         except TimeoutError:
-            engine.cancel(stream.request_id)
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                          f"{stream.request_id} did not finish within the call's deadline ({timeout:.1f} s); it was "
-                          "cancelled: raise the client timeout, lower max_tokens or use GenerateStream")
+            self._past_deadline(context, engine, stream, timeout, whose)
         except RequestFailed as err:
             context.abort(grpc.StatusCode.UNAVAILABLE, _one_line(err))
         return pb.GenerateResponse(request_id=out.request_id, token_ids=out.token_ids, text=out.text,
@@ -111,18 +133,29 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                                    logprobs=[logprob_message(t, lp) for t, lp in zip(out.token_ids, out.logprobs)])
 
     def GenerateStream(self, request, context):
+        timeout, whose = call_deadline_s(context, self.limits)
+        end = time.monotonic() + timeout
         engine, stream = self._submit(request, context)
         try:
             seen = 0
-            for token, text in stream.events():
+            while True:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                event = stream.next_event(timeout_s=left)  # each wait gets what is left of the deadline
+                if event is None:
+                    break
                 if not context.is_active():
                     return
+                token, text = event
                 logprob = None
                 if token is not None:
                     logprobs, seen = stream.output.logprobs, seen + 1
                     logprob = logprob_message(token, logprobs[seen - 1]) if len(logprobs) >= seen else None
                 yield pb.GenerateStreamResponse(token_id=token if token is not None else -1, text=text,
                                                 logprob=logprob)
+        except TimeoutError:
+            self._past_deadline(context, engine, stream, timeout, whose)
         except RequestFailed as err:
             context.abort(grpc.StatusCode.UNAVAILABLE, _one_line(err))
         yield pb.GenerateStreamResponse(token_id=-1, finish_reason=stream.output.finish_reason or "",

@@ -8,12 +8,15 @@ CapacityError-like (RuntimeError) -> RESOURCE_EXHAUSTED / UNAVAILABLE.
 
 from __future__ import annotations
 
+import time
+
 import grpc
 from pydantic import ValidationError
 
 from shardwright.api.auth import Authenticator, tenant_of
 from shardwright.api.gen.shardwright.v1 import cluster_pb2, cluster_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from shardwright.api.errors import one_line as _one_line
+from shardwright.api.limits import FLAGS, RESUME_KEY
 
 MAX_PAGE = 500
 
@@ -47,8 +50,8 @@ def event_message(event: dict) -> jobs_pb2.JobEvent:
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
-    def __init__(self, control, auth: Authenticator, stopping) -> None:
-        self.control, self.auth, self.stopping = control, auth, stopping
+    def __init__(self, control, auth: Authenticator, stopping, max_age_s: float = 600.0) -> None:
+        self.control, self.auth, self.stopping, self.max_age_s = control, auth, stopping, max_age_s
 
     def _call(self, context, fn, *args, **kwargs):
         try:
@@ -79,9 +82,16 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def WatchJob(self, request, context):
         tenant = tenant_of(context, self.auth)
         self._call(context, self.control.get, request.job_id, tenant)  # NOT_FOUND for others' jobs
-        sequence = request.from_sequence
+        sequence, end = request.from_sequence, time.monotonic() + self.max_age_s
         while context.is_active() and not self.stopping.is_set():
-            events, finished = self._call(context, self.control.wait_events, request.job_id, sequence, timeout_s=1.0)
+            left = end - time.monotonic()
+            if left <= 0:  # a stream holds a thread: none lives forever; the client comes back
+                context.set_trailing_metadata(((RESUME_KEY, str(sequence)),))
+                context.abort(grpc.StatusCode.UNAVAILABLE,
+                              f"this watch reached the server's maximum stream age ({self.max_age_s:g} s, "
+                              f"{FLAGS['watch_max_age_s']}); watch {request.job_id} again from sequence {sequence}")
+            events, finished = self._call(context, self.control.wait_events, request.job_id, sequence,
+                                          timeout_s=min(1.0, left))
             for event in events:
                 sequence = int(event["sequence"]) + 1
                 yield event_message(event)
