@@ -311,6 +311,59 @@ class ModelSource(StrictModel):
         return self
 
 
+Schedule = Literal["gpipe", "1f1b"]
+Precision = Literal["float32", "bfloat16"]
+
+
+class DataConfig(StrictModel):
+    """Where the corpus is and how it is cut into batches (training.data reads it)."""
+
+    path: Path = Field(description="A .txt or .jsonl file, or a directory of them.")
+    seq_len: int = Field(gt=0, le=1 << 20, description="Tokens per training sequence.")
+    global_batch_size: int = Field(gt=0, le=1 << 20, description="Sequences per optimizer step, over all DP ranks.")
+    seed: int = Field(0, ge=0, lt=1 << 63, description="Seed of the visiting order.")
+
+
+class OptimConfig(StrictModel):
+    """AdamW hyper-parameters, the LR schedule and clipping (training.optim applies them)."""
+
+    lr: float = Field(3e-4, gt=0, allow_inf_nan=False, description="Peak learning rate (after warm-up).")
+    min_lr: float = Field(0.0, ge=0, allow_inf_nan=False, description="Learning rate at the end of the cosine decay.")
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warm-up from lr/warmup_steps to lr.")
+    decay_steps: int = Field(1000, ge=1, description="Step at which the cosine reaches min_lr.")
+    weight_decay: float = Field(0.1, ge=0, allow_inf_nan=False, description="Decoupled weight decay of matrices.")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW first-moment decay.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW second-moment decay.")
+    eps: float = Field(1e-8, gt=0, allow_inf_nan=False, description="AdamW denominator epsilon.")
+    max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False,
+                                       description="Clip the global grad norm to this; None: no clipping.")
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr} exceeds lr={self.lr}; the cosine decays from lr to min_lr")
+        if self.warmup_steps > self.decay_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds decay_steps={self.decay_steps}")
+        return self
+
+
+class TrainConfig(StrictModel):
+    """Run settings of a training job (the job file's `train:` section)."""
+
+    data: DataConfig = Field(description="Corpus, sequence length, global batch, data seed.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="AdamW, LR schedule, clipping.")
+    steps: int = Field(100, gt=0, le=10**9, description="Optimizer steps of the run.")
+    num_micro_batches: int = Field(4, gt=0, le=1 << 16, description="Micro-batches per step per DP rank (m).")
+    schedule: Schedule = Field("1f1b", description="Pipeline schedule: '1f1b' or 'gpipe'.")
+    precision: Precision = Field("float32", description="'bfloat16' runs forward under bf16 autocast.")
+    checkpoint_every_steps: int | None = Field(None, gt=0, description="Save every N steps (controller).")
+    peak_flops_per_s: float = Field(150e9, gt=0, allow_inf_nan=False,
+                                    description="Peak FLOP/s of the whole gang (for MFU).")
+    offload_optimizer: float = Field(
+        0.0, ge=0, le=1, description="Share of the decoder blocks whose AdamW state lives in host memory and is "
+                                     "updated on the CPU, overlapped with the device update of the rest (0 = off).")
+
+
 class TrainingJob(StrictModel):
     """A training run on a gang of tp * pp * cp * dp GPUs (fields of the run under `train`)."""
 
@@ -321,23 +374,119 @@ class TrainingJob(StrictModel):
     tenant: str = Field("default", min_length=1, description="Owner; set by the server from the token.")
     priority: PriorityClass = Field("batch", description="Training is preemptible (checkpoint, requeue, resume).")
     deadline_s: float | None = Field(None, gt=0, description="Optional deadline, seconds after submission.")
-    train: dict[str, Any] = Field(default_factory=dict,
-                                  description="Run settings (data, steps, batch, optimiser, checkpoints); "
-                                              "validated by the training controller.")
+    train: TrainConfig = Field(description="Run settings (data, steps, batch, optimiser, checkpoints).")
 
 
 JobSpec = Annotated[TrainingJob | InferenceDeployment, Field(discriminator="kind")]
 
 
-def parse_job(text: str) -> TrainingJob | InferenceDeployment:
-    """Validate a job file (YAML or JSON text); errors name the field and the problem."""
-    import yaml
-    from pydantic import TypeAdapter
+MAX_SPEC_BYTES = 64 * 1024  # the stored spec (JSON) of one job, defaults filled in
 
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ValueError(f"job file is not valid YAML: {err}") from err
+
+class JobFileError(ValueError):
+    """A job file that cannot be accepted; the message is one line naming the field."""
+
+
+def parse_job(text: str) -> TrainingJob | InferenceDeployment:
+    """Validate a job file (YAML or JSON text, untrusted): YAML read by `safe_yaml.load` (no
+    anchors or aliases; size, depth and node count bounded), then the JobSpec. Raises JobFileError
+    with one line naming the field (and the close match of a misspelt field name)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from shardwright import safe_yaml
+
+    data = safe_yaml.load(text)
     if not isinstance(data, dict):
-        raise ValueError(f"job file must be a mapping with a 'kind' field, got {type(data).__name__}")
-    return TypeAdapter(JobSpec).validate_python(data)
+        raise JobFileError(f"kind: a job file is a mapping with 'kind: training' or 'kind: inference', "
+                           f"got a {type(data).__name__}")
+    try:
+        return TypeAdapter(JobSpec).validate_python(data)
+    except ValidationError as err:
+        raise JobFileError(describe_validation_error(err)) from None
+
+
+def check_spec_size(spec: BaseModel) -> None:
+    """Refuse a spec whose stored form would pass MAX_SPEC_BYTES."""
+    size = len(spec.model_dump_json())
+    if size > MAX_SPEC_BYTES:
+        raise JobFileError(f"job spec: {size} bytes once stored, over the {MAX_SPEC_BYTES // 1024} KiB limit")
+
+
+_KINDS: dict[str, type[BaseModel]] = {"training": TrainingJob, "inference": InferenceDeployment}
+
+
+def describe_validation_error(err: Any, root: type[BaseModel] | None = None, max_errors: int = 3) -> str:
+    """One line for a pydantic ValidationError: `field.path: problem (got VALUE)`, per field, with
+    "did you mean 'x'?" for an unknown field close to a known one. `root` is the validated model
+    (default: a job spec, whose first location is the `kind` tag)."""
+    by_field: dict[str, list[str]] = {}
+    for e in err.errors():
+        path, problem = _describe_one(e, root)
+        by_field.setdefault(path, [])
+        if problem not in by_field[path]:
+            by_field[path].append(problem)
+    parts = [f"{path}: {' or '.join(problems)}" for path, problems in by_field.items()]
+    more = f" (and {len(parts) - max_errors} more)" if len(parts) > max_errors else ""
+    return " ".join(("; ".join(parts[:max_errors]) + more).split())
+
+
+def _describe_one(e: dict, root: type[BaseModel] | None) -> tuple[str, str]:
+    loc, kind = list(e["loc"]), e["type"]
+    if kind in ("union_tag_not_found", "union_tag_invalid"):
+        given = e["input"].get("kind") if isinstance(e.get("input"), dict) else None
+        return "kind", "must be 'training' or 'inference'" + (f" (got {_short(given)})" if given is not None else "")
+    model = root
+    if model is None and loc and loc[0] in _KINDS:
+        model = _KINDS[loc.pop(0)]
+    names: list[str] = []
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(part, int):
+            names.append(f"[{part}]")
+            continue
+        fields = model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if fields is not None and part in fields:
+            names.append(part)
+            model = _model_in(fields[part].annotation)
+        elif last and kind == "extra_forbidden":
+            names.append(str(part))
+            return _field_path(names), _unknown_field(str(part), fields, names[:-1])
+        # else a union member's tag such as 'constrained-int': not a field
+    path = _field_path(names)
+    message = e["msg"].removeprefix("Value error, ").removeprefix(f"{path}: ")
+    if kind not in ("missing", "extra_forbidden") and "input" in e and not isinstance(e["input"], (dict, list)):
+        message += f" (got {_short(e['input'])})"
+    return path or "job file", message
+
+
+def _field_path(names: list[str]) -> str:
+    return ".".join(names).replace(".[", "[")
+
+
+def _unknown_field(name: str, fields: dict | None, parent: list[str]) -> str:
+    import difflib
+
+    if not fields:
+        return "unknown field"
+    close = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    where = _field_path(parent) or "a job"
+    return f"unknown field ({hint}the fields of {where} are {', '.join(fields)})"
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside a field's annotation (X, X | None, list[X], Annotated[X, ...])."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
