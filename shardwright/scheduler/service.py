@@ -47,11 +47,13 @@ from shardwright.cluster import inventory
 from shardwright.cluster.ray_connect import connect
 from shardwright.cluster.state_store import HOLDING, TERMINAL, WAITING, JobRecord, JobState, StateStore
 from shardwright.cluster.state_store import TransitionError
-from shardwright.config import InferenceDeployment, JobSpec, ModelSpec, Settings, StrictModel, TrainingJob, parse_job
+from shardwright.config import (InferenceDeployment, JobSpec, ModelSpec, Settings, StrictModel, TrainingJob,
+                                check_spec_size, parse_job)
 from shardwright.scheduler.model import ClusterInventory, GangShape, Job, PriorityClass, RunningJob
 from shardwright.scheduler.placement import Placement
 from shardwright.scheduler.policies import PreemptJob, StartJob, make_policy
 from shardwright.scheduler.runners import JobRunner, Progress, make_runner
+from shardwright.tenants import Tenants, confine_paths
 
 log = logging.getLogger(__name__)
 S = JobState
@@ -84,10 +86,11 @@ class SchedulerService:
     """The control plane of jobs: API calls write Redis; the reconcile loop acts on it."""
 
     def __init__(self, settings: Settings | None = None, config: SchedulerConfig | None = None, *,
-                 runner_factory=make_runner) -> None:
+                 runner_factory=make_runner, tenants: Tenants | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self.config = config or SchedulerConfig()
-        self.policy = make_policy(self.config.policy, **self.config.policy_options)
+        self.tenants = tenants or Tenants.load(self.settings.tokens_file)
+        self.policy = make_policy(self.config.policy, **self._policy_options())
         connect(self.settings)
         self.store = StateStore.open(self.settings, self.config.namespace)
         self.runner_factory = runner_factory
@@ -97,11 +100,27 @@ class SchedulerService:
         self._wake, self._stopping, self._lease_lost = threading.Event(), threading.Event(), threading.Event()
         self._threads: list[threading.Thread] = []
 
+    def _policy_options(self) -> dict[str, Any]:
+        """The policy's options; fairshare also gets the tenants file's GPU quotas."""
+        options = dict(self.config.policy_options)
+        quotas = {p.name: p.quota_gpus for p in (self.tenants.policies or {}).values() if p.quota_gpus is not None}
+        if self.config.policy == "fairshare" and quotas:
+            options["quotas_gpus"] = {**quotas, **options.get("quotas_gpus", {})}
+        return options
+
     # ---- API ------------------------------------------------------------------------------
     def submit(self, spec: TrainingJob | InferenceDeployment, tenant: str,
                idempotency_key: str | None = None) -> dict:
-        """Validate and queue a job; with a known idempotency key, return that job instead."""
-        spec = spec.model_copy(update={"tenant": tenant})
+        """Check completely, then queue a job; with a known idempotency key, return that job instead.
+
+        Before anything is stored: the tenant's priority maximum (PermissionError), its roots
+        (paths resolved against its first root, PermissionError outside them), that the paths exist,
+        the stored spec's size, the tenant's GPU quota and that the gang could ever be placed."""
+        policy = self.tenants.policy(tenant)
+        policy.check_priority(spec.priority)
+        spec = confine_paths(spec.model_copy(update={"tenant": tenant}), base=None, policy=policy)
+        check_spec_size(spec)
+        policy.check_quota(spec.layout.world_size)
         self.check_submission(spec)
         now = time.time()
         record = JobRecord(job_id=f"{spec.name}-{uuid.uuid4().hex[:8]}", name=spec.name, kind=spec.kind,
