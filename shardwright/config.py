@@ -363,6 +363,14 @@ class TrainConfig(StrictModel):
         0.0, ge=0, le=1, description="Share of the decoder blocks whose AdamW state lives in host memory and is "
                                      "updated on the CPU, overlapped with the device update of the rest (0 = off).")
 
+    def check_layout(self, layout: ParallelLayout) -> None:
+        """ValueError unless every DP rank's micro-batches split the global batch evenly."""
+        per_step = layout.dp * self.num_micro_batches
+        if self.data.global_batch_size % per_step:
+            raise ValueError(f"train.data.global_batch_size={self.data.global_batch_size} must be divisible by "
+                             f"layout.dp * train.num_micro_batches = {layout.dp} * {self.num_micro_batches} = "
+                             f"{per_step}")
+
 
 class TrainingJob(StrictModel):
     """A training run on a gang of tp * pp * cp * dp GPUs (fields of the run under `train`)."""
@@ -375,6 +383,11 @@ class TrainingJob(StrictModel):
     priority: PriorityClass = Field("batch", description="Training is preemptible (checkpoint, requeue, resume).")
     deadline_s: float | None = Field(None, gt=0, description="Optional deadline, seconds after submission.")
     train: TrainConfig = Field(description="Run settings (data, steps, batch, optimiser, checkpoints).")
+
+    @model_validator(mode="after")
+    def _batch_fits_layout(self) -> TrainingJob:
+        self.train.check_layout(self.layout)
+        return self
 
 
 JobSpec = Annotated[TrainingJob | InferenceDeployment, Field(discriminator="kind")]
@@ -425,7 +438,8 @@ def describe_validation_error(err: Any, root: type[BaseModel] | None = None, max
         by_field.setdefault(path, [])
         if problem not in by_field[path]:
             by_field[path].append(problem)
-    parts = [f"{path}: {' or '.join(problems)}" for path, problems in by_field.items()]
+    parts = [f"{path}: {' or '.join(problems)}" if path else " or ".join(problems)
+             for path, problems in by_field.items()]
     more = f" (and {len(parts) - max_errors} more)" if len(parts) > max_errors else ""
     return " ".join(("; ".join(parts[:max_errors]) + more).split())
 
@@ -456,7 +470,7 @@ def _describe_one(e: dict, root: type[BaseModel] | None) -> tuple[str, str]:
     message = e["msg"].removeprefix("Value error, ").removeprefix(f"{path}: ")
     if kind not in ("missing", "extra_forbidden") and "input" in e and not isinstance(e["input"], (dict, list)):
         message += f" (got {_short(e['input'])})"
-    return path or "job file", message
+    return path, message
 
 
 def _field_path(names: list[str]) -> str:

@@ -238,10 +238,7 @@ class TrainerRank:
 
 
 def _check_config(config: TrainConfig, layout: ParallelLayout) -> None:
-    per_step = layout.dp * config.num_micro_batches
-    if config.data.global_batch_size % per_step:
-        raise ValueError(f"global_batch_size={config.data.global_batch_size} must be divisible by "
-                         f"dp * num_micro_batches = {layout.dp} * {config.num_micro_batches} = {per_step}")
+    config.check_layout(layout)
 
 
 def _make_context(layout: ParallelLayout, device: torch.device | str | None) -> ParallelContext:
