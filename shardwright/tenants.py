@@ -34,6 +34,7 @@ PRIORITY_ORDER: tuple[PriorityClass, ...] = ("low", "batch", "serving", "high")
 OPEN_TENANT = "default"
 CORPUS_SUFFIXES = (".txt", ".jsonl")
 MAX_TENANTS_FILE_BYTES = 1 << 20
+MAX_PATH_CHARS = 4096
 
 
 class TenantPolicy(StrictModel):
@@ -211,6 +212,8 @@ def _resolve_one(field: str, path: Path, kind: PathKind, base: Path | None, root
                  policy: TenantPolicy | None) -> Path:
     if roots is not None and ".." in path.parts:
         raise _denied(field, policy)
+    if len(str(path)) > MAX_PATH_CHARS:
+        raise JobFileError(f"{field}: the path is {len(str(path))} characters long, over {MAX_PATH_CHARS}")
     if not path.is_absolute():
         if base is None:
             raise JobFileError(f"{field}: relative path {str(path)!r} has no folder to resolve against; "
@@ -224,7 +227,10 @@ def _resolve_one(field: str, path: Path, kind: PathKind, base: Path | None, root
         raise JobFileError(f"{field}: cannot resolve {str(path)!r}: {err}") from None
     if roots is not None and not any(resolved.is_relative_to(root) for root in roots):
         raise _denied(field, policy)
-    _check_exists(field, resolved, kind)
+    try:
+        _check_exists(field, resolved, kind)
+    except OSError as err:  # e.g. a name too long for the filesystem, a directory it may not read
+        raise JobFileError(f"{field}: cannot read {resolved}: {err.strerror or err}") from None
     return resolved
 
 

@@ -48,7 +48,7 @@ from shardwright.cluster.ray_connect import connect
 from shardwright.cluster.state_store import HOLDING, TERMINAL, WAITING, JobRecord, JobState, StateStore
 from shardwright.cluster.state_store import TransitionError
 from shardwright.config import (InferenceDeployment, JobSpec, ModelSpec, Settings, StrictModel, TrainingJob,
-                                check_spec_size, parse_job)
+                                JobFileError, check_spec_size, parse_job)
 from shardwright.scheduler.model import ClusterInventory, GangShape, Job, PriorityClass, RunningJob
 from shardwright.scheduler.placement import Placement
 from shardwright.scheduler.policies import PreemptJob, StartJob, make_policy
@@ -141,7 +141,13 @@ class SchedulerService:
         """Raise ValueError (UnplaceableJobError) for a job that could never run on this cluster."""
         model_dir = spec.model if isinstance(spec, InferenceDeployment) else spec.model.path
         if model_dir is not None and (Path(model_dir) / "config.json").is_file():
-            spec.layout.validate_for(ModelSpec.from_hf_dir(model_dir))
+            field = "model" if isinstance(spec, InferenceDeployment) else "model.path"
+            try:
+                model = ModelSpec.from_hf_dir(model_dir)
+            except (OSError, ValueError) as err:  # the directory's own config.json is unreadable or wrong
+                raise JobFileError(f"{field}: {model_dir}/config.json cannot be read as a model: "
+                                   f"{' '.join(str(err).split())[:300]}") from None
+            spec.layout.validate_for(model)
         shape = GangShape(*(getattr(spec.layout, a) for a in ("tp", "pp", "cp", "dp")),
                           peers=_memory_peers(spec.model_dump(mode="json")))
         job = Job(spec.name, spec.tenant, spec.kind, shape, time.time(),
