@@ -131,3 +131,10 @@ def test_priority_and_quota_checks_name_the_maximum():
         policy.check_quota(4)
     with pytest.raises(ValueError, match="not a valid name"):
         Tenants(None).policy("a:b")
+
+
+def test_the_example_tenants_file_loads():
+    tenants = {p.name: p for p in load_tenants(EXAMPLES / "tenants.yaml")}
+    assert {n: p.max_priority for n, p in tenants.items()} == {"research": "batch", "product": "serving",
+                                                               "oncall": "high"}
+    assert tenants["product"].roots == [Path("/data/product"), Path("/models/shared")]
