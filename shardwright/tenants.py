@@ -25,8 +25,8 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from shardwright.config import (InferenceDeployment, JobFileError, PriorityClass, StrictModel, TrainingJob,
-                                describe_validation_error)
+from shardwright.config import InferenceDeployment, JobFileError, PriorityClass, StrictModel, TrainingJob
+from shardwright.field_errors import describe_validation_error
 
 # No ':' (the Redis key separator), '/', whitespace or '*': two tenants' keys can never collide.
 TENANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from shardwright.config import describe_validation_error
+from shardwright.field_errors import describe_validation_error
 
 
 def one_line(err: Exception) -> str:
