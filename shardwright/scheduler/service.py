@@ -90,6 +90,10 @@ class SchedulerService:
         self.settings = settings or Settings.from_env()
         self.config = config or SchedulerConfig()
         self.tenants = tenants or Tenants.load(self.settings.tokens_file)
+        unconfined = sorted(p.name for p in (self.tenants.policies or {}).values() if p.roots is None)
+        if unconfined:
+            log.warning("tenants %s have no roots (old tokens format): their jobs may read any path this "
+                        "server can; give them `roots` in the tenants file (README, Tenants)", unconfined)
         self.policy = make_policy(self.config.policy, **self._policy_options())
         connect(self.settings)
         self.store = StateStore.open(self.settings, self.config.namespace)
@@ -396,7 +400,13 @@ class SchedulerService:
                                                    "attempts": record.attempts + 1})
         except TransitionError:  # cancelled since the queue was read
             return
-        runner = self.runner_factory(_SPEC.validate_python(record.spec), bundle_nodes=nodes,
+        try:  # the paths again: a symlink swapped in since submission must not lead out of the roots
+            spec = confine_paths(_SPEC.validate_python(record.spec), base=None,
+                                 policy=self.tenants.policy(record.tenant))
+        except (PermissionError, ValueError) as err:
+            self.store.transition(job_id, S.FAILED, f"could not start: {err}", fields=_released(record))
+            return
+        runner = self.runner_factory(spec, bundle_nodes=nodes,
                                      checkpoint_dir=Path(self.settings.state_dir) / "checkpoints" / job_id)
         try:
             runner.start(record.checkpoint)

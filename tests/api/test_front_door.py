@@ -177,6 +177,26 @@ def test_cluster_shows_other_tenants_nothing_of_their_jobs(front):
     assert job["job_id"] not in seen and "bobs-secret" not in seen
 
 
+def test_a_path_swapped_for_a_symlink_after_submission_fails_the_job_before_it_starts(front, tmp_path):
+    _, _, roots = front
+    settings_ = Settings(state_dir=tmp_path / "state", tokens_file=roots["alice"].parent / "tenants.yaml")
+    service = SchedulerService(settings_, SchedulerConfig())  # its own store: only this job is queued
+    try:
+        swapped = roots["alice"] / "swapped"
+        swapped.mkdir()
+        (swapped / "config.json").write_text((roots["alice"] / "model" / "config.json").read_text())
+        job = service.submit_text(inference("swap", swapped), "alice")
+        (swapped / "config.json").unlink()
+        swapped.rmdir()
+        swapped.symlink_to(roots["bob"] / "model")  # now it leads into bob's root
+        service.reconcile_once()
+        record = service.get(job["job_id"])
+        assert record["state"] == "failed" and "model: not permitted" in record["message"], record
+        assert service.runner(job["job_id"]) is None  # nothing was started on bob's model
+    finally:
+        service.close()
+
+
 # ---- fuzz: generated job files, valid and invalid ------------------------------------------------
 
 # (field the error must name, where in the job to put what): each one makes a valid job invalid.
