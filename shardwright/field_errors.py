@@ -21,7 +21,8 @@ _KINDS: dict[str, type[BaseModel]] = {"training": TrainingJob, "inference": Infe
 def describe_validation_error(err: Any, root: type[BaseModel] | None = None, max_errors: int = 3) -> str:
     """One line for a pydantic ValidationError: `field.path: problem (got VALUE)`, per field, with
     "did you mean 'x'?" for an unknown field close to a known one. `root` is the validated model
-    (default: a job spec, whose first location is the `kind` tag)."""
+    (default: a job spec, whose first location is the `kind` tag; for other models without `root`
+    the location is shown as pydantic gives it, without suggestions)."""
     by_field: dict[str, list[str]] = {}
     for e in err.errors():
         path, problem = _describe_one(e, root)
@@ -43,6 +44,9 @@ def _describe_one(e: dict, root: type[BaseModel] | None) -> tuple[str, str]:
     if model is None and loc and loc[0] in _KINDS:
         model = _KINDS[loc.pop(0)]
     names: list[str] = []
+    if model is None:  # not a job spec and no root given: the location as pydantic gives it
+        names = [f"[{part}]" if isinstance(part, int) else str(part) for part in loc]
+        loc = []
     for i, part in enumerate(loc):
         last = i == len(loc) - 1
         if isinstance(part, int):
@@ -72,7 +76,7 @@ def _unknown_field(name: str, fields: dict | None, parent: list[str]) -> str:
         return "unknown field"
     close = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    where = _field_path(parent) or "a job"
+    where = _field_path(parent) or "the top level"
     return f"unknown field ({hint}the fields of {where} are {', '.join(fields)})"
 
 

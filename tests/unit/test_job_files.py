@@ -138,3 +138,20 @@ def test_the_example_tenants_file_loads():
     assert {n: p.max_priority for n, p in tenants.items()} == {"research": "batch", "product": "serving",
                                                                "oncall": "high"}
     assert tenants["product"].roots == [Path("/data/product"), Path("/models/shared")]
+
+
+def test_other_models_errors_keep_their_location():
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+    from shardwright.field_errors import describe_validation_error
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        top_p: float = Field(1.0, gt=0)
+        stop: list[int] = []
+
+    with pytest.raises(ValidationError) as err:
+        Params(top_p=-1, stop=[1, "a"], top_pp=3)
+    assert describe_validation_error(err.value).startswith("top_p: Input should be greater than 0 (got -1); stop[1]: ")
+    assert "top_pp: unknown field (did you mean 'top_p'?" in describe_validation_error(err.value, root=Params,
+                                                                                    max_errors=5)
