@@ -311,6 +311,67 @@ class ModelSource(StrictModel):
         return self
 
 
+Schedule = Literal["gpipe", "1f1b"]
+Precision = Literal["float32", "bfloat16"]
+
+
+class DataConfig(StrictModel):
+    """Where the corpus is and how it is cut into batches (training.data reads it)."""
+
+    path: Path = Field(description="A .txt or .jsonl file, or a directory of them.")
+    seq_len: int = Field(gt=0, le=1 << 20, description="Tokens per training sequence.")
+    global_batch_size: int = Field(gt=0, le=1 << 20, description="Sequences per optimizer step, over all DP ranks.")
+    seed: int = Field(0, ge=0, lt=1 << 63, description="Seed of the visiting order.")
+
+
+class OptimConfig(StrictModel):
+    """AdamW hyper-parameters, the LR schedule and clipping (training.optim applies them)."""
+
+    lr: float = Field(3e-4, gt=0, allow_inf_nan=False, description="Peak learning rate (after warm-up).")
+    min_lr: float = Field(0.0, ge=0, allow_inf_nan=False, description="Learning rate at the end of the cosine decay.")
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warm-up from lr/warmup_steps to lr.")
+    decay_steps: int = Field(1000, ge=1, description="Step at which the cosine reaches min_lr.")
+    weight_decay: float = Field(0.1, ge=0, allow_inf_nan=False, description="Decoupled weight decay of matrices.")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW first-moment decay.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW second-moment decay.")
+    eps: float = Field(1e-8, gt=0, allow_inf_nan=False, description="AdamW denominator epsilon.")
+    max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False,
+                                       description="Clip the global grad norm to this; None: no clipping.")
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr} exceeds lr={self.lr}; the cosine decays from lr to min_lr")
+        if self.warmup_steps > self.decay_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds decay_steps={self.decay_steps}")
+        return self
+
+
+class TrainConfig(StrictModel):
+    """Run settings of a training job (the job file's `train:` section)."""
+
+    data: DataConfig = Field(description="Corpus, sequence length, global batch, data seed.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="AdamW, LR schedule, clipping.")
+    steps: int = Field(100, gt=0, le=10**9, description="Optimizer steps of the run.")
+    num_micro_batches: int = Field(4, gt=0, le=1 << 16, description="Micro-batches per step per DP rank (m).")
+    schedule: Schedule = Field("1f1b", description="Pipeline schedule: '1f1b' or 'gpipe'.")
+    precision: Precision = Field("float32", description="'bfloat16' runs forward under bf16 autocast.")
+    checkpoint_every_steps: int | None = Field(None, gt=0, description="Save every N steps (controller).")
+    peak_flops_per_s: float = Field(150e9, gt=0, allow_inf_nan=False,
+                                    description="Peak FLOP/s of the whole gang (for MFU).")
+    offload_optimizer: float = Field(
+        0.0, ge=0, le=1, description="Share of the decoder blocks whose AdamW state lives in host memory and is "
+                                     "updated on the CPU, overlapped with the device update of the rest (0 = off).")
+
+    def check_layout(self, layout: ParallelLayout) -> None:
+        """ValueError unless every DP rank's micro-batches split the global batch evenly."""
+        per_step = layout.dp * self.num_micro_batches
+        if self.data.global_batch_size % per_step:
+            raise ValueError(f"train.data.global_batch_size={self.data.global_batch_size} must be divisible by "
+                             f"layout.dp * train.num_micro_batches = {layout.dp} * {self.num_micro_batches} = "
+                             f"{per_step}")
+
+
 class TrainingJob(StrictModel):
     """A training run on a gang of tp * pp * cp * dp GPUs (fields of the run under `train`)."""
 
@@ -321,23 +382,45 @@ class TrainingJob(StrictModel):
     tenant: str = Field("default", min_length=1, description="Owner; set by the server from the token.")
     priority: PriorityClass = Field("batch", description="Training is preemptible (checkpoint, requeue, resume).")
     deadline_s: float | None = Field(None, gt=0, description="Optional deadline, seconds after submission.")
-    train: dict[str, Any] = Field(default_factory=dict,
-                                  description="Run settings (data, steps, batch, optimiser, checkpoints); "
-                                              "validated by the training controller.")
+    train: TrainConfig = Field(description="Run settings (data, steps, batch, optimiser, checkpoints).")
+
+    @model_validator(mode="after")
+    def _batch_fits_layout(self) -> TrainingJob:
+        self.train.check_layout(self.layout)
+        return self
 
 
 JobSpec = Annotated[TrainingJob | InferenceDeployment, Field(discriminator="kind")]
 
 
-def parse_job(text: str) -> TrainingJob | InferenceDeployment:
-    """Validate a job file (YAML or JSON text); errors name the field and the problem."""
-    import yaml
-    from pydantic import TypeAdapter
+MAX_SPEC_BYTES = 64 * 1024  # the stored spec (JSON) of one job, defaults filled in
 
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ValueError(f"job file is not valid YAML: {err}") from err
+
+class JobFileError(ValueError):
+    """A job file that cannot be accepted; the message is one line naming the field."""
+
+
+def parse_job(text: str) -> TrainingJob | InferenceDeployment:
+    """Validate a job file (YAML or JSON text, untrusted): YAML read by `safe_yaml.load` (no
+    anchors or aliases; size, depth and node count bounded), then the JobSpec. Raises JobFileError
+    with one line naming the field (and the close match of a misspelt field name)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from shardwright import safe_yaml
+    from shardwright.field_errors import describe_validation_error
+
+    data = safe_yaml.load(text)
     if not isinstance(data, dict):
-        raise ValueError(f"job file must be a mapping with a 'kind' field, got {type(data).__name__}")
-    return TypeAdapter(JobSpec).validate_python(data)
+        raise JobFileError(f"kind: a job file is a mapping with 'kind: training' or 'kind: inference', "
+                           f"got a {type(data).__name__}")
+    try:
+        return TypeAdapter(JobSpec).validate_python(data)
+    except ValidationError as err:
+        raise JobFileError(describe_validation_error(err)) from None
+
+
+def check_spec_size(spec: BaseModel) -> None:
+    """Refuse a spec whose stored form would pass MAX_SPEC_BYTES."""
+    size = len(spec.model_dump_json())
+    if size > MAX_SPEC_BYTES:
+        raise JobFileError(f"job spec: {size} bytes once stored, over the {MAX_SPEC_BYTES // 1024} KiB limit")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from shardwright.actors.gang import GangConfig, GangError, WorkerGang
 from shardwright.actors.group_member import GroupMember
-from shardwright.config import ModelSource, ParallelLayout, TrainingJob
-from shardwright.training.trainer import TrainConfig, TrainerRank
+from shardwright.config import ModelSource, ParallelLayout, TrainConfig, TrainingJob
+from shardwright.training.trainer import TrainerRank
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class TrainingRank(GroupMember):
     def __init__(self, rank: int, layout: ParallelLayout, *, threads_per_worker: int | None = None,
                  train: dict) -> None:
         super().__init__(rank, layout, threads_per_worker=threads_per_worker)
-        self.trainer = TrainerRank(TrainConfig(**train), layout)
+        self.trainer = TrainerRank(TrainConfig.model_validate(train), layout)
 
     def setup(self, source: dict, resume_from: str | None) -> int:
         """Build context, model, optimizer and data; load `resume_from`; returns the step."""
@@ -52,7 +52,7 @@ class TrainingController:
     def __init__(self, job: TrainingJob, *, checkpoint_dir: Path, bundle_nodes: tuple[str, ...] | None = None,
                  on_metrics: Callable[[dict], None] | None = None, collective_timeout_s: float = 120.0) -> None:
         self.job = job
-        self.config = TrainConfig(**job.train)  # raises pydantic errors naming train.* fields
+        self.config = job.train
         self.checkpoint_dir = Path(checkpoint_dir)
         self.bundle_nodes = bundle_nodes
         self.on_metrics = on_metrics
@@ -70,7 +70,7 @@ class TrainingController:
         """Build the gang (placement, groups, model, optimizer, data, checkpoint) and train."""
         gang = WorkerGang(GangConfig(layout=self.job.layout, collective_timeout_s=self.collective_timeout_s,
                                      bundle_nodes=self.bundle_nodes),
-                          runner_cls=TrainingRank, runner_kwargs={"train": self.job.train})
+                          runner_cls=TrainingRank, runner_kwargs={"train": self.job.train.model_dump(mode="json")})
         source = self.job.model.model_dump(mode="json")
         try:
             gang.start([("setup", (source, resume_from))])

@@ -1,6 +1,7 @@
 """Bearer-token authentication: tokens map to tenants.
 
-The tokens file is YAML or JSON, `{token: tenant}`:
+The tenants file (shardwright.tenants, README "Tenants") lists each tenant's tokens, path roots,
+highest priority class and quota; the old tokens format `{token: tenant}` is still read:
 
     s3cr3t-alice: alice
     s3cr3t-bob: bob
@@ -16,25 +17,16 @@ import hmac
 from pathlib import Path
 
 import grpc
-import yaml
 
-OPEN_TENANT = "default"
+from shardwright.tenants import OPEN_TENANT, load_tenants
+
 PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 TENANT_KEY = "x-shardwright-tenant"
 
 
 def load_tokens(path: Path) -> dict[str, str]:
-    """Token -> tenant from `path`; raises ValueError naming the problem."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"cannot read tokens file {path}: {err}") from err
-    if not isinstance(data, dict) or not data:
-        raise ValueError(f"tokens file {path} must map tokens to tenants, e.g. 'TOKEN: alice'")
-    bad = [t for t, tenant in data.items() if not isinstance(t, str) or not isinstance(tenant, str) or len(t) < 8]
-    if bad:
-        raise ValueError(f"tokens file {path}: {len(bad)} entries are not 'TOKEN (8+ chars): tenant' strings")
-    return dict(data)
+    """Token -> tenant from the tenants (or old tokens) file `path`; raises ValueError naming the problem."""
+    return {token: policy.name for policy in load_tenants(path) for token in policy.tokens}
 
 
 def bearer_token(metadata) -> str | None:

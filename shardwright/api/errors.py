@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
+from shardwright.field_errors import describe_validation_error
+
 
 def one_line(err: Exception) -> str:
     """`field.path: problem; ...` for validation errors, else the first line of the message."""
     if isinstance(err, ValidationError):
-        return "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
+        return describe_validation_error(err)
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

@@ -1,7 +1,8 @@
 """`shardwright run JOB.yaml`: run one training job to completion on the Ray cluster in
 RAY_ADDRESS (set by `ray job submit`) or on a local one, with a progress line per step on stderr
 (loss, tokens/s, ETA) and, with --json, one JSON object last: status, steps, first_loss,
-last_loss, checkpoint."""
+last_loss, checkpoint. Relative model and data paths in the job file resolve against the job
+file's folder, and must exist, before anything starts."""
 
 from __future__ import annotations
 
@@ -29,11 +30,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from shardwright.actors.training import TrainingController
     from shardwright.cluster.ray_connect import connect
     from shardwright.config import Settings, TrainingJob, parse_job
+    from shardwright.tenants import confine_paths
 
-    job = parse_job(Path(args.job_file).read_text())
+    job_file = Path(args.job_file)
+    job = parse_job(job_file.read_text())
     if not isinstance(job, TrainingJob):
         raise ValueError(f"{args.job_file} is an inference deployment; serve it with `shardwright serve` "
                          "and `shardwright submit`")
+    job = confine_paths(job, base=job_file.resolve().parent)  # relative paths: against the job file's folder
     settings = Settings.from_env()
     checkpoint_dir = Path(args.checkpoint_dir or settings.state_dir / "runs" / job.name)
     start = time.monotonic()

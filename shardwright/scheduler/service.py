@@ -47,11 +47,13 @@ from shardwright.cluster import inventory
 from shardwright.cluster.ray_connect import connect
 from shardwright.cluster.state_store import HOLDING, TERMINAL, WAITING, JobRecord, JobState, StateStore
 from shardwright.cluster.state_store import TransitionError
-from shardwright.config import InferenceDeployment, JobSpec, ModelSpec, Settings, StrictModel, TrainingJob, parse_job
+from shardwright.config import (InferenceDeployment, JobSpec, ModelSpec, Settings, StrictModel, TrainingJob,
+                                JobFileError, check_spec_size, parse_job)
 from shardwright.scheduler.model import ClusterInventory, GangShape, Job, PriorityClass, RunningJob
 from shardwright.scheduler.placement import Placement
 from shardwright.scheduler.policies import PreemptJob, StartJob, make_policy
 from shardwright.scheduler.runners import JobRunner, Progress, make_runner
+from shardwright.tenants import Tenants, confine_paths
 
 log = logging.getLogger(__name__)
 S = JobState
@@ -84,10 +86,15 @@ class SchedulerService:
     """The control plane of jobs: API calls write Redis; the reconcile loop acts on it."""
 
     def __init__(self, settings: Settings | None = None, config: SchedulerConfig | None = None, *,
-                 runner_factory=make_runner) -> None:
+                 runner_factory=make_runner, tenants: Tenants | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self.config = config or SchedulerConfig()
-        self.policy = make_policy(self.config.policy, **self.config.policy_options)
+        self.tenants = tenants or Tenants.load(self.settings.tokens_file)
+        unconfined = sorted(p.name for p in (self.tenants.policies or {}).values() if p.roots is None)
+        if unconfined:
+            log.warning("tenants %s have no roots (old tokens format): their jobs may read any path this "
+                        "server can; give them `roots` in the tenants file (README, Tenants)", unconfined)
+        self.policy = make_policy(self.config.policy, **self._policy_options())
         connect(self.settings)
         self.store = StateStore.open(self.settings, self.config.namespace)
         self.runner_factory = runner_factory
@@ -97,11 +104,27 @@ class SchedulerService:
         self._wake, self._stopping, self._lease_lost = threading.Event(), threading.Event(), threading.Event()
         self._threads: list[threading.Thread] = []
 
+    def _policy_options(self) -> dict[str, Any]:
+        """The policy's options; fairshare also gets the tenants file's GPU quotas."""
+        options = dict(self.config.policy_options)
+        quotas = {p.name: p.quota_gpus for p in (self.tenants.policies or {}).values() if p.quota_gpus is not None}
+        if self.config.policy == "fairshare" and quotas:
+            options["quotas_gpus"] = {**quotas, **options.get("quotas_gpus", {})}
+        return options
+
     # ---- API ------------------------------------------------------------------------------
     def submit(self, spec: TrainingJob | InferenceDeployment, tenant: str,
                idempotency_key: str | None = None) -> dict:
-        """Validate and queue a job; with a known idempotency key, return that job instead."""
-        spec = spec.model_copy(update={"tenant": tenant})
+        """Check completely, then queue a job; with a known idempotency key, return that job instead.
+
+        Before anything is stored: the tenant's priority maximum (PermissionError), its roots
+        (paths resolved against its first root, PermissionError outside them), that the paths exist,
+        the stored spec's size, the tenant's GPU quota and that the gang could ever be placed."""
+        policy = self.tenants.policy(tenant)
+        policy.check_priority(spec.priority)
+        spec = confine_paths(spec.model_copy(update={"tenant": tenant}), base=None, policy=policy)
+        check_spec_size(spec)
+        policy.check_quota(spec.layout.world_size)
         self.check_submission(spec)
         now = time.time()
         record = JobRecord(job_id=f"{spec.name}-{uuid.uuid4().hex[:8]}", name=spec.name, kind=spec.kind,
@@ -122,7 +145,13 @@ class SchedulerService:
         """Raise ValueError (UnplaceableJobError) for a job that could never run on this cluster."""
         model_dir = spec.model if isinstance(spec, InferenceDeployment) else spec.model.path
         if model_dir is not None and (Path(model_dir) / "config.json").is_file():
-            spec.layout.validate_for(ModelSpec.from_hf_dir(model_dir))
+            field = "model" if isinstance(spec, InferenceDeployment) else "model.path"
+            try:
+                model = ModelSpec.from_hf_dir(model_dir)
+            except (OSError, ValueError) as err:  # the directory's own config.json is unreadable or wrong
+                raise JobFileError(f"{field}: {model_dir}/config.json cannot be read as a model: "
+                                   f"{' '.join(str(err).split())[:300]}") from None
+            spec.layout.validate_for(model)
         shape = GangShape(*(getattr(spec.layout, a) for a in ("tp", "pp", "cp", "dp")),
                           peers=_memory_peers(spec.model_dump(mode="json")))
         job = Job(spec.name, spec.tenant, spec.kind, shape, time.time(),
@@ -371,7 +400,13 @@ class SchedulerService:
                                                    "attempts": record.attempts + 1})
         except TransitionError:  # cancelled since the queue was read
             return
-        runner = self.runner_factory(_SPEC.validate_python(record.spec), bundle_nodes=nodes,
+        try:  # the paths again: a symlink swapped in since submission must not lead out of the roots
+            spec = confine_paths(_SPEC.validate_python(record.spec), base=None,
+                                 policy=self.tenants.policy(record.tenant))
+        except (PermissionError, ValueError) as err:
+            self.store.transition(job_id, S.FAILED, f"could not start: {err}", fields=_released(record))
+            return
+        runner = self.runner_factory(spec, bundle_nodes=nodes,
                                      checkpoint_dir=Path(self.settings.state_dir) / "checkpoints" / job_id)
         try:
             runner.start(record.checkpoint)

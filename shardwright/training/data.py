@@ -20,21 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import Field
 
-from shardwright.config import StrictModel
+from shardwright.config import DataConfig
 from shardwright.models.tokenizer import TextTokenizer
 
 SUFFIXES = (".txt", ".jsonl")
-
-
-class DataConfig(StrictModel):
-    """Where the corpus is and how it is cut into batches."""
-
-    path: Path = Field(description="A .txt or .jsonl file, or a directory of them.")
-    seq_len: int = Field(gt=0, description="Tokens per training sequence.")
-    global_batch_size: int = Field(gt=0, description="Sequences per optimizer step, over all DP ranks.")
-    seed: int = Field(0, ge=0, description="Seed of the visiting order.")
 
 
 def corpus_files(path: Path) -> list[Path]:

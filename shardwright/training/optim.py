@@ -18,35 +18,10 @@ import math
 
 import torch
 import torch.distributed as dist
-from pydantic import Field, model_validator
-
-from shardwright.config import StrictModel
+from shardwright.config import OptimConfig
 from shardwright.models.decoder import DecoderModel
 from shardwright.parallel.context import ParallelContext
 from shardwright.training.sharding import owns, param_pieces
-
-
-class OptimConfig(StrictModel):
-    """AdamW hyper-parameters, the LR schedule and clipping."""
-
-    lr: float = Field(3e-4, gt=0, description="Peak learning rate (after warm-up).")
-    min_lr: float = Field(0.0, ge=0, description="Learning rate at the end of the cosine decay.")
-    warmup_steps: int = Field(0, ge=0, description="Steps of linear warm-up from lr/warmup_steps to lr.")
-    decay_steps: int = Field(1000, ge=1, description="Step at which the cosine reaches min_lr.")
-    weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay of matrices.")
-    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW first-moment decay.")
-    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW second-moment decay.")
-    eps: float = Field(1e-8, gt=0, description="AdamW denominator epsilon.")
-    max_grad_norm: float | None = Field(1.0, gt=0,
-                                       description="Clip the global grad norm to this; None: no clipping.")
-
-    @model_validator(mode="after")
-    def _check(self) -> OptimConfig:
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr={self.min_lr} exceeds lr={self.lr}; the cosine decays from lr to min_lr")
-        if self.warmup_steps > self.decay_steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds decay_steps={self.decay_steps}")
-        return self
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:

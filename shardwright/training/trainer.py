@@ -20,45 +20,24 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from pydantic import Field
-
-from shardwright.config import ModelSource, ModelSpec, ParallelLayout, StrictModel
+from shardwright.config import ModelSource, ModelSpec, ParallelLayout, TrainConfig
 from shardwright.models import load_model
 from shardwright.models.tokenizer import ByteTokenizer, load_tokenizer
 from shardwright.parallel.attention.plan import make_shard_plan
 from shardwright.parallel.context import ParallelContext
 from shardwright.parallel.loss import IGNORE_INDEX, vocab_parallel_cross_entropy
-from shardwright.parallel.pipeline import MicroBatch, PipelineSchedule, PipelineStats, Schedule
+from shardwright.parallel.pipeline import MicroBatch, PipelineSchedule, PipelineStats
 from shardwright.training.checkpoint import (latest_checkpoint, load_checkpoint, read_manifest, restore_rng,
                                              save_checkpoint)
-from shardwright.training.data import DataConfig, PackedLoader, build_loader
+from shardwright.training.data import PackedLoader, build_loader
 from shardwright.training.grad_sync import DataParallelGrads, TiedEmbeddings
 from shardwright.training.offload import OffloadedAdamW, adamw_state_bytes
-from shardwright.training.optim import (OptimConfig, OwnedRows, build_optimizer, clip_grads_, global_grad_norm,
+from shardwright.training.optim import (OwnedRows, build_optimizer, clip_grads_, global_grad_norm,
                                        lr_at, owned_rows, set_lr)
-
-Precision = Literal["float32", "bfloat16"]
-
-
-class TrainConfig(StrictModel):
-    """Run settings of a training job (the job file's `train:` section)."""
-
-    data: DataConfig = Field(description="Corpus, sequence length, global batch, data seed.")
-    optim: OptimConfig = Field(default_factory=OptimConfig, description="AdamW, LR schedule, clipping.")
-    steps: int = Field(100, gt=0, description="Optimizer steps of the run.")
-    num_micro_batches: int = Field(4, gt=0, description="Micro-batches per step per DP rank (m).")
-    schedule: Schedule = Field("1f1b", description="Pipeline schedule: '1f1b' or 'gpipe'.")
-    precision: Precision = Field("float32", description="'bfloat16' runs forward under bf16 autocast.")
-    checkpoint_every_steps: int | None = Field(None, gt=0, description="Save every N steps (controller).")
-    peak_flops_per_s: float = Field(150e9, gt=0, description="Peak FLOP/s of the whole gang (for MFU).")
-    offload_optimizer: float = Field(
-        0.0, ge=0, le=1, description="Share of the decoder blocks whose AdamW state lives in host memory and is "
-                                     "updated on the CPU, overlapped with the device update of the rest (0 = off).")
-
 
 class StartupError(RuntimeError):
     """A trainer rank failed in a named start-up phase."""
@@ -259,10 +238,7 @@ class TrainerRank:
 
 
 def _check_config(config: TrainConfig, layout: ParallelLayout) -> None:
-    per_step = layout.dp * config.num_micro_batches
-    if config.data.global_batch_size % per_step:
-        raise ValueError(f"global_batch_size={config.data.global_batch_size} must be divisible by "
-                         f"dp * num_micro_batches = {layout.dp} * {config.num_micro_batches} = {per_step}")
+    config.check_layout(layout)
 
 
 def _make_context(layout: ParallelLayout, device: torch.device | str | None) -> ParallelContext:

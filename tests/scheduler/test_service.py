@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -32,6 +33,7 @@ from shardwright.scheduler.service import SchedulerConfig, SchedulerService  # n
 
 pytestmark = pytest.mark.slow
 GPUS_PER_NODE = 4
+CORPUS = str(Path(__file__).resolve().parents[2] / "examples" / "corpus")
 FAST = dict(reconcile_interval_s=0.2, lease_ttl_s=2.0)
 
 
@@ -115,7 +117,8 @@ def states(service: SchedulerService, job_id: str) -> list[str]:
 
 def test_job_larger_than_the_cluster_is_rejected_at_submission(make_service, model_dir):
     service = make_service(start=False)
-    big = TrainingJob(name="big", model=ModelSource(preset="tiny"), layout=ParallelLayout(tp=4, dp=4))
+    big = TrainingJob(name="big", model=ModelSource(preset="tiny"), layout=ParallelLayout(tp=4, dp=4),
+                      train={"data": {"path": CORPUS, "seq_len": 32, "global_batch_size": 16}})
     with pytest.raises(UnplaceableJobError, match=r"asks for 16 GPUs .* larger than the whole cluster "
                                                    r"\(12 GPUs on 3 nodes\); shrink the gang or add nodes"):
         service.submit(big, "t1")

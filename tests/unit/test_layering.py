@@ -14,7 +14,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "shardwright"
 
 # Top-level module or package of shardwright -> its layer.
-LAYER_OF = {"hf_config": "config"}
+LAYER_OF = {"hf_config": "config", "safe_yaml": "config", "tenants": "config", "field_errors": "config"}
 # What each layer may import besides itself.
 _BASE = {"parallel", "config"}
 ALLOWED: dict[str, set[str]] = {
