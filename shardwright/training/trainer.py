@@ -33,8 +33,8 @@ from shardwright.parallel.attention.plan import make_shard_plan
 from shardwright.parallel.context import ParallelContext
 from shardwright.parallel.loss import IGNORE_INDEX, vocab_parallel_cross_entropy
 from shardwright.parallel.pipeline import MicroBatch, PipelineSchedule, PipelineStats, Schedule
-from shardwright.training.checkpoint import (latest_checkpoint, load_checkpoint, read_manifest, restore_rng,
-                                             save_checkpoint)
+from shardwright.training.checkpoint import (DEFAULT_KEEP, load_checkpoint, read_manifest, resolve_checkpoint,
+                                             restore_rng, save_checkpoint)
 from shardwright.training.data import DataConfig, PackedLoader, build_loader
 from shardwright.training.grad_sync import DataParallelGrads, TiedEmbeddings
 from shardwright.training.offload import OffloadedAdamW, adamw_state_bytes
@@ -54,6 +54,8 @@ class TrainConfig(StrictModel):
     schedule: Schedule = Field("1f1b", description="Pipeline schedule: '1f1b' or 'gpipe'.")
     precision: Precision = Field("float32", description="'bfloat16' runs forward under bf16 autocast.")
     checkpoint_every_steps: int | None = Field(None, gt=0, description="Save every N steps (controller).")
+    keep_checkpoints: int = Field(DEFAULT_KEEP, ge=1, description="Complete checkpoints kept in the job's "
+                                                                  "checkpoint directory; older ones are deleted.")
     peak_flops_per_s: float = Field(150e9, gt=0, description="Peak FLOP/s of the whole gang (for MFU).")
     offload_optimizer: float = Field(
         0.0, ge=0, le=1, description="Share of the decoder blocks whose AdamW state lives in host memory and is "
@@ -82,6 +84,7 @@ class TrainerRank:
         self.params: list[torch.nn.Parameter] = []
         self.owned: OwnedRows = []
         self.step = 0
+        self.checkpoint: Path | None = None  # the checkpoint loaded (after load)
 
     def _phase(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -235,27 +238,37 @@ class TrainerRank:
                 "bubble_measured": bubble, "bubble_formula": stats.bubble_formula}
 
     def save(self, root: str | Path) -> Path:
-        """Checkpoint ROOT/step-N (collective, atomic); returns its path."""
+        """Checkpoint ROOT/step-N (collective, crash-safe), keep the last K; returns its path."""
         return save_checkpoint(root, ctx=self.ctx, model=self.model, optimizer=self.optimizer,
                                step=self.step, spec=self.spec, data_state=self.data.state_dict(),
-                               tokenizer_dir=self.tokenizer_dir)
+                               tokenizer_dir=self.tokenizer_dir, keep=self.config.keep_checkpoints)
 
     def load(self, checkpoint: str | Path) -> int:
-        """Continue from a checkpoint directory, or the latest complete one under a root; the step."""
-        path = Path(checkpoint)
-        if not (path / "manifest.json").is_file():
-            found = latest_checkpoint(path)
-            if found is None:
-                raise FileNotFoundError(f"no complete checkpoint in {path} (nor under it)")
-            path = found
+        """Continue from a checkpoint directory, or the latest complete one under a root; the step.
+
+        A named checkpoint that is missing, incomplete or corrupt falls back to the newest complete
+        one beside it (`resolve_checkpoint`, decided on rank 0 for every rank). `self.checkpoint`
+        is the one loaded.
+        """
+        path = self._resolve(Path(checkpoint))
         _check_same_model(read_manifest(path).model, self.spec, path)
         manifest = load_checkpoint(path, ctx=self.ctx, model=self.model, optimizer=self.optimizer)
         if isinstance(self.optimizer, OffloadedAdamW):
             self.optimizer.sync_host_params()
         self.data.load_state_dict(manifest.data)
         restore_rng(manifest, self.ctx.rank)
-        self.step = manifest.step
+        self.step, self.checkpoint = manifest.step, path
         return self.step
+
+    def _resolve(self, path: Path) -> Path:
+        found = resolve_checkpoint(path) if self.ctx.rank == 0 else None
+        if dist.is_initialized() and self.ctx.world_size > 1:
+            chosen = [found]
+            dist.broadcast_object_list(chosen, src=0)
+            found = chosen[0]
+        if found is None:
+            raise FileNotFoundError(f"no complete checkpoint at {path}, beside it or under it")
+        return Path(found)
 
 
 def _check_config(config: TrainConfig, layout: ParallelLayout) -> None:
