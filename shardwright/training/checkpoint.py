@@ -3,7 +3,9 @@
     ROOT/step-00000010/model-tp00-pp01.safetensors   parameters of shard (tp 0, pp 1), local names
     ROOT/step-00000010/optim-tp00-pp01.safetensors   its AdamW state: exp_avg.*, exp_avg_sq.*, step.*
     ROOT/step-00000010/manifest.json                 layout, model spec, step, data position, RNG,
-                                                     the sha256 of every shard file
+                                                     the sha256 of every shard file:
+        {"format_version": 2, "step": 10, "files": ["model-tp00-pp00.safetensors", ...],
+         "sha256": {"model-tp00-pp00.safetensors": "5f0c…", ...}, "layout": {...}, ...}
     ROOT/latest                                      the last checkpoint published
 
 Writing (`save_checkpoint`, collective): every rank writes into ROOT/.partial-step-N/ (the DP
