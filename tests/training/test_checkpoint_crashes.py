@@ -21,10 +21,12 @@ import pytest
 
 import train_cases
 from shardwright.config import ParallelLayout
+from shardwright.parallel.launch import run_ranks
 from shardwright.training import checkpoint_root as fs
 from shardwright.training.checkpoint import (CheckpointError, load_checkpoint, read_manifest, resolve_checkpoint,
                                              verify_checkpoint)
 
+LOSS_TOL = 1e-4  # as in test_parallel_training: a tp=2 checkpoint resumed at tp=1 reorders fp32 reductions
 OPS = ("write_file", "fsync_path", "rename", "remove_tree")
 CRASH_EXIT = 17
 
@@ -201,3 +203,26 @@ def test_a_run_resumed_from_an_older_checkpoint_supersedes_the_newer_ones(at_ste
     again.save(root)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002"]
     assert resolve_checkpoint(root) == root / "step-00000002"
+
+
+@pytest.mark.parametrize(("target", "expected"), [("manifest.json", 2), ("step-00000003", 3), ("latest", 3)])
+def test_a_crash_of_rank_0_during_a_two_rank_save(train_models, reference, tmp_path, target, expected):
+    """tp = 2: rank 0 dies right after the staging manifest, the publishing rename or the pointer move
+    of step 3; the newest complete checkpoint resolves, verifies and resumes at tp = 1 (a reshard)."""
+    layout = ParallelLayout(tp=2)
+    with pytest.raises(Exception):
+        run_ranks(train_cases.crash_at_main, 2, args=(layout, train_models["llama"], str(tmp_path), target))
+    found = resolve_checkpoint(tmp_path)
+    assert found == tmp_path / f"step-{expected:08d}"
+    manifest = verify_checkpoint(found)
+    assert manifest.layout == layout and sorted(manifest.sha256) == sorted(manifest.files) and len(manifest.files) == 4
+    t = train_cases.trainer(ParallelLayout(), train_models["llama"])
+    assert t.load(tmp_path) == expected
+    assert abs(t.train_step()["loss"] - reference[1]["llama"]["metrics"][expected]["loss"]) <= LOSS_TOL
+    if target == "latest":  # resharding reads every shard: a flipped byte in rank 1's file is caught
+        victim = found / "optim-tp01-pp00.safetensors"
+        data = bytearray(victim.read_bytes())
+        data[-1] ^= 0x80
+        victim.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match=victim.name):
+            load_checkpoint(found, ctx=t.ctx, model=t.model, optimizer=t.optimizer)
