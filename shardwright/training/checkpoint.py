@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: sha256 of every file in the manifest
 DEFAULT_KEEP = 3
 
-__all__ = ["CheckpointError", "Manifest", "latest_checkpoint", "load_checkpoint", "read_manifest",
+__all__ = ["CheckpointError", "Manifest", "choose_checkpoint", "latest_checkpoint", "load_checkpoint", "read_manifest",
            "resolve_checkpoint", "save_checkpoint", "shard_files", "step_dir_name", "verify_checkpoint"]
 
 
@@ -237,27 +237,62 @@ def resolve_checkpoint(path: str | Path) -> Path | None:
     return fs.resolve(Path(path), verify_checkpoint)
 
 
+def choose_checkpoint(path: str | Path, *, ctx: ParallelContext) -> Path | None:
+    """`resolve_checkpoint` as a collective: every rank gets the same answer, and the hashing is shared
+    (rank r checks files r, r + world_size, ... of a candidate, so each file is read once). A
+    candidate that fails on any rank is logged (naming the file) and the next one is tried.
+    """
+    rejected: set[Path] = set()
+    while True:
+        candidate = fs.resolve(Path(path), lambda d: _intact(d, rejected)) if ctx.rank == 0 else None
+        candidate = _gather(ctx, candidate)[0]
+        if candidate is None:
+            return None
+        try:
+            files = read_manifest(candidate).files
+            verify_checkpoint(candidate, files[ctx.rank::ctx.world_size])
+            error = None
+        except (OSError, CheckpointError) as err:
+            error = str(err)
+        errors = [e for e in _gather(ctx, error) if e]
+        if not errors:
+            return candidate
+        log.warning("checkpoint %s cannot be used (%s); trying the next newest", candidate, "; ".join(errors))
+        rejected.add(candidate)
+
+
+def _intact(checkpoint: Path, rejected: set[Path]) -> None:
+    """A cheap completeness check (manifest, every file present); CheckpointError if not, or if rejected."""
+    if checkpoint in rejected:
+        raise CheckpointError(f"{checkpoint} failed its sha256 check")
+    manifest = read_manifest(checkpoint)
+    fs.verify_files(checkpoint, None, manifest.files)
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The newest complete (verified) checkpoint under `root`; None when there is none."""
     return fs.from_root(Path(root), verify_checkpoint)
 
 
 def load_checkpoint(checkpoint: str | Path, *, ctx: ParallelContext, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer) -> Manifest:
+                    optimizer: torch.optim.Optimizer, verify: bool = True) -> Manifest:
     """Fill `model` and `optimizer` from `checkpoint` (at any layout); returns its manifest.
 
-    Every file read is checked against the manifest's sha256 first (CheckpointError names it).
+    Every file read is first checked against the manifest's sha256 (CheckpointError names it);
+    `verify=False` skips that for a checkpoint `choose_checkpoint` has just verified.
     """
     checkpoint = Path(checkpoint)
     manifest = read_manifest(checkpoint)
     if (manifest.layout.tp, manifest.layout.pp) != (ctx.tp, ctx.pp):
         from shardwright.training.reshard import load_resharded
 
-        verify_checkpoint(checkpoint)  # resharding reads every shard
+        if verify:
+            verify_checkpoint(checkpoint)  # resharding reads every shard
         load_resharded(checkpoint, manifest, model=model, optimizer=optimizer)
         return manifest
     model_file, optim_file = shard_files(ctx.tp_rank, ctx.pp_rank)
-    verify_checkpoint(checkpoint, [model_file, optim_file])
+    if verify:
+        verify_checkpoint(checkpoint, [model_file, optim_file])
     params = load_file(str(checkpoint / model_file))
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -207,4 +207,6 @@ def prune(root: Path, keep: int, current: Path) -> list[Path]:
         fsync_path(root)
     for leftover in sorted(root.glob(".pruned-*")) + sorted(root.glob(".partial-*")):
         remove_tree(leftover)
+    for tmp in root.glob(f".{POINTER}.tmp-*"):  # a pointer write that crashed
+        tmp.unlink(missing_ok=True)
     return doomed

@@ -33,7 +33,7 @@ from shardwright.parallel.attention.plan import make_shard_plan
 from shardwright.parallel.context import ParallelContext
 from shardwright.parallel.loss import IGNORE_INDEX, vocab_parallel_cross_entropy
 from shardwright.parallel.pipeline import MicroBatch, PipelineSchedule, PipelineStats, Schedule
-from shardwright.training.checkpoint import (DEFAULT_KEEP, load_checkpoint, read_manifest, resolve_checkpoint,
+from shardwright.training.checkpoint import (DEFAULT_KEEP, choose_checkpoint, load_checkpoint, read_manifest,
                                              restore_rng, save_checkpoint)
 from shardwright.training.data import DataConfig, PackedLoader, build_loader
 from shardwright.training.grad_sync import DataParallelGrads, TiedEmbeddings
@@ -247,28 +247,20 @@ class TrainerRank:
         """Continue from a checkpoint directory, or the latest complete one under a root; the step.
 
         A named checkpoint that is missing, incomplete or corrupt falls back to the newest complete
-        one beside it (`resolve_checkpoint`, decided on rank 0 for every rank). `self.checkpoint`
-        is the one loaded.
+        one beside it (`choose_checkpoint`: the ranks share the sha256 checks and agree).
+        `self.checkpoint` is the one loaded.
         """
-        path = self._resolve(Path(checkpoint))
+        path = choose_checkpoint(checkpoint, ctx=self.ctx)
+        if path is None:
+            raise FileNotFoundError(f"no complete checkpoint at {checkpoint}, beside it or under it")
         _check_same_model(read_manifest(path).model, self.spec, path)
-        manifest = load_checkpoint(path, ctx=self.ctx, model=self.model, optimizer=self.optimizer)
+        manifest = load_checkpoint(path, ctx=self.ctx, model=self.model, optimizer=self.optimizer, verify=False)
         if isinstance(self.optimizer, OffloadedAdamW):
             self.optimizer.sync_host_params()
         self.data.load_state_dict(manifest.data)
         restore_rng(manifest, self.ctx.rank)
         self.step, self.checkpoint = manifest.step, path
         return self.step
-
-    def _resolve(self, path: Path) -> Path:
-        found = resolve_checkpoint(path) if self.ctx.rank == 0 else None
-        if dist.is_initialized() and self.ctx.world_size > 1:
-            chosen = [found]
-            dist.broadcast_object_list(chosen, src=0)
-            found = chosen[0]
-        if found is None:
-            raise FileNotFoundError(f"no complete checkpoint at {path}, beside it or under it")
-        return Path(found)
 
 
 def _check_config(config: TrainConfig, layout: ParallelLayout) -> None:

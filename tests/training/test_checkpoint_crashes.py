@@ -226,3 +226,18 @@ def test_a_crash_of_rank_0_during_a_two_rank_save(train_models, reference, tmp_p
         victim.write_bytes(bytes(data))
         with pytest.raises(CheckpointError, match=victim.name):
             load_checkpoint(found, ctx=t.ctx, model=t.model, optimizer=t.optimizer)
+
+
+def test_the_ranks_share_the_checks_and_agree_to_fall_back(train_models, tmp_path):
+    """tp = 2 resume: rank r hashes files r, r + 2, ...; a flipped byte in a file only rank 1 checks
+    makes both ranks fall back to step 2 together."""
+    layout = ParallelLayout(tp=2)
+    with pytest.raises(Exception):
+        run_ranks(train_cases.crash_at_main, 2, args=(layout, train_models["llama"], str(tmp_path), "latest"))
+    newest = tmp_path / "step-00000003"
+    victim = newest / read_manifest(newest).files[1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 3] ^= 0x04
+    victim.write_bytes(bytes(data))
+    by_rank = run_ranks(train_cases.load_main, 2, args=(layout, train_models["llama"], str(tmp_path)))
+    assert by_rank == [(2, str(tmp_path / "step-00000002"))] * 2

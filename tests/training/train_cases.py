@@ -136,6 +136,12 @@ def crash_at_main(rank: int, world_size: int, layout: ParallelLayout, model_dir:
     t.save(root)
 
 
+def load_main(rank: int, world_size: int, layout: ParallelLayout, model_dir: str, root: str) -> tuple[int, str]:
+    """(step, checkpoint loaded) of a fresh trainer at `layout` resumed from `root`."""
+    t = trainer(layout, model_dir)
+    return t.load(root), str(t.checkpoint)
+
+
 def offload_main(rank: int, world_size: int, layout: ParallelLayout, model_dir: str, offload: float) -> list:
     """(loss, grad norm) of 5 steps with `offload` of the blocks' optimizer state on the host."""
     cfg = train_config().model_copy(update={"offload_optimizer": offload})
