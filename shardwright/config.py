@@ -357,6 +357,8 @@ class TrainConfig(StrictModel):
     schedule: Schedule = Field("1f1b", description="Pipeline schedule: '1f1b' or 'gpipe'.")
     precision: Precision = Field("float32", description="'bfloat16' runs forward under bf16 autocast.")
     checkpoint_every_steps: int | None = Field(None, gt=0, description="Save every N steps (controller).")
+    keep_checkpoints: int = Field(3, ge=1, le=10_000, description="Complete checkpoints kept in the job's "
+                                                                 "checkpoint directory; older ones are deleted.")
     peak_flops_per_s: float = Field(150e9, gt=0, allow_inf_nan=False,
                                     description="Peak FLOP/s of the whole gang (for MFU).")
     offload_optimizer: float = Field(

@@ -25,6 +25,10 @@ def test_run_train_tiny_json_contract(tmp_path):
     assert result["status"] == "succeeded" and result["steps"] == 50
     assert result["last_loss"] < result["first_loss"] - 1.0  # it learns (bytes: ~5.5 -> ~2.7)
     assert (Path(result["checkpoint"]) / "manifest.json").is_file()
+    # Saved at 25 and 50 (once each: 50 is both a multiple of 25 and the end), the last 2 kept.
+    root = Path(result["checkpoint"]).parent
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000025", "step-00000050"]
+    assert json.loads((root / "latest").read_text()) == {"checkpoint": "step-00000050", "step": 50}
     assert "step 50/50" in done.stderr  # the progress line
 
 

@@ -3,10 +3,12 @@
 It drives a gang of ShardWorkers, each holding one TrainerRank (shardwright.training): one
 dispatch per optimizer step; inside, the ranks run the pipeline schedule with TP and DP
 collectives worker to worker. Guarantees:
-- checkpoints are written by every rank atomically (shardwright.training.checkpoint); the
+- checkpoints are written by every rank, crash-safely (shardwright.training.checkpoint); the
   controller saves every `checkpoint_every_steps`, at the end of the run, and when asked to
-  stop for preemption (`checkpoint_and_stop`), and a run started with `resume_from` continues
-  bit-exactly from that checkpoint;
+  stop for preemption (`checkpoint_and_stop`), each step at most once, keeping the last
+  `keep_checkpoints`; a run started with `resume_from` continues bit-exactly from that
+  checkpoint, or from the newest complete one beside it when that one is missing or corrupt
+  (`progress()["checkpoint"]` names the one loaded);
 - a worker failure ends the run as 'failed' with a message naming the rank and node;
 - metrics of every step (loss, grad norm, lr, tokens/s, MFU, bubble) go to `on_metrics`.
 """
@@ -34,10 +36,13 @@ class TrainingRank(GroupMember):
         super().__init__(rank, layout, threads_per_worker=threads_per_worker)
         self.trainer = TrainerRank(TrainConfig.model_validate(train), layout)
 
-    def setup(self, source: dict, resume_from: str | None) -> int:
-        """Build context, model, optimizer and data; load `resume_from`; returns the step."""
+    def setup(self, source: dict, resume_from: str | None) -> tuple[int, str | None]:
+        """Build context, model, optimizer and data; load `resume_from`; (step, checkpoint loaded)."""
         self._phase("setup", self.trainer.start, ModelSource(**source), self.ctx.device)
-        return self._phase("load_checkpoint", self.trainer.load, resume_from) if resume_from else 0
+        if not resume_from:
+            return 0, None
+        step = self._phase("load_checkpoint", self.trainer.load, resume_from)
+        return step, str(self.trainer.checkpoint)
 
     def train_step(self) -> dict:
         return self.trainer.train_step()
@@ -61,6 +66,7 @@ class TrainingController:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._save_on_stop = False
+        self._saved_step: int | None = None  # the step of the last checkpoint saved or loaded
         self._lock = threading.Lock()
         self._state = {"state": "pending", "step": 0, "steps": self.config.steps, "loss": None,
                        "first_loss": None, "error": None, "checkpoint": None, "metrics": None}
@@ -78,7 +84,9 @@ class TrainingController:
             gang.kill()
             raise
         self._gang = gang
-        self._update(state="running", step=gang.phase_results["setup"][0], checkpoint=resume_from)
+        step, loaded = gang.phase_results["setup"][0]
+        self._saved_step = step if loaded else None
+        self._update(state="running", step=step, checkpoint=loaded)
         self._thread = threading.Thread(target=self._loop, name=f"train-{self.job.name}", daemon=True)
         self._thread.start()
         return self
@@ -136,7 +144,12 @@ class TrainingController:
         self._update(state="preempted" if self._stop.is_set() else "succeeded")
 
     def _save(self) -> None:
+        """Checkpoint the current step, unless it was just saved (or loaded)."""
+        step = self.progress()["step"]
+        if step == self._saved_step:
+            return
         path = self._call("save", str(self.checkpoint_dir))[0]
+        self._saved_step = step
         self._update(checkpoint=path)
 
     def _call(self, method: str, *args) -> list:

@@ -1,30 +1,35 @@
-"""Sharded training checkpoints: atomic, complete-or-absent, resumable bit-exactly.
+"""Sharded training checkpoints: complete-or-absent, verified, resumable bit-exactly.
 
     ROOT/step-00000010/model-tp00-pp01.safetensors   parameters of shard (tp 0, pp 1), local names
     ROOT/step-00000010/optim-tp00-pp01.safetensors   its AdamW state: exp_avg.*, exp_avg_sq.*, step.*
-    ROOT/step-00000010/manifest.json                 layout, model spec, step, data position, RNG
+    ROOT/step-00000010/manifest.json                 layout, model spec, step, data position, RNG,
+                                                     the sha256 of every shard file:
+        {"format_version": 2, "step": 10, "files": ["model-tp00-pp00.safetensors", ...],
+         "sha256": {"model-tp00-pp00.safetensors": "5f0c…", ...}, "layout": {...}, ...}
+    ROOT/latest                                      the last checkpoint published
 
 Writing (`save_checkpoint`, collective): every rank writes into ROOT/.partial-step-N/ (the DP
 rank 0 of each shard writes that shard: the DP replicas are identical), each file to a temporary
-name, fsync'd, then renamed. After all ranks are done (an all-gather of their RNG states doubles
-as the barrier), rank 0 writes the manifest the same way and renames the directory to
-ROOT/step-N. A checkpoint is therefore either absent or complete: a crash at any point leaves at
-worst a `.partial-*` directory, which `latest_checkpoint` ignores and the next save replaces.
-Ranks must see the same ROOT (one node, or a shared file system).
+name, fsync'd, hashed, then renamed. After all ranks are done (an all-gather of their RNG states
+and hashes doubles as the barrier), rank 0 writes the manifest the same way, renames the directory
+to ROOT/step-N, moves ROOT/latest to it and prunes all but the last `keep` checkpoints
+(training.checkpoint_root states what holds after a crash at any of these operations). A step
+whose complete checkpoint already exists is not written again.
 
-Loading (`load_checkpoint`) at the saved (tp, pp) reads the shard's own files (any dp): the
-continuation is bit-exact. At another (tp, pp) it reshards through the Hugging Face layout
-(`training.reshard`).
+Resuming (`resolve_checkpoint`): the named checkpoint if it verifies, else (missing, incomplete or
+corrupt) the newest complete one beside it; given a root, the newest complete one under it.
+
+Loading (`load_checkpoint`) checks the sha256 of every file it reads (an error names the file).
+At the saved (tp, pp) it reads the shard's own files (any dp): the continuation is bit-exact. At
+another (tp, pp) it reshards through the Hugging Face layout (`training.reshard`).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
+import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +40,16 @@ from safetensors.torch import load_file, save_file
 
 from shardwright.config import ModelSpec, ParallelLayout, StrictModel
 from shardwright.parallel.context import ParallelContext
+from shardwright.training import checkpoint_root as fs
+from shardwright.training.checkpoint_root import MANIFEST, CheckpointError, atomic_write, step_dir_name
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2  # 2: sha256 of every file in the manifest
+DEFAULT_KEEP = 3
+
+__all__ = ["CheckpointError", "Manifest", "choose_checkpoint", "latest_checkpoint", "load_checkpoint", "read_manifest",
+           "resolve_checkpoint", "save_checkpoint", "shard_files", "step_dir_name", "verify_checkpoint"]
 
 
 class RankState(StrictModel):
@@ -57,35 +69,16 @@ class Manifest(StrictModel):
     data: dict[str, int] = Field(description="Data loader position (PackedLoader.state_dict()).")
     tokenizer_dir: str | None = Field(None, description="Directory whose tokenizer.json the model uses.")
     files: list[str] = Field(description="Every shard file of the checkpoint.")
+    sha256: dict[str, str] = Field(default_factory=dict,
+                                   description="Hex sha256 of every file in `files` (format 2 on).")
     ranks: list[RankState] = Field(description="Per-rank RNG states, by rank.")
     created_unix_s: float = Field(description="When the manifest was written.")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
 
 
 def shard_files(tp_rank: int, pp_rank: int) -> tuple[str, str]:
     """(model file, optimizer file) names of shard (tp_rank, pp_rank)."""
     tag = f"tp{tp_rank:02d}-pp{pp_rank:02d}"
     return f"model-{tag}.safetensors", f"optim-{tag}.safetensors"
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` to a temporary name beside `path`, fsync it, rename it to `path`, fsync the dir."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    _fsync_path(tmp)
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -144,34 +137,60 @@ def _barrier(ctx: ParallelContext) -> None:
 
 def save_checkpoint(root: str | Path, *, ctx: ParallelContext, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, step: int, spec: ModelSpec,
-                    data_state: dict[str, int], tokenizer_dir: str | None = None) -> Path:
-    """Write ROOT/step-N atomically (collective over the world); returns its path on every rank."""
+                    data_state: dict[str, int], tokenizer_dir: str | None = None,
+                    keep: int = DEFAULT_KEEP) -> Path:
+    """Publish ROOT/step-N (collective over the world), keep the last `keep`; its path on every rank.
+
+    When a complete, verified ROOT/step-N exists already (a run resumed from an earlier
+    checkpoint reaches the same step with the same state), nothing is written but the pointer.
+    """
     root = Path(root)
     staging, final = root / f".partial-{step_dir_name(step)}", root / step_dir_name(step)
+    exists = _complete(final) if ctx.rank == 0 else None
+    if not _gather(ctx, exists)[0]:
+        _write_checkpoint(staging, ctx=ctx, model=model, optimizer=optimizer, step=step, spec=spec,
+                          data_state=data_state, tokenizer_dir=tokenizer_dir)
+        if ctx.rank == 0:
+            fs.publish(staging, final)
+    else:
+        log.info("checkpoint %s exists and verifies: step %d is not saved again", final, step)
     if ctx.rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)  # left by an earlier crash
-        staging.mkdir(parents=True)
-    _barrier(ctx)
-    if ctx.dp_rank == 0 and ctx.cp_rank == 0:
-        _write_shard(staging, ctx, model, optimizer)
-    ranks = _gather(ctx, RankState(rank=ctx.rank, rng=_rng_state()).model_dump())
-    if ctx.rank == 0:
-        files = [f for t in range(ctx.tp) for p in range(ctx.pp) for f in shard_files(t, p)]
-        manifest = Manifest(step=step, layout=ctx.layout, model=spec, data=data_state,
-                            tokenizer_dir=tokenizer_dir, files=files, ranks=ranks, created_unix_s=time.time())
-        write_manifest(staging, manifest)
-        _publish(staging, final)
+        fs.write_pointer(root, final, step)
+        fs.prune(root, keep, final)
     _barrier(ctx)
     return final
 
 
+def _write_checkpoint(staging: Path, *, ctx: ParallelContext, model: torch.nn.Module,
+                      optimizer: torch.optim.Optimizer, step: int, spec: ModelSpec,
+                      data_state: dict[str, int], tokenizer_dir: str | None) -> None:
+    """Every shard file, then (rank 0) the manifest, into `staging`."""
+    if ctx.rank == 0:
+        fs.remove_tree(staging)  # left by an earlier crash
+        staging.mkdir(parents=True)
+    _barrier(ctx)
+    hashes = _write_shard(staging, ctx, model, optimizer) if ctx.dp_rank == 0 and ctx.cp_rank == 0 else {}
+    gathered = _gather(ctx, (RankState(rank=ctx.rank, rng=_rng_state()).model_dump(), hashes))
+    if ctx.rank == 0:
+        files = [f for t in range(ctx.tp) for p in range(ctx.pp) for f in shard_files(t, p)]
+        sha256 = {name: digest for _, h in gathered for name, digest in h.items()}
+        manifest = Manifest(step=step, layout=ctx.layout, model=spec, data=data_state,
+                            tokenizer_dir=tokenizer_dir, files=files, sha256=sha256,
+                            ranks=[r for r, _ in gathered], created_unix_s=time.time())
+        write_manifest(staging, manifest)
+
+
 def _write_shard(directory: Path, ctx: ParallelContext, model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer) -> None:
+                 optimizer: torch.optim.Optimizer) -> dict[str, str]:
+    """This shard's model and optimizer files; their sha256 by file name."""
     model_file, optim_file = shard_files(ctx.tp_rank, ctx.pp_rank)
     params = {n: p.detach().contiguous() for n, p in model.named_parameters()}
-    atomic_write(directory / model_file, lambda tmp: save_file(params, str(tmp)))
     state = optimizer_tensors(model, optimizer)
-    atomic_write(directory / optim_file, lambda tmp: save_file(state, str(tmp)))
+    hashes = {}
+    for name, tensors in ((model_file, params), (optim_file, state)):
+        atomic_write(directory / name, lambda tmp, t=tensors: save_file(t, str(tmp)))
+        hashes[name] = fs.sha256_file(directory / name)
+    return hashes
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
@@ -179,54 +198,104 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
     atomic_write(directory / MANIFEST, lambda tmp: tmp.write_text(text))
 
 
-def _publish(staging: Path, final: Path) -> None:
-    """Rename the finished staging directory to its final name (replacing an older copy)."""
-    if final.exists():
-        old = final.with_name(f".old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, final)
-    _fsync_path(final.parent)
-
-
 def read_manifest(checkpoint: str | Path) -> Manifest:
     """The manifest of a complete checkpoint directory."""
     path = Path(checkpoint) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {checkpoint} is not a complete checkpoint "
-                                "(use latest_checkpoint(root) to find the newest complete one)")
-    return Manifest.model_validate(json.loads(path.read_text()))
+        raise CheckpointError(f"{path} is missing: {checkpoint} is not a complete checkpoint "
+                              "(resolve_checkpoint(root) finds the newest complete one)")
+    try:
+        return Manifest.model_validate(json.loads(path.read_text()))
+    except ValueError as err:
+        raise CheckpointError(f"{path} is corrupt ({type(err).__name__}): {checkpoint} cannot be loaded; "
+                              "resolve_checkpoint(root) finds the newest complete one") from err
+
+
+def verify_checkpoint(checkpoint: str | Path, files: list[str] | None = None) -> Manifest:
+    """The manifest, once every file (or those of `files`) matches its sha256; else CheckpointError."""
+    checkpoint = Path(checkpoint)
+    manifest = read_manifest(checkpoint)
+    names = manifest.files if files is None else files
+    # format 1 recorded no hashes: its files are only checked to be there
+    fs.verify_files(checkpoint, manifest.sha256 if manifest.format_version >= 2 else None, names)
+    return manifest
+
+
+def _complete(checkpoint: Path) -> bool:
+    try:
+        verify_checkpoint(checkpoint)
+        return True
+    except (OSError, CheckpointError):
+        return False
+
+
+def resolve_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint to resume from: `path` itself when it is a checkpoint that verifies; else, for
+    a missing, incomplete or corrupt checkpoint or for a root, the newest complete one by step in
+    its root (None when there is none). Fallbacks are logged.
+    """
+    return fs.resolve(Path(path), verify_checkpoint)
+
+
+def choose_checkpoint(path: str | Path, *, ctx: ParallelContext) -> Path | None:
+    """`resolve_checkpoint` as a collective: every rank gets the same answer, and the hashing is shared
+    (rank r checks files r, r + world_size, ... of a candidate, so each file is read once). A
+    candidate that fails on any rank is logged (naming the file) and the next one is tried.
+    """
+    rejected: set[Path] = set()
+    while True:
+        candidate = fs.resolve(Path(path), lambda d: _intact(d, rejected)) if ctx.rank == 0 else None
+        candidate = _gather(ctx, candidate)[0]
+        if candidate is None:
+            return None
+        try:
+            files = read_manifest(candidate).files
+            verify_checkpoint(candidate, files[ctx.rank::ctx.world_size])
+            error = None
+        except (OSError, CheckpointError) as err:
+            error = str(err)
+        errors = [e for e in _gather(ctx, error) if e]
+        if not errors:
+            return candidate
+        log.warning("checkpoint %s cannot be used (%s); trying the next newest", candidate, "; ".join(errors))
+        rejected.add(candidate)
+
+
+def _intact(checkpoint: Path, rejected: set[Path]) -> None:
+    """A cheap completeness check (manifest, every file present); CheckpointError if not, or if rejected."""
+    if checkpoint in rejected:
+        raise CheckpointError(f"{checkpoint} failed its sha256 check")
+    manifest = read_manifest(checkpoint)
+    fs.verify_files(checkpoint, None, manifest.files)
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The complete checkpoint under `root` with the highest step (None when there is none)."""
-    best: tuple[int, Path] | None = None
-    for d in Path(root).glob("step-*"):
-        try:
-            manifest = read_manifest(d)
-        except (OSError, ValueError):
-            continue
-        if all((d / f).is_file() for f in manifest.files) and (best is None or manifest.step > best[0]):
-            best = (manifest.step, d)
-    return best[1] if best else None
+    """The newest complete (verified) checkpoint under `root`; None when there is none."""
+    return fs.from_root(Path(root), verify_checkpoint)
 
 
 def load_checkpoint(checkpoint: str | Path, *, ctx: ParallelContext, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer) -> Manifest:
-    """Fill `model` and `optimizer` from `checkpoint` (at any layout); returns its manifest."""
+                    optimizer: torch.optim.Optimizer, verify: bool = True) -> Manifest:
+    """Fill `model` and `optimizer` from `checkpoint` (at any layout); returns its manifest.
+
+    Every file read is first checked against the manifest's sha256 (CheckpointError names it);
+    `verify=False` skips that for a checkpoint `choose_checkpoint` has just verified.
+    """
+    checkpoint = Path(checkpoint)
     manifest = read_manifest(checkpoint)
     if (manifest.layout.tp, manifest.layout.pp) != (ctx.tp, ctx.pp):
         from shardwright.training.reshard import load_resharded
 
-        load_resharded(Path(checkpoint), manifest, model=model, optimizer=optimizer)
+        if verify:
+            verify_checkpoint(checkpoint)  # resharding reads every shard
+        load_resharded(checkpoint, manifest, model=model, optimizer=optimizer)
         return manifest
     model_file, optim_file = shard_files(ctx.tp_rank, ctx.pp_rank)
-    params = load_file(str(Path(checkpoint) / model_file))
+    if verify:
+        verify_checkpoint(checkpoint, [model_file, optim_file])
+    params = load_file(str(checkpoint / model_file))
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(params[name])
-    load_optimizer_tensors(model, optimizer, load_file(str(Path(checkpoint) / optim_file)))
+    load_optimizer_tensors(model, optimizer, load_file(str(checkpoint / optim_file)))
     return manifest

@@ -31,7 +31,7 @@ from shardwright.parallel.attention.plan import make_shard_plan
 from shardwright.parallel.context import ParallelContext
 from shardwright.parallel.loss import IGNORE_INDEX, vocab_parallel_cross_entropy
 from shardwright.parallel.pipeline import MicroBatch, PipelineSchedule, PipelineStats
-from shardwright.training.checkpoint import (latest_checkpoint, load_checkpoint, read_manifest, restore_rng,
+from shardwright.training.checkpoint import (choose_checkpoint, load_checkpoint, read_manifest, restore_rng,
                                              save_checkpoint)
 from shardwright.training.data import PackedLoader, build_loader
 from shardwright.training.grad_sync import DataParallelGrads, TiedEmbeddings
@@ -61,6 +61,7 @@ class TrainerRank:
         self.params: list[torch.nn.Parameter] = []
         self.owned: OwnedRows = []
         self.step = 0
+        self.checkpoint: Path | None = None  # the checkpoint loaded (after load)
 
     def _phase(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -214,26 +215,28 @@ class TrainerRank:
                 "bubble_measured": bubble, "bubble_formula": stats.bubble_formula}
 
     def save(self, root: str | Path) -> Path:
-        """Checkpoint ROOT/step-N (collective, atomic); returns its path."""
+        """Checkpoint ROOT/step-N (collective, crash-safe), keep the last K; returns its path."""
         return save_checkpoint(root, ctx=self.ctx, model=self.model, optimizer=self.optimizer,
                                step=self.step, spec=self.spec, data_state=self.data.state_dict(),
-                               tokenizer_dir=self.tokenizer_dir)
+                               tokenizer_dir=self.tokenizer_dir, keep=self.config.keep_checkpoints)
 
     def load(self, checkpoint: str | Path) -> int:
-        """Continue from a checkpoint directory, or the latest complete one under a root; the step."""
-        path = Path(checkpoint)
-        if not (path / "manifest.json").is_file():
-            found = latest_checkpoint(path)
-            if found is None:
-                raise FileNotFoundError(f"no complete checkpoint in {path} (nor under it)")
-            path = found
+        """Continue from a checkpoint directory, or the latest complete one under a root; the step.
+
+        A named checkpoint that is missing, incomplete or corrupt falls back to the newest complete
+        one beside it (`choose_checkpoint`: the ranks share the sha256 checks and agree).
+        `self.checkpoint` is the one loaded.
+        """
+        path = choose_checkpoint(checkpoint, ctx=self.ctx)
+        if path is None:
+            raise FileNotFoundError(f"no complete checkpoint at {checkpoint}, beside it or under it")
         _check_same_model(read_manifest(path).model, self.spec, path)
-        manifest = load_checkpoint(path, ctx=self.ctx, model=self.model, optimizer=self.optimizer)
+        manifest = load_checkpoint(path, ctx=self.ctx, model=self.model, optimizer=self.optimizer, verify=False)
         if isinstance(self.optimizer, OffloadedAdamW):
             self.optimizer.sync_host_params()
         self.data.load_state_dict(manifest.data)
         restore_rng(manifest, self.ctx.rank)
-        self.step = manifest.step
+        self.step, self.checkpoint = manifest.step, path
         return self.step
 
 

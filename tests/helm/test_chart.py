@@ -20,7 +20,8 @@ from chart_render import CASES, CHART, NAMESPACE, RELEASE, Rendered
 SERVER_SVC = f"{RELEASE}-shardwright"
 REDIS = f"{RELEASE}-shardwright-redis"
 # Secrets that the ci/ examples reference but the chart does not create (made by the operator).
-EXISTING_SECRETS = {"tls": {"shardwright-server-tls", "shardwright-client-ca", "shardwright-tokens"}}
+EXISTING_SECRETS = {"tls": {"shardwright-server-tls", "shardwright-client-ca", "shardwright-tokens"},
+                    "external-redis": {"shardwright-server-tls"}}
 
 
 def head_pod(r: Rendered) -> dict[str, Any]:
@@ -60,7 +61,8 @@ def test_one_resource_per_template(renders, case):
 
 def test_default_renders_cluster_server_redis_and_test_pod(renders):
     r = renders["default"]
-    assert sorted(d["kind"] for d in r.docs) == ["Pod", "RayCluster", "Service", "Service", "StatefulSet"]
+    assert sorted(d["kind"] for d in r.docs) == ["NetworkPolicy"] * 3 + [
+        "PersistentVolumeClaim", "Pod", "RayCluster", "Secret", "Service", "Service", "StatefulSet"]
     rc = r.one("RayCluster")
     assert rc["apiVersion"] == "ray.io/v1" and rc["spec"]["rayVersion"] == "2.60.0"
     # KubeRay runs `ray start` in the first container; the server must come second.
@@ -87,7 +89,8 @@ def test_server_command_args_and_probes_by_default(renders):
         assert srv[probe]["grpc"] == {"port": 50052}, probe
     assert (srv["startupProbe"]["failureThreshold"], srv["livenessProbe"]["periodSeconds"]) == (60, 20)
     assert env(srv)["RAY_ADDRESS"]["value"] == "127.0.0.1:6379"
-    assert {m["mountPath"] for m in srv["volumeMounts"]} == {"/tmp/ray"}  # shared with ray-head
+    # /tmp/ray is shared with ray-head; /tmp because the root filesystem is read-only.
+    assert {m["mountPath"] for m in srv["volumeMounts"]} == {"/tmp", "/tmp/ray", "/var/lib/shardwright"}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -155,9 +158,15 @@ def test_redis_url_reaches_the_store(renders, case):
     assert sts["spec"]["selector"]["matchLabels"].items() <= pod_labels
     (redis,) = sts["spec"]["template"]["spec"]["containers"]
     assert "ping" in " ".join(redis["readinessProbe"]["exec"]["command"])
-    if parsed.password:
-        assert redis["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
-        assert secret_value(r, env(redis)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]) == parsed.password
+    # The bundled Redis always has a password (given or generated); it reads it from a config file
+    # of the Secret, so that it appears in no process's arguments.
+    assert parsed.password and len(parsed.password) >= 16
+    assert redis["args"][0] == "/etc/redis/redis.conf" and "--requirepass" not in redis["args"]
+    (mount,) = [m for m in redis["volumeMounts"] if m["mountPath"] == "/etc/redis"]
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    conf = secret_value(r, {"name": volumes[mount["name"]]["secret"]["secretName"], "key": "redis.conf"})
+    assert conf == f"requirepass {parsed.password}\n"
+    assert secret_value(r, env(redis)["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"]) == parsed.password
 
 
 def test_bundled_redis_keeps_its_data_on_a_claim(renders):
@@ -168,7 +177,7 @@ def test_bundled_redis_keeps_its_data_on_a_claim(renders):
         assert claim["spec"].get("storageClassName") == storage_class
         (redis,) = sts["spec"]["template"]["spec"]["containers"]
         assert {"name": "data", "mountPath": "/data"} in redis["volumeMounts"]
-        assert redis["args"][:4] == ["--dir", "/data", "--appendonly", "yes"]
+        assert redis["args"][1:] == ["--dir", "/data", "--appendonly", "yes", "--appendfsync", "always"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -192,10 +201,10 @@ def test_every_file_the_server_is_given_is_mounted(renders, case):
 
 
 @pytest.mark.parametrize(("case", "expected"), [
-    ("default", set()),
-    ("gpu", set()),
-    ("external-redis", {"SHARDWRIGHT_TOKENS_FILE"}),
-    ("tls", {"SHARDWRIGHT_TOKENS_FILE", "SHARDWRIGHT_TLS_CERT", "SHARDWRIGHT_TLS_KEY", "SHARDWRIGHT_TLS_CLIENT_CA"}),
+    ("default", {"SHARDWRIGHT_STATE_DIR"}),
+    ("gpu", {"SHARDWRIGHT_STATE_DIR"}),
+    ("external-redis", {"SHARDWRIGHT_STATE_DIR", "SHARDWRIGHT_TOKENS_FILE", "SHARDWRIGHT_TLS_CERT", "SHARDWRIGHT_TLS_KEY"}),
+    ("tls", {"SHARDWRIGHT_STATE_DIR", "SHARDWRIGHT_TOKENS_FILE", "SHARDWRIGHT_TLS_CERT", "SHARDWRIGHT_TLS_KEY", "SHARDWRIGHT_TLS_CLIENT_CA"}),
 ])
 def test_auth_and_tls_settings_reach_the_server(renders, case, expected):
     names = set(env(server(renders[case]))) - {"RAY_ADDRESS", "SHARDWRIGHT_REDIS_URL"}
@@ -205,7 +214,7 @@ def test_auth_and_tls_settings_reach_the_server(renders, case, expected):
 def test_gpu_values_make_two_gpu_groups_on_their_nodes(renders):
     rc = renders["gpu"].one("RayCluster")
     assert rc["spec"]["enableInTreeAutoscaling"] is True
-    assert rc["spec"]["headGroupSpec"]["rayStartParams"] == {"dashboard-host": "0.0.0.0", "num-cpus": "0"}
+    assert rc["spec"]["headGroupSpec"]["rayStartParams"] == {"dashboard-host": "127.0.0.1", "num-cpus": "0"}
     groups = {g["groupName"]: g for g in rc["spec"]["workerGroupSpecs"]}
     assert list(groups) == ["h100x8", "l4x1"]
     h100, l4 = groups["h100x8"], groups["l4x1"]
@@ -244,7 +253,7 @@ def test_tls_from_values_creates_the_secrets(helm):
     assert secrets == {f"{RELEASE}-shardwright-tls", f"{RELEASE}-shardwright-client-ca"}
 
 
-@pytest.mark.parametrize(("case", "port"), [("default", 50052), ("external-redis", 50051), ("tls", 50052)])
+@pytest.mark.parametrize(("case", "port"), [("default", 50052), ("external-redis", 50052), ("tls", 50052)])
 def test_helm_test_hook_calls_the_health_check(renders, case, port):
     r = renders[case]
     pod = r.one("Pod", f"{RELEASE}-shardwright-test-health")

@@ -12,7 +12,9 @@ import pytest
 from chart_render import CASES
 from kube_openapi import error_messages, load_crd_schema, strict_validator, to_json_schema
 
-CRD_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "schemas" / "kuberay"
+# The project's shared/ folder beside the checkout (a worktree sits one level deeper, /work/wt/NAME).
+CRD_DIR = next((d for d in (p / "shared" / "schemas" / "kuberay" for p in Path(__file__).resolve().parents[2].parents)
+                if d.is_dir()), Path(__file__).resolve().parents[2].parent / "shared" / "schemas" / "kuberay")
 CRD_FILE = CRD_DIR / "ray.io_rayclusters.yaml"
 
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed (pip install jsonschema)")

@@ -114,6 +114,34 @@ def crash_main(rank: int, world_size: int, layout: ParallelLayout, model_dir: st
     t.save(root)
 
 
+def crash_at_main(rank: int, world_size: int, layout: ParallelLayout, model_dir: str, root: str,
+                  target: str) -> None:
+    """Checkpoint steps 1 and 2 (keep 2), then die (os._exit) in rank 0 right after the step-3 save
+    renames something onto the name `target` (manifest.json, step-00000003, latest)."""
+    import shardwright.training.checkpoint_root as fs
+
+    t = trainer(layout, model_dir)
+    t.config = t.config.model_copy(update={"keep_checkpoints": 2})
+    run_steps(t, 2, Path(root), save_at=(1, 2))
+    run_steps(t, 1)
+    if rank == 0:
+        real = fs.rename
+
+        def rename_then_die(src, dst):
+            real(src, dst)
+            if Path(dst).name == target:
+                os._exit(17)
+
+        fs.rename = rename_then_die
+    t.save(root)
+
+
+def load_main(rank: int, world_size: int, layout: ParallelLayout, model_dir: str, root: str) -> tuple[int, str]:
+    """(step, checkpoint loaded) of a fresh trainer at `layout` resumed from `root`."""
+    t = trainer(layout, model_dir)
+    return t.load(root), str(t.checkpoint)
+
+
 def offload_main(rank: int, world_size: int, layout: ParallelLayout, model_dir: str, offload: float) -> list:
     """(loss, grad norm) of 5 steps with `offload` of the blocks' optimizer state on the host."""
     cfg = train_config().model_copy(update={"offload_optimizer": offload})

@@ -132,22 +132,40 @@ server refuses unauthenticated calls from other hosts (reach it with kubectl por
 {{- end }}
 
 {{/*
-Redis. The chart creates a Secret for the URL whenever the URL carries a password: a bundled Redis
-with redis.bundled.password, or an external URL with user info (an "@") and no existingSecret.
+Redis. The chart creates a Secret for the URL whenever the URL carries a password: always for the
+bundled Redis (its password is given or generated), and for an external URL with user info (an "@")
+and no existingSecret.
 */}}
 {{- define "shardwright.redisSecretNeeded" -}}
-{{- if eq .Values.redis.mode "bundled" }}
-{{- if .Values.redis.bundled.password }}true{{ end }}
+{{- if eq .Values.redis.mode "bundled" }}true
 {{- else if and (not .Values.redis.external.existingSecret.name) (contains "@" .Values.redis.external.url) }}true
 {{- end }}
 {{- end }}
 
-{{- define "shardwright.redisUrl" -}}
-{{- if eq .Values.redis.mode "bundled" }}
-{{- $auth := ternary (printf ":%s@" .Values.redis.bundled.password) "" (ne .Values.redis.bundled.password "") }}
-{{- printf "redis://%s%s:6379/0" $auth (include "shardwright.redisName" .) }}
+{{/*
+The bundled Redis's password: redis.bundled.password, else the one in the release's Secret (so that
+an upgrade keeps it), else 32 random characters. Only redis-secret.yaml calls it: everything else
+reads the Secret.
+*/}}
+{{- define "shardwright.redisPassword" -}}
+{{- if .Values.redis.bundled.password }}
+{{- .Values.redis.bundled.password }}
 {{- else }}
-{{- .Values.redis.external.url }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "shardwright.redisName" .) }}
+{{- if and $existing $existing.data (hasKey $existing.data "password") }}
+{{- index $existing.data "password" | b64dec }}
+{{- else }}
+{{- randAlphaNum 32 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The server's Redis URL. Takes (dict "root" $ "password" PASSWORD) for the bundled Redis. */}}
+{{- define "shardwright.redisUrl" -}}
+{{- if eq .root.Values.redis.mode "bundled" }}
+{{- printf "redis://:%s@%s:6379/0" .password (include "shardwright.redisName" .root) }}
+{{- else }}
+{{- .root.Values.redis.external.url }}
 {{- end }}
 {{- end }}
 
@@ -165,7 +183,7 @@ with redis.bundled.password, or an external URL with user info (an "@") and no e
       name: {{ include "shardwright.redisName" . }}
       key: url
 {{- else }}
-  value: {{ include "shardwright.redisUrl" . | quote }}
+  value: {{ .Values.redis.external.url | quote }}
 {{- end }}
 {{- end }}
 
@@ -200,6 +218,12 @@ grpc:
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) (or (not .Values.tls.cert) (not .Values.tls.key)) }}
 {{- fail "tls.enabled=true needs tls.existingSecret (a kubernetes.io/tls Secret) or both tls.cert and tls.key (PEM)" }}
 {{- end }}
+{{- if and .Values.auth.enabled (not .Values.tls.enabled) (not .Values.insecure) }}
+{{- fail "auth.enabled=true without tls.enabled=true would send bearer tokens in cleartext: enable TLS (tls.existingSecret, or tls.cert and tls.key), or set insecure=true to accept that" }}
+{{- end }}
+{{- if and .Values.state.persistence.enabled (not .Values.state.persistence.existingClaim) (not (has "ReadWriteMany" .Values.state.persistence.accessModes)) }}
+{{- fail "state.persistence.accessModes must include ReadWriteMany: the head and every worker mount the state volume (or give state.persistence.existingClaim)" }}
+{{- end }}
 {{- if and .Values.tls.clientCA.enabled (not .Values.tls.enabled) }}
 {{- fail "tls.clientCA.enabled=true (mutual TLS) needs tls.enabled=true as well" }}
 {{- end }}
@@ -212,4 +236,69 @@ grpc:
 {{- if and (not .Values.auth.enabled) (not (include "shardwright.separateHealthPort" .)) }}
 {{- fail (printf "auth.enabled=false with server.healthPort=%v equal to server.port: without auth the gRPC port listens on 127.0.0.1 only, so the kubelet's probes need a health port of their own; set server.healthPort to another port (or null for port + 1), or enable auth" .Values.server.healthPort) }}
 {{- end }}
+{{- end }}
+
+{{/* The pod securityContext of the pods that run the Shardwright image. */}}
+{{- define "shardwright.podSecurityContext" -}}
+securityContext:
+  {{- toYaml .Values.securityContext.pod | nindent 2 }}
+{{- end }}
+
+{{/*
+A container's securityContext: securityContext.container plus readOnlyRootFilesystem. Takes
+(dict "root" $ "readOnly" BOOL).
+*/}}
+{{- define "shardwright.containerSecurityContext" -}}
+{{- $context := deepCopy .root.Values.securityContext.container -}}
+{{- $_ := set $context "readOnlyRootFilesystem" .readOnly -}}
+securityContext:
+  {{- toYaml $context | nindent 2 }}
+{{- end }}
+
+{{/* The state volume's claim: state.persistence.existingClaim, else the chart's. */}}
+{{- define "shardwright.stateClaimName" -}}
+{{- .Values.state.persistence.existingClaim | default (printf "%s-state" (include "shardwright.fullname" .)) }}
+{{- end }}
+
+{{/* The volumes every Shardwright pod mounts: the state directory and, when given, the model weights. */}}
+{{- define "shardwright.sharedVolumes" -}}
+- name: state
+  {{- if .Values.state.persistence.enabled }}
+  persistentVolumeClaim:
+    claimName: {{ include "shardwright.stateClaimName" . }}
+  {{- else }}
+  emptyDir: {}
+  {{- end }}
+{{- with .Values.models.volume }}
+- name: models
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Their mounts, in every container that runs Shardwright or Ray. */}}
+{{- define "shardwright.sharedMounts" -}}
+- name: state
+  mountPath: {{ .Values.state.mountPath }}
+{{- if .Values.models.volume }}
+- name: models
+  mountPath: {{ .Values.models.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* SHARDWRIGHT_STATE_DIR, in every container that runs Shardwright or Ray. */}}
+{{- define "shardwright.stateEnv" -}}
+- name: SHARDWRIGHT_STATE_DIR
+  value: {{ .Values.state.mountPath | quote }}
+{{- end }}
+
+{{/* A NetworkPolicy peer: this release's Ray pods (head and workers). */}}
+{{- define "shardwright.rayPodsPeer" -}}
+- podSelector:
+    matchLabels:
+      {{- include "shardwright.selectorLabels" . | nindent 6 }}
+    matchExpressions:
+      - key: app.kubernetes.io/component
+        operator: In
+        values: [ray-head, ray-worker]
 {{- end }}

@@ -11,19 +11,39 @@ needs and its own probes.
 name: {{ .name }}
 image: {{ include "shardwright.image" (dict "image" .root.Values.image "root" .root) | quote }}
 imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+{{- include "shardwright.containerSecurityContext" (dict "root" .root "readOnly" .root.Values.securityContext.rayReadOnlyRootFilesystem) | nindent 0 }}
 resources:
   {{- toYaml .resources | nindent 2 }}
-{{- with .group.env }}
 env:
+  {{- include "shardwright.stateEnv" .root | nindent 2 }}
+  {{- with .group.env }}
   {{- toYaml . | nindent 2 }}
-{{- end }}
+  {{- end }}
 volumeMounts:
   - name: dshm
     mountPath: /dev/shm
+  {{- if .root.Values.securityContext.rayReadOnlyRootFilesystem }}
+  - name: tmp
+    mountPath: /tmp
+  {{- end }}
   {{- if eq .name "ray-head" }}
   - name: ray-tmp
     mountPath: /tmp/ray
   {{- end }}
+  {{- include "shardwright.sharedMounts" .root | nindent 2 }}
+{{- end }}
+
+{{/*
+A worker pod's volumes: /dev/shm, the shared state and model volumes, /tmp with a read-only root.
+Takes (dict "root" $ "group" VALUES).
+*/}}
+{{- define "shardwright.workerVolumes" -}}
+{{ include "shardwright.shmVolume" .group }}
+{{ include "shardwright.sharedVolumes" .root }}
+{{- if .root.Values.securityContext.rayReadOnlyRootFilesystem }}
+- name: tmp
+  emptyDir: {}
+{{- end }}
 {{- end }}
 
 {{/* The memory-backed /dev/shm volume for Ray's object store. Takes the group's values. */}}

@@ -1,7 +1,8 @@
 {{/*
 The Shardwright gRPC server container, second in the Ray head pod (KubeRay requires Ray's own
 container first). It shares /tmp/ray with the Ray head container so that it can join the cluster as
-a driver on the head node (RAY_ADDRESS points at the head's GCS on localhost).
+a driver on the head node (RAY_ADDRESS points at the head's GCS on localhost). Its root filesystem
+is read-only: it writes only to /tmp, /tmp/ray and the state directory.
 */}}
 {{- define "shardwright.serverContainer" -}}
 {{- $port := .Values.server.port | int }}
@@ -23,6 +24,9 @@ args:
   - --health-host
   - 0.0.0.0
   {{- end }}
+  {{- if and .Values.insecure .Values.auth.enabled (not .Values.tls.enabled) }}
+  - --insecure
+  {{- end }}
   {{- range .Values.server.extraArgs }}
   - {{ . | quote }}
   {{- end }}
@@ -35,7 +39,9 @@ ports:
     containerPort: {{ $healthPort }}
     protocol: TCP
   {{- end }}
+{{- include "shardwright.containerSecurityContext" (dict "root" . "readOnly" true) | nindent 0 }}
 env:
+  {{- include "shardwright.stateEnv" . | nindent 2 }}
   - name: RAY_ADDRESS
     value: {{ printf "127.0.0.1:%s" (include "shardwright.rayGcsPort" .) | quote }}
   {{- include "shardwright.redisUrlEnv" . | nindent 2 }}
@@ -65,8 +71,11 @@ readinessProbe:
 livenessProbe:
   {{- include "shardwright.grpcProbe" (set (deepCopy $probe) "probe" .Values.server.probes.liveness) | nindent 2 }}
 volumeMounts:
+  - name: tmp
+    mountPath: /tmp
   - name: ray-tmp
     mountPath: /tmp/ray
+  {{- include "shardwright.sharedMounts" . | nindent 2 }}
   {{- if .Values.auth.enabled }}
   - name: auth-tokens
     mountPath: /etc/shardwright/auth
@@ -84,8 +93,10 @@ volumeMounts:
   {{- end }}
 {{- end }}
 
-{{/* The head pod's volumes for the server: the shared /tmp/ray and the secrets it mounts. */}}
+{{/* The head pod's volumes for the server: /tmp, the shared /tmp/ray and the secrets it mounts. */}}
 {{- define "shardwright.serverVolumes" -}}
+- name: tmp
+  emptyDir: {}
 - name: ray-tmp
   emptyDir: {}
 {{- if .Values.auth.enabled }}
