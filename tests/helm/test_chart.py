@@ -125,7 +125,8 @@ def test_probes_call_grpc_health_on_a_plaintext_port(renders, case):
 @pytest.mark.parametrize("case", CASES)
 def test_the_real_serve_command_accepts_the_rendered_arguments(renders, case):
     """The rendered args parse with `shardwright serve`'s own parser and pass its listen check
-    (it refuses to start on a non-loopback host without tokens)."""
+    (it refuses to start on a non-loopback host without tokens, or with tokens but without TLS
+    unless --insecure)."""
     from shardwright.api.cli import build_parser
     from shardwright.api.server import check_listen
 
@@ -133,7 +134,8 @@ def test_the_real_serve_command_accepts_the_rendered_arguments(renders, case):
     assert srv["command"][0] == "shardwright"
     args = build_parser().parse_args([*srv["command"][1:], *srv["args"]])
     assert args.func.__name__ == "cmd_serve" and args.port == 50051
-    check_listen(args.host, authenticated="SHARDWRIGHT_TOKENS_FILE" in env(srv))
+    check_listen(args.host, authenticated="SHARDWRIGHT_TOKENS_FILE" in env(srv),
+                 tls="SHARDWRIGHT_TLS_CERT" in env(srv), insecure=args.insecure)
     if args.health_port is not None:
         assert args.health_host == "0.0.0.0" and args.health_port != args.port
 
