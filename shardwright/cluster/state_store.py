@@ -193,6 +193,13 @@ class StateStore:
                                   f"another Shardwright under namespace {self.ns!r}?")
         return time.perf_counter() - start
 
+    def store_id(self) -> str:
+        """A random id of this store (namespace of this Redis database), made on first use: it tells
+        the Ray actors of this store's jobs from those of another store on the same Ray cluster."""
+        key = self._key("store_id")
+        self.client.set(key, uuid.uuid4().hex[:12], nx=True)
+        return self.client.get(key)
+
     def _key(self, *parts: str) -> str:
         return ":".join((self.ns, *parts))
 
