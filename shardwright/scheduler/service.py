@@ -265,6 +265,7 @@ class SchedulerService:
             time.sleep(0.1)
         self._recover()
         self._needs_recovery = False
+        self.store.supervise()  # restart the embedded Redis if it dies
         for target in (self._heartbeat, self._loop):
             thread = threading.Thread(target=target, name=f"shardwright-scheduler{target.__name__}", daemon=True)
             thread.start()
