@@ -104,7 +104,8 @@ class DeploymentActor:
     @ray.method(concurrency_group=CONTROL)
     def progress(self) -> dict:
         health = self.engine.health(probe=False)
-        return {"state": "running", "step": int(health["steps"]), "error": health["last_error"],
+        return {"state": "failed" if health["failed"] else "running", "step": int(health["steps"]),
+                "error": health["failed"] or health["last_error"],
                 "checkpoint": None, "loss": None, "healthy": bool(health["healthy"])}
 
     @ray.method(concurrency_group=CONTROL)

@@ -232,8 +232,19 @@ class SchedulerService:
                     from shardwright.actors.controllers import DeploymentClient
 
                     return DeploymentClient(record.job_id, actor, str(record.spec["model"]))
-        raise LookupError(f"tenant {tenant!r} has no running inference deployment named {name!r}; "
-                          "see `shardwright status` for its jobs and their states")
+        failed = self._last_failure(tenant, name)
+        raise LookupError(f"tenant {tenant!r} has no running inference deployment named {name!r}"
+                          + (f" (job {failed.job_id} failed: {failed.message})" if failed else "")
+                          + "; see `shardwright status` for its jobs and their states")
+
+    def _last_failure(self, tenant: str, name: str) -> JobRecord | None:
+        """The tenant's most recent failed deployment named `name`, if any."""
+        found, token = None, None
+        while True:
+            records, token = self.store.list_jobs(tenant, 200, token, S.FAILED.value, "inference")
+            found = next((r for r in reversed(records) if r.name == name), found)
+            if not token:
+                return found
 
     def runner(self, job_id: str) -> JobRunner | None:
         """The runner of a job this scheduler is running, if any."""

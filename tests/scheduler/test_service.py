@@ -363,3 +363,25 @@ def test_inference_preempts_training_which_resumes_from_its_checkpoint(make_serv
     seen = states(service, train_id)
     transitions = [s for i, s in enumerate(seen) if i == 0 or s != seen[i - 1]]
     assert transitions[:6] == ["submitted", "queued", "placed", "running", "preempting", "preempted"]
+
+
+def test_a_deployment_whose_rebuild_cannot_succeed_fails_naming_the_cause(make_service, model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "doomed-model"
+    shutil.copytree(model_dir, copy)
+    service = make_service()
+    job = service.submit(deployment("doomed", copy, tp=2), "t1")["job_id"]
+    wait_state(service, job, "running")
+    pids = service.runner(job).worker_pids()
+    for weights in copy.glob("*.safetensors"):
+        weights.unlink()  # a rebuild cannot load the shards any more
+    killed_at = time.monotonic()
+    os.kill(pids[1], signal.SIGKILL)  # a worker of this test's own gang
+    failed = wait_state(service, job, "failed", timeout_s=60)
+    assert time.monotonic() - killed_at < 60  # the bound
+    assert "rank 1" in failed["message"] and "rebuild 4/4 failed" in failed["message"], failed["message"]
+    with pytest.raises(LookupError, match=r"doomed.*failed: .*rebuild 4/4 failed"):
+        service.engine("t1", "doomed")
+    eventually(lambda: find_controller(controller_name(service.store_id, job)) is None,
+               "the failed deployment's controller actor is still alive")
