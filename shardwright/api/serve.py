@@ -39,7 +39,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             health_host=args.health_host, grace_s=args.grace_s,
                             max_message_bytes=int(args.max_request_mib * MIB), settings=settings)
     connect(settings)
-    service = SchedulerService(settings, SchedulerConfig(policy=args.policy)).start()
+    # Several servers may share one store: one holds the scheduler lease, the others serve and
+    # stand by to take it over (adopting the running jobs) when it stops renewing it.
+    service = SchedulerService(settings, SchedulerConfig(policy=args.policy)).start(standby=True)
     try:
         server = ShardwrightServer(service, options)
         port = server.start()

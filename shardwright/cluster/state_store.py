@@ -462,6 +462,20 @@ class StateStore:
                     break
                 left_ms = int((deadline - time.monotonic()) * 1000)
 
+    def feed_position(self) -> str:
+        """The id of the latest entry of the event feed (every job write adds one), to follow from."""
+        last = self.client.xrevrange(self._key("feed"), count=1)
+        return last[0][0] if last else "0-0"
+
+    def feed_after(self, position: str, block_ms: int = 1000) -> tuple[list[str], str]:
+        """Ids of the jobs written after feed entry `position` (waiting up to block_ms for one), and
+        the position to follow from next."""
+        reply = self.client.xread({self._key("feed"): position}, block=min(block_ms, MAX_BLOCK_MS))
+        if not reply:
+            return [], position
+        entries = reply[0][1]
+        return [fields["job_id"] for _, fields in entries if "job_id" in fields], entries[-1][0]
+
     # ---- the scheduler's lease ----------------------------------------------------------------
     def acquire_lease(self, owner: str, ttl_s: float) -> str | None:
         """Take or renew the scheduler lease for `owner`; returns None if taken, else the holder."""

@@ -108,6 +108,11 @@ class SchedulerService:
         # (tenant, name) -> the job id of a deployment this scheduler runs: generation finds its
         # controller here, without a Redis read (kept current as jobs start, are adopted and end).
         self._deployments: dict[tuple[str, str], str] = {}
+        # (tenant, name) -> job id of every running deployment of the store (any scheduler's), kept
+        # current from the event feed by the follower thread; their clients by job id.
+        self._routes: dict[tuple[str, str], str] = {}
+        self._clients: dict[str, Any] = {}
+        self._following = threading.Event()
         self._store_down = threading.Event()
         self._needs_recovery = True
         self._progress_event_at: dict[str, float] = {}
@@ -220,22 +225,67 @@ class SchedulerService:
         client = runner.client() if isinstance(runner, ControllerRunner) else None
         if client is not None:
             return client
+        if self._following.is_set():  # the routes follow the job events: no Redis read per request
+            job_id = self._routes.get((tenant, name))
+            client = self._client_of(job_id) if job_id else None
+            if client is not None:
+                return client
+        else:  # not started (an API-only object): look it up in the store
+            try:
+                records = self.store.get_jobs(self.store.active_ids())
+            except redis.RedisError as err:
+                raise RuntimeError(f"deployment {name!r} is not run by this server and the state store is "
+                                   f"unreachable ({err}); retry shortly") from err
+            for record in records:
+                if (record.tenant, record.name, record.state, record.kind) == (tenant, name, S.RUNNING, "inference"):
+                    client = self._client_of(record.job_id, str(record.spec["model"]))
+                    if client is not None:
+                        return client
         try:
-            records = self.store.get_jobs(self.store.active_ids())
-        except redis.RedisError as err:
-            raise RuntimeError(f"deployment {name!r} is not run by this server and the state store is "
-                               f"unreachable ({err}); retry shortly") from err
-        for record in records:
-            if (record.tenant, record.name, record.state, record.kind) == (tenant, name, S.RUNNING, "inference"):
-                actor = find_controller(controller_name(self.store_id, record.job_id))
-                if actor is not None:
-                    from shardwright.actors.controllers import DeploymentClient
-
-                    return DeploymentClient(record.job_id, actor, str(record.spec["model"]))
-        failed = self._last_failure(tenant, name)
+            failed = self._last_failure(tenant, name)
+        except redis.RedisError:
+            failed = None
         raise LookupError(f"tenant {tenant!r} has no running inference deployment named {name!r}"
                           + (f" (job {failed.job_id} failed: {failed.message})" if failed else "")
                           + "; see `shardwright status` for its jobs and their states")
+
+    def _client_of(self, job_id: str, model_dir: str | None = None):
+        """A DeploymentClient of the job's controller actor (cached), or None if it is gone."""
+        from shardwright.actors.controllers import DeploymentClient
+
+        client = self._clients.get(job_id)
+        if client is None:
+            actor = find_controller(controller_name(self.store_id, job_id))
+            if actor is None:
+                return None
+            if model_dir is None:
+                model_dir = str(self.store.get_job(job_id).spec["model"])
+            client = self._clients[job_id] = DeploymentClient(job_id, actor, model_dir)
+        return client
+
+    def _follow(self) -> None:
+        """Keep `_routes` current from the event feed (every replica runs this, leader or not)."""
+        position = None
+        while not self._stopping.is_set():
+            try:
+                if position is None:  # position first, then the snapshot: no change is missed
+                    position = self.store.feed_position()
+                    self._routes = {(r.tenant, r.name): r.job_id for r in self.store.get_jobs(self.store.active_ids())
+                                    if r.kind == "inference" and r.state == S.RUNNING}
+                    self._following.set()
+                job_ids, position = self.store.feed_after(position)
+                for record in self.store.get_jobs(set(job_ids)):
+                    key = (record.tenant, record.name)
+                    if record.kind != "inference":
+                        continue
+                    if record.state == S.RUNNING:
+                        self._routes[key] = record.job_id
+                    elif self._routes.get(key) == record.job_id:
+                        del self._routes[key]
+                        self._clients.pop(record.job_id, None)
+            except Exception as err:  # Redis down: the routes stay as they are (serving goes on)
+                log.debug("following job events paused: %s", err)
+                self._stopping.wait(0.5)
 
     def _last_failure(self, tenant: str, name: str) -> JobRecord | None:
         """The tenant's most recent failed deployment named `name`, if any."""
@@ -264,20 +314,27 @@ class SchedulerService:
         return record
 
     # ---- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> SchedulerService:
+    def start(self, standby: bool = False) -> SchedulerService:
         """Take the lease (waiting up to 2 x lease_ttl_s for a dead scheduler's to expire), adopt the
         running controllers a previous scheduler left (requeue the jobs whose controller is gone),
-        and start the loop."""
-        deadline = time.monotonic() + 2 * self.config.lease_ttl_s
+        and start the loop. With `standby`, a lease held by another scheduler is no error: this one
+        serves (its deployments are found from the job events) and takes the lease over, adopting
+        the jobs, once the holder stops renewing it."""
+        deadline = time.monotonic() + (0 if standby else 2 * self.config.lease_ttl_s)
         while (holder := self.store.acquire_lease(self.owner, self.config.lease_ttl_s)) is not None:
+            if standby:
+                log.warning("scheduler %s holds the lease: this one stands by", holder)
+                self._lease_lost.set()
+                break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"scheduler {holder} holds the lease of namespace {self.config.namespace!r}; "
                                    "stop it first, or give this one another SchedulerConfig.namespace")
             time.sleep(0.1)
-        self._recover()
-        self._needs_recovery = False
+        if not self._lease_lost.is_set():
+            self._recover()
+        self._needs_recovery = self._lease_lost.is_set()
         self.store.supervise()  # restart the embedded Redis if it dies
-        for target in (self._heartbeat, self._loop):
+        for target in (self._heartbeat, self._loop, self._follow):
             thread = threading.Thread(target=target, name=f"shardwright-scheduler{target.__name__}", daemon=True)
             thread.start()
             self._threads.append(thread)

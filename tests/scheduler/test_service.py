@@ -385,3 +385,24 @@ def test_a_deployment_whose_rebuild_cannot_succeed_fails_naming_the_cause(make_s
         service.engine("t1", "doomed")
     eventually(lambda: find_controller(controller_name(service.store_id, job)) is None,
                "the failed deployment's controller actor is still alive")
+
+
+def test_a_standby_scheduler_serves_from_job_events_and_takes_over_adopting_the_jobs(make_service, model_dir,
+                                                                                     tmp_path):
+    leader = make_service(state_dir=tmp_path / "shared")
+    job = leader.submit(deployment("shared", model_dir, tp=2), "t1")["job_id"]
+    wait_state(leader, job, "running")
+    standby = make_service(state_dir=tmp_path / "shared", start=False).start(standby=True)
+    assert standby._lease_lost.is_set()  # it serves, but does not schedule
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    eventually(lambda: ("t1", "shared") in standby._routes, "the standby did not learn the deployment from events")
+    via_standby = standby.engine("t1", "shared").generate([[1, 2, 3]], params, timeout_s=60)[0].token_ids
+    assert via_standby == leader.engine("t1", "shared").generate([[1, 2, 3]], params, timeout_s=60)[0].token_ids
+    pids = leader.runner(job).worker_pids()
+    leader.stop(keep_jobs=True)  # the leader goes (releasing its lease); its jobs stay
+    eventually(lambda: standby.runner(job) is not None, "the standby did not take the lease over", timeout_s=20)
+    assert standby.runner(job).worker_pids() == pids and standby.get(job)["state"] == "running"
+    assert Counter(states(standby, job))["placed"] == 1  # adopted, not restarted
+    later = standby.submit(deployment("later", model_dir), "t1")["job_id"]  # the new leader schedules
+    wait_state(standby, later, "running")
+    assert standby.engine("t1", "shared").generate([[1, 2, 3]], params, timeout_s=60)[0].token_ids == via_standby
