@@ -121,6 +121,10 @@ class TransitionError(ValueError):
     """A state change the job's current state does not allow (the message says which)."""
 
 
+class LeaseLostError(RuntimeError):
+    """A fenced write by a scheduler that no longer holds the lease (nothing was written)."""
+
+
 def open_client(settings: Settings) -> redis.Redis:
     """A client of `settings.redis_url`, or of the embedded server in `settings.state_dir`."""
     if settings.redis_url:
@@ -323,34 +327,44 @@ class StateStore:
         return [JobRecord.model_validate({k: json.loads(v) for k, v in raw.items()}) for raw in raws if raw]
 
     def transition(self, job_id: str, state: JobState, message: str, *, fields: dict[str, Any] | None = None,
-                   metrics: dict[str, float] | None = None, expect: Iterable[JobState] | None = None) -> JobRecord:
+                   metrics: dict[str, float] | None = None, expect: Iterable[JobState] | None = None,
+                   fence: str | None = None) -> JobRecord:
         """Move the job to `state` with one event, atomically; raises TransitionError if its current
-        state may not move there (or is not in `expect`), LookupError if there is no such job."""
+        state may not move there (or is not in `expect`), LookupError if there is no such job. With
+        `fence` (a scheduler's lease owner), the write commits only while that owner holds the lease
+        (checked in the same transaction), else raises LeaseLostError."""
         expected = None if expect is None else frozenset(expect)
 
         def check(record: JobRecord) -> None:
             if state not in ALLOWED[record.state] or (expected is not None and record.state not in expected):
                 raise TransitionError(f"job {job_id} is {record.state.value}; it cannot become {state.value} "
                                       f"({message})")
-        return self._update(job_id, check, state, message, fields or {}, metrics or {})
+        return self._update(job_id, check, state, message, fields or {}, metrics or {}, fence)
 
     def annotate(self, job_id: str, message: str | None, *, fields: dict[str, Any] | None = None,
-                 metrics: dict[str, float] | None = None, expect: Iterable[JobState] | None = None) -> JobRecord:
-        """Update fields (progress, cancel request) keeping the state; with `message`, also log an event."""
+                 metrics: dict[str, float] | None = None, expect: Iterable[JobState] | None = None,
+                 fence: str | None = None) -> JobRecord:
+        """Update fields (progress, cancel request) keeping the state; with `message`, also log an
+        event. `fence` as in `transition`."""
         expected = None if expect is None else frozenset(expect)
 
         def check(record: JobRecord) -> None:
             if expected is not None and record.state not in expected:
                 raise TransitionError(f"job {job_id} is {record.state.value}; not updating it ({message})")
-        return self._update(job_id, check, None, message, fields or {}, metrics or {})
+        return self._update(job_id, check, None, message, fields or {}, metrics or {}, fence)
 
     def _update(self, job_id: str, check: Callable[[JobRecord], None], state: JobState | None,
-                message: str | None, fields: dict[str, Any], metrics: dict[str, float]) -> JobRecord:
-        key = self._key("job", job_id)
+                message: str | None, fields: dict[str, Any], metrics: dict[str, float],
+                fence: str | None = None) -> JobRecord:
+        key, lease = self._key("job", job_id), self._key("lease")
         with self.client.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    pipe.watch(key, *([lease] if fence else []))
+                    if fence is not None and (holder := pipe.get(lease)) != fence:
+                        pipe.reset()
+                        raise LeaseLostError(f"not writing job {job_id}: the scheduler lease is held by "
+                                             f"{holder or 'no one'}, not {fence}")
                     raw = pipe.hgetall(key)
                     if not raw:
                         raise LookupError(f"job {job_id} does not exist")

@@ -57,7 +57,7 @@ from shardwright.actors.controllers import controller_name, controller_names, fi
 from shardwright.cluster import inventory
 from shardwright.cluster.ray_connect import connect
 from shardwright.cluster.state_store import HOLDING, TERMINAL, WAITING, JobRecord, JobState, StateStore
-from shardwright.cluster.state_store import TransitionError
+from shardwright.cluster.state_store import LeaseLostError, TransitionError
 from shardwright.config import InferenceDeployment, JobSpec, ModelSpec, Settings, StrictModel, TrainingJob, parse_job
 from shardwright.scheduler.model import ClusterInventory, GangShape, Job, PriorityClass, RunningJob
 from shardwright.scheduler.placement import Placement
@@ -387,13 +387,17 @@ class SchedulerService:
                     self._finish_preemption(record, "the preemption began before the scheduler restarted")
                 continue
             if record.cancel_requested:
-                self.store.transition(record.job_id, S.CANCELLED, "cancelled (requested before the scheduler "
+                self._transition(record.job_id, S.CANCELLED, "cancelled (requested before the scheduler "
                                       "restarted; its controller had ended)", fields=_released(record))
                 continue
             resume = f"resumes from checkpoint {record.checkpoint}" if record.checkpoint else "starts over"
-            self.store.transition(record.job_id, S.QUEUED, f"requeued: the scheduler restarted and this job's "
+            self._transition(record.job_id, S.QUEUED, f"requeued: the scheduler restarted and this job's "
                                   f"controller actor was gone; {resume}",
                                   fields={**_released(record), "queued_since_s": time.time()})
+
+    def _transition(self, job_id: str, state: JobState, message: str, **options) -> JobRecord:
+        """A job transition by the scheduler loop: fenced, so it fails once another holds the lease."""
+        return self.store.transition(job_id, state, message, fence=self.owner, **options)
 
     def _controller_name(self, job_id: str) -> str:
         return controller_name(self.store_id, job_id)
@@ -455,6 +459,9 @@ class SchedulerService:
                         self._recover()
                         self._needs_recovery = False
                     self.reconcile_once()
+                except LeaseLostError as err:  # fenced out: another scheduler acts now
+                    log.error("%s; this scheduler stops acting", err)
+                    self._lease_lost.set()
                 except Exception:  # Redis or Ray hiccup: log it and try again next pass
                     log.exception("scheduler pass failed; retrying in %.1f s", self.config.reconcile_interval_s)
             self._wake.wait(self.config.reconcile_interval_s)
@@ -492,7 +499,7 @@ class SchedulerService:
                 self._release(job_id)
             elif record.cancel_requested:
                 self._release(job_id)
-                self.store.transition(job_id, S.CANCELLED, f"cancelled by tenant {record.tenant}",
+                self._transition(job_id, S.CANCELLED, f"cancelled by tenant {record.tenant}",
                                       fields=_released(record))
             else:
                 self._observe(record, runner.progress())
@@ -507,7 +514,7 @@ class SchedulerService:
         if progress["state"] in ("succeeded", "failed"):
             outcome = S(progress["state"])
             message = f"{outcome.value} at step {step}" + (f": {progress['error']}" if progress["error"] else "")
-            self.store.transition(record.job_id, outcome, message, fields={**fields, **_released(record)},
+            self._transition(record.job_id, outcome, message, fields={**fields, **_released(record)},
                                   metrics=metrics)
             self._release(record.job_id)  # after the outcome is stored: a crash now cannot re-run it
         elif (step, checkpoint) != (record.step, record.checkpoint):
@@ -521,7 +528,7 @@ class SchedulerService:
             self._progress_event_at[job_id] = now
         try:
             self.store.annotate(job_id, f"step {fields['step']}" if due else None, fields=fields,
-                                metrics=metrics, expect=HOLDING)
+                                metrics=metrics, expect=HOLDING, fence=self.owner)
         except TransitionError:
             pass  # it left HOLDING meanwhile; the next pass handles it
 
@@ -529,7 +536,7 @@ class SchedulerService:
         record, nodes = self.store.get_job(job_id), placement.rank_nodes
         where = ", ".join(f"{count} on {node[:12]}" for node, count in placement.node_gpus)
         try:
-            record = self.store.transition(job_id, S.PLACED, f"placed: {where}", expect=WAITING,
+            record = self._transition(job_id, S.PLACED, f"placed: {where}", expect=WAITING,
                                            fields={"placement": list(nodes), "started_at_s": time.time(),
                                                    "attempts": record.attempts + 1})
         except TransitionError:  # cancelled since the queue was read
@@ -541,17 +548,17 @@ class SchedulerService:
             runner.start(record.checkpoint)
         except Exception as err:
             _stop_quietly(runner)
-            self.store.transition(job_id, S.FAILED, f"could not start: {err}", fields=_released(record))
+            self._transition(job_id, S.FAILED, f"could not start: {err}", fields=_released(record))
             return
         self._runners[job_id] = runner
         self._register(record)
         step = runner.progress()["step"]
         resumed = f"; resumed from checkpoint {record.checkpoint} at step {step}" if record.checkpoint else ""
-        self.store.transition(job_id, S.RUNNING, f"running{resumed}", fields={"step": step},
+        self._transition(job_id, S.RUNNING, f"running{resumed}", fields={"step": step},
                               metrics={"step": float(step)}, expect=[S.PLACED])
 
     def _preempt(self, job_id: str, reason: str) -> None:
-        record = self.store.transition(job_id, S.PREEMPTING, f"preempting: {reason}", expect=[S.RUNNING])
+        record = self._transition(job_id, S.PREEMPTING, f"preempting: {reason}", expect=[S.RUNNING])
         self._finish_preemption(record)
 
     def _finish_preemption(self, record: JobRecord, note: str = "") -> None:
@@ -570,10 +577,10 @@ class SchedulerService:
         where = f"checkpoint {checkpoint} at step {step}" if checkpoint else "no checkpoint"
         fields = {**_released(record), "checkpoint": checkpoint, "step": step, "queued_since_s": time.time()}
         if self.store.get_job(job_id).cancel_requested:  # asked while we preempted: honour the cancel
-            self.store.transition(job_id, S.CANCELLED, f"cancelled by tenant {record.tenant} ({where})",
+            self._transition(job_id, S.CANCELLED, f"cancelled by tenant {record.tenant} ({where})",
                                   fields=fields, metrics={"step": float(step)})
             return
-        self.store.transition(job_id, S.PREEMPTED, f"preempted; requeued with {where}{note}",
+        self._transition(job_id, S.PREEMPTED, f"preempted; requeued with {where}{note}",
                               fields=fields, metrics={"step": float(step)})
 
     def _unregister(self, job_id: str) -> None:

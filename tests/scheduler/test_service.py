@@ -406,3 +406,25 @@ def test_a_standby_scheduler_serves_from_job_events_and_takes_over_adopting_the_
     later = standby.submit(deployment("later", model_dir), "t1")["job_id"]  # the new leader schedules
     wait_state(standby, later, "running")
     assert standby.engine("t1", "shared").generate([[1, 2, 3]], params, timeout_s=60)[0].token_ids == via_standby
+
+
+def test_a_scheduler_whose_lease_was_taken_cannot_write_and_stops_acting(make_service, model_dir):
+    from shardwright.cluster.state_store import LeaseLostError
+
+    service = make_service()
+    running = service.submit(deployment("kept", model_dir), "t1")["job_id"]
+    wait_state(service, running, "running")
+    pids = service.runner(running).worker_pids()
+    lease = service.store._key("lease")
+    service.store.client.set(lease, "intruder", px=60_000)  # another replica took the lease
+    with pytest.raises(LeaseLostError, match="held by intruder"):  # checked in the write's own transaction
+        service.store.annotate(running, "step 1", fields={"step": 1}, fence=service.owner)
+    eventually(lambda: service._lease_lost.is_set(), "the scheduler did not notice that it lost the lease")
+    waiting = service.submit(deployment("waiting", model_dir), "t1")["job_id"]  # the API still takes jobs
+    time.sleep(2 * FAST["reconcile_interval_s"] + FAST["lease_ttl_s"] / 3)
+    assert service.get(waiting)["state"] == "queued"  # no scheduling by a fenced-out scheduler
+    assert find_controller(controller_name(service.store_id, waiting)) is None
+    assert worker_pids(service, running) == pids  # and it stopped nothing: the holder adopts the jobs
+    service.store.client.delete(lease)  # the other replica is gone: this one takes the lease back
+    wait_state(service, waiting, "running")
+    assert service.runner(running).worker_pids() == pids and Counter(states(service, running))["placed"] == 1
