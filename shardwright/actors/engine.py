@@ -34,6 +34,7 @@ from shardwright.actors.requests import RequestOutput, RequestStream
 from shardwright.actors.sampling import SamplingParams
 from shardwright.actors.shard_runner import StepMessage
 from shardwright.config import DType, ModelSpec, ParallelLayout, PoolOptions, StrictModel
+from shardwright.models.checkpoint import CheckpointReader
 from shardwright.models.tokenizer import load_tokenizer
 from shardwright.pool.planner import HOST, Holder, RankNeed, plan_pool
 from shardwright.pool.sizing import shard_sizes
@@ -134,6 +135,7 @@ class InferenceEngine:
 
     def _build(self) -> None:
         c = self.config
+        CheckpointReader(c.model_dir).close()  # a checkpoint gone fails here, before any worker starts
         gang = WorkerGang(GangConfig(layout=c.layout, collective_timeout_s=c.collective_timeout_s,
                                      threads_per_worker=c.threads_per_worker, bundle_nodes=c.bundle_nodes,
                                      peers=c.pool.peers),
@@ -443,7 +445,7 @@ class InferenceEngine:
                 self._last_error = f"{err}; rebuild {attempt + 1}/{attempts} failed: {rebuild_err}"
                 log.error("rebuild %d/%d failed: %s", attempt + 1, attempts, rebuild_err)
             with self._lock:  # back off, unless shut down meanwhile
-                if self._lock.wait_for(lambda: self._stop, timeout=min(2.0 ** attempt, 8.0)):
+                if attempt + 1 < attempts and self._lock.wait_for(lambda: self._stop, timeout=min(2.0 ** attempt, 8.0)):
                     return
         self.failed = self._last_error
         self._fail_all(f"the deployment failed: {self.failed}")
