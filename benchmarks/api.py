@@ -5,8 +5,9 @@ Run: `shardwright bench api [--quick] [--json]` from a source checkout.
 One process starts a local Ray cluster, the live scheduler (embedded Redis in a temporary state
 directory) and the gRPC server on a free localhost port, and deploys a tiny Llama (tp = 1).
 - generate_stream: N requests of 16 greedy tokens, one at a time, through
-  InferenceService.GenerateStream (client -> server -> engine) beside the same requests submitted
-  to the same InferenceEngine in-process; time to first token and total latency, and the ratio.
+  InferenceService.GenerateStream (client -> server -> the deployment's controller actor) beside
+  the same requests submitted to the same controller actor from this process (its DeploymentClient,
+  a Ray streaming generator); time to first token and total latency, and the ratio.
 - submit: M training jobs that cannot start (each asks for more GPUs than are free) submitted
   through JobService.SubmitJob beside the same submissions to the scheduler service in-process;
   both persist every job and its events in Redis before returning. Submissions per second.

@@ -7,7 +7,10 @@ Guarantees:
   tokens share a step; batches are packed without padding tokens.
 - With pp = P, up to P plans are in flight (the scheduler never puts a sequence in two plans).
 - A worker failure fails the requests it affected with an error naming rank and node, marks the
-  engine unhealthy, and the engine rebuilds the gang (reloading shards) without a restart.
+  engine unhealthy, and the engine rebuilds the gang (reloading shards) without a restart, trying
+  up to `rebuild_attempts` times with backoff; meanwhile requests are refused naming the cause.
+  When every attempt fails the engine is `failed` (health says why), its loop ends and every
+  request is refused with the cause: no request is accepted that can never finish.
 - Admission refuses what can never fit (clear error) and queues what does not fit yet.
 """
 
@@ -32,11 +35,13 @@ from shardwright.actors.requests import RequestOutput, RequestStream
 from shardwright.actors.sampling import SamplingParams
 from shardwright.actors.shard_runner import StepMessage
 from shardwright.config import DType, ModelSpec, ParallelLayout, PoolOptions, StrictModel
+from shardwright.models.checkpoint import CheckpointReader
 from shardwright.models.tokenizer import load_tokenizer
 from shardwright.pool.planner import HOST, Holder, RankNeed, plan_pool
 from shardwright.pool.sizing import shard_sizes
 
 log = logging.getLogger(__name__)
+LIVENESS_INTERVAL_S = 2.0  # how often an idle engine checks that its workers live
 
 
 class EngineConfig(StrictModel):
@@ -68,6 +73,8 @@ class EngineConfig(StrictModel):
                                "sometimes left the step blocked past 30 s.)")
     bundle_nodes: tuple[str, ...] | None = Field(
         None, description="Ray node id per rank from the scheduler's placement; None lets Ray pack the gang.")
+    rebuild_attempts: int = Field(4, ge=1, description="Gang rebuilds tried after a worker dies before the "
+                                                       "deployment is failed (backoff 1, 2, 4, ... s between).")
     pool: PoolOptions = Field(default_factory=PoolOptions, description="Memory budget and peer pooling.")
 
 
@@ -110,6 +117,7 @@ class InferenceEngine:
         self._stop = False
         self._healthy = False
         self._last_error: str | None = None
+        self.failed: str | None = None  # why the engine gave up (every rebuild failed)
         self._gang: WorkerGang | None = None
         self.pool_plan = None
         self._scheduler: StepScheduler | None = None
@@ -133,6 +141,7 @@ class InferenceEngine:
 
     def _build(self) -> None:
         c = self.config
+        CheckpointReader(c.model_dir).close()  # a checkpoint gone fails here, before any worker starts
         gang = WorkerGang(GangConfig(layout=c.layout, collective_timeout_s=c.collective_timeout_s,
                                      threads_per_worker=c.threads_per_worker, bundle_nodes=c.bundle_nodes,
                                      peers=c.pool.peers),
@@ -239,6 +248,10 @@ class InferenceEngine:
         with self._lock:
             if self._stop:
                 raise RuntimeError("the engine is shut down")
+            if self.failed is not None:
+                raise RuntimeError(f"the deployment failed: {self.failed}")
+            if not self._healthy and self._thread is not None:
+                raise RuntimeError(f"the deployment is rebuilding its gang after: {self._last_error}; retry shortly")
             self._scheduler.check(request)  # raises ValueError for what can never run
             self._streams[request_id] = stream
             self._incoming.append(request)
@@ -286,7 +299,8 @@ class InferenceEngine:
     # ---- health ----------------------------------------------------------------------------
     def health(self, probe: bool = True) -> dict:
         """Engine state; with probe=True, a real all-reduce through the gang."""
-        status = {"healthy": self._healthy, "last_error": self._last_error, "steps": self.steps,
+        status = {"healthy": self._healthy, "last_error": self._last_error, "failed": self.failed,
+                  "steps": self.steps,
                   "layout": self.config.layout.model_dump(),
                   "dispatch": self._gang.dispatch_mode if self._gang is not None else None}
         if probe and self._healthy and self._gang is not None:
@@ -319,14 +333,23 @@ class InferenceEngine:
     # ---- the control loop ------------------------------------------------------------------
     def _loop(self) -> None:
         inflight: deque = deque()
+        checked_at = time.monotonic()
         while True:
+            idle_check = False
             with self._lock:
                 while not self._stop and not inflight and not self._has_work():
+                    if time.monotonic() - checked_at >= LIVENESS_INTERVAL_S:
+                        idle_check = True
+                        break
                     self._lock.wait(timeout=1.0)
                 if self._stop:
                     return
                 self._drain_inbox()
             try:
+                if idle_check:  # an idle gang is checked too: a dead worker is found without a request
+                    checked_at = time.monotonic()
+                    self._gang.check_alive()
+                    continue
                 if self._calls and not inflight:
                     self._run_calls()
                 if not self._calls:
@@ -335,6 +358,8 @@ class InferenceEngine:
                     self._finish_oldest(inflight)
             except GangError as err:
                 self._on_gang_failure(err, inflight)
+                if self.failed is not None:
+                    return
 
     def _has_work(self) -> bool:
         return bool(self._incoming or self._cancelled or self._calls or self._scheduler.has_unfinished())
@@ -421,13 +446,20 @@ class InferenceEngine:
         self._fail_all(f"request failed: {err}")
         if self._gang is not None:
             self._gang.kill()
-        try:
-            self._build()
-            log.info("engine rebuilt after: %s", err)
-        except Exception as rebuild_err:  # stays unhealthy; requests are refused with the reason
-            self._last_error = f"{err}; rebuild failed: {rebuild_err}"
-            log.error("rebuild failed: %s", rebuild_err)
-            time.sleep(1.0)
+        attempts = self.config.rebuild_attempts
+        for attempt in range(attempts):
+            try:
+                self._build()
+                log.info("engine rebuilt after: %s", err)
+                return
+            except Exception as rebuild_err:  # stays unhealthy; requests are refused with the reason
+                self._last_error = f"{err}; rebuild {attempt + 1}/{attempts} failed: {rebuild_err}"
+                log.error("rebuild %d/%d failed: %s", attempt + 1, attempts, rebuild_err)
+            with self._lock:  # back off, unless shut down meanwhile
+                if attempt + 1 < attempts and self._lock.wait_for(lambda: self._stop, timeout=min(2.0 ** attempt, 8.0)):
+                    return
+        self.failed = self._last_error
+        self._fail_all(f"the deployment failed: {self.failed}")
 
     def _fail_all(self, message: str) -> None:
         with self._lock:

@@ -252,6 +252,10 @@ class WorkerGang:
                 pending.remove(rank)
         return results
 
+    def check_alive(self, timeout_s: float = 5.0) -> None:
+        """Raise GangError naming the first worker that died (a busy one counts as alive)."""
+        self._raise_dead_worker(GangError("liveness check"), timeout_s)
+
     def _raise_dead_worker(self, cause: Exception, timeout_s: float = 5.0) -> None:
         """Raise GangError for the first worker that no longer answers, if any."""
         probes = [w.where.remote() for w in self.workers]

@@ -84,6 +84,26 @@ class RequestStream:
             raise RequestFailed(self._error)
         return self.output
 
+    @property
+    def error(self) -> str | None:
+        """Why the request failed, once it has (None while it runs or when it finished well)."""
+        return self._error if self._done.is_set() else None
+
+    def take(self, timeout_s: float | None = None) -> tuple[list[tuple[int | None, str]], bool]:
+        """Every (token id or None, text delta) ready now, waiting up to `timeout_s` for the first,
+        and whether the request is done (all its events taken). For relaying a stream in batches."""
+        items: list = []
+        try:
+            item = self._queue.get(timeout=timeout_s)
+            while True:
+                if item is _DONE:
+                    self._queue.put(_DONE)  # later readers see the end too
+                    return items, True
+                items.append(item)
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            return items, False
+
     def events(self, timeout_s: float | None = None):
         """(token id or None, text delta) pairs as they are produced; raises RequestFailed.
 

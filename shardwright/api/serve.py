@@ -2,7 +2,9 @@
 
 Prints one JSON line `{"address": "HOST:PORT", ...}` once it is serving (so scripts and tests
 can wait for it), then serves until SIGTERM/SIGINT, which drains calls for up to --grace-s
-seconds and checkpoints running training jobs back into the queue.
+seconds. Each job's controller runs in a detached Ray actor: on a Ray cluster joined by address the
+jobs keep running after the server ends and the next `serve` adopts them; with the local Ray this
+process starts, running training jobs are checkpointed back into the queue.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from shardwright.config import Settings
 
 
 def _health_watch(server, service, stop: threading.Event, interval_s: float = 5.0) -> None:
-    """Keep the standard health status true: NOT_SERVING while Redis or the loop is down."""
+    """Keep the standard health status true: NOT_SERVING while Redis or the loop is down (a replica
+    whose lease another holds still serves)."""
     while not stop.wait(interval_s):
         try:
-            status = service.health()
-            ok = status["loop_running"] and not status["lease_lost"]
+            ok = service.health()["loop_running"]
         except Exception:  # a failed Redis round trip is exactly what this reports
             ok = False
         server.set_serving(ok)
@@ -45,7 +47,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_listen(args.host, authenticated=settings.tokens_file is not None,
                  tls=settings.tls_cert is not None or settings.tls_key is not None, insecure=args.insecure)
     connect(settings)
-    service = SchedulerService(settings, SchedulerConfig(policy=args.policy)).start()
+    # Several servers may share one store: one holds the scheduler lease, the others serve and
+    # stand by to take it over (adopting the running jobs) when it stops renewing it.
+    service = SchedulerService(settings, SchedulerConfig(policy=args.policy)).start(standby=True)
     try:
         server = ShardwrightServer(service, options)
         port = server.start()
@@ -71,7 +75,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       **({"http_address": f"{args.host}:{http.port}"} if http else {}),
                       **({"metrics_address": f"{args.host}:{metrics_port}"} if metrics_port else {})}), flush=True)
     server.wait()
-    service.close()
+    # On a Ray cluster of its own (joined by address), the jobs' controller actors outlive this
+    # server and the next `serve` adopts them; a Ray started in this process ends with it, so its
+    # jobs are checkpointed back into the queue instead.
+    service.close(keep_jobs=bool(settings.ray_address))
     return 0
 
 

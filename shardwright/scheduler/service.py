@@ -15,14 +15,21 @@ Guarantees:
   cancelled or finished job returns it unchanged; `reconcile_once` acts only on stored state, so
   running it again after a crash repeats nothing that was recorded as done.
 - One acting scheduler per store: the loop holds a lease in Redis (renewed every `lease_ttl_s`/3); a
-  second scheduler waits for it, so a crashed scheduler is replaced within `lease_ttl_s`.
-- Restart: runners (and so the jobs' Ray workers) belong to the scheduler's process and die with it.
-  A new scheduler rebuilds its queue from Redis: queued and preempted jobs stay queued in their
-  order; jobs that were placed/running/preempting are requeued (`queued`, with a message) and
-  training resumes from its last recorded checkpoint; jobs whose cancel was requested become
-  `cancelled`. No job is lost and none is duplicated (ids and queue membership live in Redis only).
-  Run one scheduler per process: a scheduler object dropped inside a live process leaves its gangs
-  running, and the next one would not know them (their GPUs stay unavailable to it, never shared).
+  second scheduler waits for it, so a crashed scheduler is replaced within `lease_ttl_s`. Only a
+  lease that another scheduler holds stops this one's actions, and then it stops no job: the holder
+  adopts them. While Redis is unreachable the loop pauses and every job keeps running (generation
+  needs no Redis); when Redis answers again the lease is renewed and scheduling resumes.
+- Controllers outlive the scheduler: each job's controller runs in a detached Ray actor named by the
+  store's id and the job id (runners.py), which owns the gang. A scheduler that starts reconciles
+  Redis with the live actors: a placed job is requeued (its start may have been cut short); a running
+  or preempting job whose controller actor answers is adopted as it is (same workers, no reload, no
+  checkpoint restore); one whose actor is gone is requeued (`queued`, with a message) and training
+  resumes from its last recorded checkpoint; jobs whose cancel was requested are stopped and become
+  `cancelled`. Queued and preempted jobs stay queued in their order. No job is lost and none is
+  duplicated (ids and queue membership live in Redis only).
+- No orphans: every pass stops the controller actors of this store that run no job of this
+  scheduler (a job missing from Redis, finished, or requeued), and with them their gangs and
+  placement groups.
 
 Checkpoints of training jobs go to `<state_dir>/checkpoints/<job id>/`; on a multi-node cluster that
 directory must be shared storage, since a job may resume on other nodes.
@@ -43,16 +50,20 @@ from typing import Any, Literal
 
 from pydantic import Field, TypeAdapter
 
+import ray
+import redis
+
+from shardwright.actors.controllers import controller_name, controller_names, find_controller, job_of
 from shardwright.cluster import inventory
 from shardwright.cluster.ray_connect import connect
 from shardwright.cluster.state_store import HOLDING, TERMINAL, WAITING, JobRecord, JobState, StateStore
-from shardwright.cluster.state_store import TransitionError
+from shardwright.cluster.state_store import LeaseLostError, TransitionError
 from shardwright.config import (InferenceDeployment, JobSpec, ModelSpec, Settings, StrictModel, TrainingJob,
                                 JobFileError, check_spec_size, parse_job)
 from shardwright.scheduler.model import ClusterInventory, GangShape, Job, PriorityClass, RunningJob
 from shardwright.scheduler.placement import Placement
 from shardwright.scheduler.policies import PreemptJob, StartJob, make_policy
-from shardwright.scheduler.runners import JobRunner, Progress, make_runner
+from shardwright.scheduler.runners import ControllerRunner, JobRunner, Progress, make_runner
 from shardwright.tenants import Tenants, confine_paths
 
 log = logging.getLogger(__name__)
@@ -97,9 +108,20 @@ class SchedulerService:
         self.policy = make_policy(self.config.policy, **self._policy_options())
         connect(self.settings)
         self.store = StateStore.open(self.settings, self.config.namespace)
+        self.store_id = self.store.store_id()
         self.runner_factory = runner_factory
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._runners: dict[str, JobRunner] = {}
+        # (tenant, name) -> the job id of a deployment this scheduler runs: generation finds its
+        # controller here, without a Redis read (kept current as jobs start, are adopted and end).
+        self._deployments: dict[tuple[str, str], str] = {}
+        # (tenant, name) -> job id of every running deployment of the store (any scheduler's), kept
+        # current from the event feed by the follower thread; their clients by job id.
+        self._routes: dict[tuple[str, str], str] = {}
+        self._clients: dict[str, Any] = {}
+        self._following = threading.Event()
+        self._store_down = threading.Event()
+        self._needs_recovery = True
         self._progress_event_at: dict[str, float] = {}
         self._wake, self._stopping, self._lease_lost = threading.Event(), threading.Event(), threading.Event()
         self._threads: list[threading.Thread] = []
@@ -216,28 +238,100 @@ class SchedulerService:
     def _memory(self, record: JobRecord) -> dict:
         """An inference gang's memory budget and peers (from its spec) and pooling plan (if run here)."""
         pool = (record.spec.get("engine") or {}).get("pool") or {}
-        engine = getattr(self._runners.get(record.job_id), "engine", None)
-        plan = engine.pool_plan.describe() if engine is not None and engine.pool_plan is not None else []
+        runner = self._runners.get(record.job_id)
+        plan = runner.describe().get("memory_plan", []) if isinstance(runner, ControllerRunner) else []
         return {"memory_budget_bytes": pool.get("budget_bytes"), "memory_peers": pool.get("peers", 0),
                 "memory_plan": plan}
 
     def engine(self, tenant: str, name: str):
-        """The InferenceEngine of the tenant's running deployment `name` (this process's loop only)."""
-        runners = self._runners.copy()  # the loop thread changes the dict
-        for record in self.store.get_jobs(runners):
-            runner = runners.get(record.job_id)
-            if (record.tenant, record.name, record.state) == (tenant, name, S.RUNNING) and \
-                    getattr(runner, "engine", None) is not None:
-                return runner.engine
-        raise LookupError(f"tenant {tenant!r} has no running inference deployment named {name!r}; "
-                          "see `shardwright status` for its jobs and their states")
+        """The tenant's running deployment `name`, as a DeploymentClient of its controller actor.
+
+        A deployment this scheduler runs is found without Redis (so generation goes on while Redis is
+        down); another scheduler's (this replica does not hold the lease) is found in the store and
+        reached by its controller's name."""
+        job_id = self._deployments.get((tenant, name))
+        runner = self._runners.get(job_id) if job_id else None
+        client = runner.client() if isinstance(runner, ControllerRunner) else None
+        if client is not None:
+            return client
+        if self._following.is_set():  # the routes follow the job events: no Redis read per request
+            job_id = self._routes.get((tenant, name))
+            client = self._client_of(job_id) if job_id else None
+            if client is not None:
+                return client
+        else:  # not started (an API-only object): look it up in the store
+            try:
+                records = self.store.get_jobs(self.store.active_ids())
+            except redis.RedisError as err:
+                raise RuntimeError(f"deployment {name!r} is not run by this server and the state store is "
+                                   f"unreachable ({err}); retry shortly") from err
+            for record in records:
+                if (record.tenant, record.name, record.state, record.kind) == (tenant, name, S.RUNNING, "inference"):
+                    client = self._client_of(record.job_id, str(record.spec["model"]))
+                    if client is not None:
+                        return client
+        try:
+            failed = self._last_failure(tenant, name)
+        except redis.RedisError:
+            failed = None
+        raise LookupError(f"tenant {tenant!r} has no running inference deployment named {name!r}"
+                          + (f" (job {failed.job_id} failed: {failed.message})" if failed else "")
+                          + "; see `shardwright status` for its jobs and their states")
+
+    def _client_of(self, job_id: str, model_dir: str | None = None):
+        """A DeploymentClient of the job's controller actor (cached), or None if it is gone."""
+        from shardwright.actors.controllers import DeploymentClient
+
+        client = self._clients.get(job_id)
+        if client is None:
+            actor = find_controller(controller_name(self.store_id, job_id))
+            if actor is None:
+                return None
+            if model_dir is None:
+                model_dir = str(self.store.get_job(job_id).spec["model"])
+            client = self._clients[job_id] = DeploymentClient(job_id, actor, model_dir)
+        return client
+
+    def _follow(self) -> None:
+        """Keep `_routes` current from the event feed (every replica runs this, leader or not)."""
+        position = None
+        while not self._stopping.is_set():
+            try:
+                if position is None:  # position first, then the snapshot: no change is missed
+                    position = self.store.feed_position()
+                    self._routes = {(r.tenant, r.name): r.job_id for r in self.store.get_jobs(self.store.active_ids())
+                                    if r.kind == "inference" and r.state == S.RUNNING}
+                    self._following.set()
+                job_ids, position = self.store.feed_after(position)
+                for record in self.store.get_jobs(set(job_ids)):
+                    key = (record.tenant, record.name)
+                    if record.kind != "inference":
+                        continue
+                    if record.state == S.RUNNING:
+                        self._routes[key] = record.job_id
+                    elif self._routes.get(key) == record.job_id:
+                        del self._routes[key]
+                        self._clients.pop(record.job_id, None)
+            except Exception as err:  # Redis down: the routes stay as they are (serving goes on)
+                log.debug("following job events paused: %s", err)
+                self._stopping.wait(0.5)
+
+    def _last_failure(self, tenant: str, name: str) -> JobRecord | None:
+        """The tenant's most recent failed deployment named `name`, if any."""
+        found, token = None, None
+        while True:
+            records, token = self.store.list_jobs(tenant, 200, token, S.FAILED.value, "inference")
+            found = next((r for r in reversed(records) if r.name == name), found)
+            if not token:
+                return found
 
     def runner(self, job_id: str) -> JobRunner | None:
         """The runner of a job this scheduler is running, if any."""
         return self._runners.get(job_id)
 
     def health(self) -> dict:
-        """A real probe: a Redis round trip, and whether the loop runs and holds the lease."""
+        """A real probe: a Redis round trip (raises while Redis is unreachable), whether the loop
+        runs, and whether another scheduler holds the lease (this one then only serves)."""
         return {"redis_round_trip_s": self.store.ping(), "loop_running": any(t.is_alive() for t in self._threads),
                 "lease_lost": self._lease_lost.is_set(), "jobs_running_here": len(self._runners)}
 
@@ -249,29 +343,43 @@ class SchedulerService:
         return record
 
     # ---- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> SchedulerService:
-        """Take the lease (waiting up to 2 x lease_ttl_s for a dead scheduler's to expire), requeue
-        what a previous scheduler left holding GPUs, and start the loop."""
-        deadline = time.monotonic() + 2 * self.config.lease_ttl_s
+    def start(self, standby: bool = False) -> SchedulerService:
+        """Take the lease (waiting up to 2 x lease_ttl_s for a dead scheduler's to expire), adopt the
+        running controllers a previous scheduler left (requeue the jobs whose controller is gone),
+        and start the loop. With `standby`, a lease held by another scheduler is no error: this one
+        serves (its deployments are found from the job events) and takes the lease over, adopting
+        the jobs, once the holder stops renewing it."""
+        deadline = time.monotonic() + (0 if standby else 2 * self.config.lease_ttl_s)
         while (holder := self.store.acquire_lease(self.owner, self.config.lease_ttl_s)) is not None:
+            if standby:
+                log.warning("scheduler %s holds the lease: this one stands by", holder)
+                self._lease_lost.set()
+                break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"scheduler {holder} holds the lease of namespace {self.config.namespace!r}; "
                                    "stop it first, or give this one another SchedulerConfig.namespace")
             time.sleep(0.1)
-        self._recover()
-        for target in (self._heartbeat, self._loop):
+        if not self._lease_lost.is_set():
+            self._recover()
+        self._needs_recovery = self._lease_lost.is_set()
+        self.store.supervise()  # restart the embedded Redis if it dies
+        for target in (self._heartbeat, self._loop, self._follow):
             thread = threading.Thread(target=target, name=f"shardwright-scheduler{target.__name__}", daemon=True)
             thread.start()
             self._threads.append(thread)
         return self
 
-    def stop(self, requeue_jobs: bool = True) -> None:
-        """End the loop and stop every job it runs; with `requeue_jobs`, checkpoint them and record
+    def stop(self, requeue_jobs: bool = True, keep_jobs: bool = False) -> None:
+        """End the loop. With `keep_jobs`, leave every job running in its controller actor for the
+        next scheduler to adopt; else stop them, and with `requeue_jobs` checkpoint them and record
         them `preempted` (back in the queue), else leave their records for the next scheduler."""
         self._stopping.set()
         self._wake.set()
         for thread in self._threads:
             thread.join(timeout=self.config.checkpoint_timeout_s + 30)
+        if keep_jobs:
+            self._runners.clear()
+            self._deployments.clear()
         for job_id in list(self._runners):
             try:
                 if requeue_jobs:
@@ -281,57 +389,119 @@ class SchedulerService:
             self._release(job_id)
         self.store.release_lease(self.owner)
 
-    def close(self) -> None:
+    def close(self, keep_jobs: bool = False) -> None:
         """`stop()` (if started), then close the state store."""
         if self._threads:
-            self.stop()
+            self.stop(keep_jobs=keep_jobs)
         self.store.close()
 
     def _recover(self) -> None:
+        """Reconcile the jobs Redis records as holding GPUs with the live controller actors."""
         for record in self.store.get_jobs(self.store.active_ids()):
             if record.job_id in self._runners:
                 continue
+            runner = None
+            if record.state in (S.RUNNING, S.PREEMPTING):
+                runner = ControllerRunner.adopt(record.job_id, _SPEC.validate_python(record.spec),
+                                                name=self._controller_name(record.job_id),
+                                                bundle_nodes=tuple(record.placement) or None,
+                                                checkpoint_dir=self._checkpoint_dir(record.job_id))
+            else:  # placed: its start may have been cut short; a half-built controller is an orphan
+                self._stop_orphan(self._controller_name(record.job_id))
+            if runner is not None:
+                self._runners[record.job_id] = runner
+                self._register(record)
+                log.info("adopted the running controller of job %s", record.job_id)
+                if record.state == S.PREEMPTING:  # finish what the previous scheduler began
+                    self._finish_preemption(record, "the preemption began before the scheduler restarted")
+                continue
             if record.cancel_requested:
-                self.store.transition(record.job_id, S.CANCELLED, "cancelled (requested before the scheduler "
-                                      "restarted; its gang ended with the previous scheduler)",
-                                      fields=_released(record))
+                self._transition(record.job_id, S.CANCELLED, "cancelled (requested before the scheduler "
+                                      "restarted; its controller had ended)", fields=_released(record))
                 continue
             resume = f"resumes from checkpoint {record.checkpoint}" if record.checkpoint else "starts over"
-            self.store.transition(record.job_id, S.QUEUED, f"requeued: the scheduler restarted and this job's "
-                                  f"gang ended with the previous scheduler's process; {resume}",
+            self._transition(record.job_id, S.QUEUED, f"requeued: the scheduler restarted and this job's "
+                                  f"controller actor was gone; {resume}",
                                   fields={**_released(record), "queued_since_s": time.time()})
 
+    def _transition(self, job_id: str, state: JobState, message: str, **options) -> JobRecord:
+        """A job transition by the scheduler loop: fenced, so it fails once another holds the lease."""
+        return self.store.transition(job_id, state, message, fence=self.owner, **options)
+
+    def _controller_name(self, job_id: str) -> str:
+        return controller_name(self.store_id, job_id)
+
+    def _checkpoint_dir(self, job_id: str) -> Path:
+        return Path(self.settings.state_dir) / "checkpoints" / job_id
+
+    def _register(self, record: JobRecord) -> None:
+        if record.kind == "inference":
+            self._deployments[(record.tenant, record.name)] = record.job_id
+
+    def _stop_orphan(self, name: str) -> None:
+        actor = find_controller(name)
+        if actor is not None:
+            log.warning("stopping orphaned controller actor %s", name)
+            ray.kill(actor, no_restart=True)
+
+    def _stop_orphans(self) -> list[str]:
+        """Stop this store's controller actors that run no job of this scheduler; returns their names."""
+        orphans = [n for n in controller_names(self.store_id) if job_of(n, self.store_id) not in self._runners]
+        for name in orphans:
+            self._stop_orphan(name)
+        return orphans
+
     def _heartbeat(self) -> None:
-        """Renew the lease; once it is lost (taken, or not renewed for lease_ttl_s), stop acting."""
-        renewed, holder = time.monotonic(), None
+        """Renew the lease. Redis unreachable: keep everything running (the loop pauses). Another
+        scheduler holds it: stop acting (its scheduler adopts the jobs). Got it back: adopt again."""
         while not self._stopping.wait(self.config.lease_ttl_s / 3):
             try:
                 holder = self.store.acquire_lease(self.owner, self.config.lease_ttl_s)
-                renewed = time.monotonic() if holder is None else renewed
-            except Exception as err:  # Redis unreachable: keep trying until the lease would have expired
-                log.warning("cannot renew the scheduler lease: %s", err)
-            if holder is not None or time.monotonic() - renewed > self.config.lease_ttl_s:
-                log.error("scheduler lease lost (holder %s): stopping this scheduler's jobs", holder)
+            except Exception as err:
+                if not self._store_down.is_set():
+                    log.warning("state store unreachable, scheduling paused, jobs keep running: %s", err)
+                self._store_down.set()
+                continue
+            if self._store_down.is_set():
+                log.warning("state store reachable again: scheduling resumes")
+                self._store_down.clear()
+                self._wake.set()
+            if holder is not None and not self._lease_lost.is_set():
+                log.error("scheduler lease taken by %s: this scheduler stops acting and leaves its jobs "
+                          "to it", holder)
                 self._lease_lost.set()
                 self._wake.set()
-                return
+            elif holder is None and self._lease_lost.is_set():
+                log.warning("scheduler lease taken back: adopting the running jobs")
+                self._needs_recovery = True
+                self._lease_lost.clear()
+                self._wake.set()
 
     def _loop(self) -> None:
-        while not self._stopping.is_set() and not self._lease_lost.is_set():
-            try:
-                self.reconcile_once()
-            except Exception:  # Redis or Ray hiccup: log it and try again next pass
-                log.exception("scheduler pass failed; retrying in %.1f s", self.config.reconcile_interval_s)
+        while not self._stopping.is_set():
+            if self._lease_lost.is_set():  # another scheduler owns the jobs now: forget ours, write nothing
+                self._runners.clear()
+                self._deployments.clear()
+            elif not self._store_down.is_set():
+                try:
+                    if self._needs_recovery:
+                        self._recover()
+                        self._needs_recovery = False
+                    self.reconcile_once()
+                except LeaseLostError as err:  # fenced out: another scheduler acts now
+                    log.error("%s; this scheduler stops acting", err)
+                    self._lease_lost.set()
+                except Exception:  # Redis or Ray hiccup: log it and try again next pass
+                    log.exception("scheduler pass failed; retrying in %.1f s", self.config.reconcile_interval_s)
             self._wake.wait(self.config.reconcile_interval_s)
             self._wake.clear()
-        if self._lease_lost.is_set():  # another scheduler owns the jobs now: stop ours, write nothing
-            for job_id in list(self._runners):
-                self._release(job_id)
 
     # ---- one pass ------------------------------------------------------------------------------
     def reconcile_once(self) -> list:
-        """Poll runners, then run the policy on the stored queue and carry out its decisions."""
+        """Poll runners, stop orphaned controllers, then run the policy on the stored queue and
+        carry out its decisions."""
         self._poll_runners()
+        self._stop_orphans()
         queue = self.store.get_jobs(self.store.queued_ids())
         active = self.store.get_jobs(self.store.active_ids())
         if not queue:
@@ -358,7 +528,7 @@ class SchedulerService:
                 self._release(job_id)
             elif record.cancel_requested:
                 self._release(job_id)
-                self.store.transition(job_id, S.CANCELLED, f"cancelled by tenant {record.tenant}",
+                self._transition(job_id, S.CANCELLED, f"cancelled by tenant {record.tenant}",
                                       fields=_released(record))
             else:
                 self._observe(record, runner.progress())
@@ -373,7 +543,7 @@ class SchedulerService:
         if progress["state"] in ("succeeded", "failed"):
             outcome = S(progress["state"])
             message = f"{outcome.value} at step {step}" + (f": {progress['error']}" if progress["error"] else "")
-            self.store.transition(record.job_id, outcome, message, fields={**fields, **_released(record)},
+            self._transition(record.job_id, outcome, message, fields={**fields, **_released(record)},
                                   metrics=metrics)
             self._release(record.job_id)  # after the outcome is stored: a crash now cannot re-run it
         elif (step, checkpoint) != (record.step, record.checkpoint):
@@ -387,7 +557,7 @@ class SchedulerService:
             self._progress_event_at[job_id] = now
         try:
             self.store.annotate(job_id, f"step {fields['step']}" if due else None, fields=fields,
-                                metrics=metrics, expect=HOLDING)
+                                metrics=metrics, expect=HOLDING, fence=self.owner)
         except TransitionError:
             pass  # it left HOLDING meanwhile; the next pass handles it
 
@@ -395,7 +565,7 @@ class SchedulerService:
         record, nodes = self.store.get_job(job_id), placement.rank_nodes
         where = ", ".join(f"{count} on {node[:12]}" for node, count in placement.node_gpus)
         try:
-            record = self.store.transition(job_id, S.PLACED, f"placed: {where}", expect=WAITING,
+            record = self._transition(job_id, S.PLACED, f"placed: {where}", expect=WAITING,
                                            fields={"placement": list(nodes), "started_at_s": time.time(),
                                                    "attempts": record.attempts + 1})
         except TransitionError:  # cancelled since the queue was read
@@ -404,43 +574,56 @@ class SchedulerService:
             spec = confine_paths(_SPEC.validate_python(record.spec), base=None,
                                  policy=self.tenants.policy(record.tenant))
         except (PermissionError, ValueError) as err:
-            self.store.transition(job_id, S.FAILED, f"could not start: {err}", fields=_released(record))
+            self._transition(job_id, S.FAILED, f"could not start: {err}", fields=_released(record))
             return
-        runner = self.runner_factory(spec, bundle_nodes=nodes,
-                                     checkpoint_dir=Path(self.settings.state_dir) / "checkpoints" / job_id)
+        runner = self.runner_factory(spec, job_id=job_id, name=self._controller_name(job_id), bundle_nodes=nodes,
+                                     checkpoint_dir=self._checkpoint_dir(job_id))
         try:
             runner.start(record.checkpoint)
         except Exception as err:
             _stop_quietly(runner)
-            self.store.transition(job_id, S.FAILED, f"could not start: {err}", fields=_released(record))
+            self._transition(job_id, S.FAILED, f"could not start: {err}", fields=_released(record))
             return
         self._runners[job_id] = runner
+        self._register(record)
         step = runner.progress()["step"]
         resumed = f"; resumed from checkpoint {record.checkpoint} at step {step}" if record.checkpoint else ""
-        self.store.transition(job_id, S.RUNNING, f"running{resumed}", fields={"step": step},
+        self._transition(job_id, S.RUNNING, f"running{resumed}", fields={"step": step},
                               metrics={"step": float(step)}, expect=[S.PLACED])
 
     def _preempt(self, job_id: str, reason: str) -> None:
-        record = self.store.transition(job_id, S.PREEMPTING, f"preempting: {reason}", expect=[S.RUNNING])
-        runner, checkpoint, note = self._runners.pop(job_id, None), record.checkpoint, ""
-        step = record.step
+        record = self._transition(job_id, S.PREEMPTING, f"preempting: {reason}", expect=[S.RUNNING])
+        self._finish_preemption(record)
+
+    def _finish_preemption(self, record: JobRecord, note: str = "") -> None:
+        """Checkpoint and stop a `preempting` job, then record it `preempted` (or `cancelled`)."""
+        job_id = record.job_id
+        runner, checkpoint = self._runners.pop(job_id, None), record.checkpoint
+        self._unregister(job_id)
+        note, step = f" ({note})" if note else "", record.step
         if runner is not None:
             try:
                 checkpoint = runner.checkpoint_and_stop(self.config.checkpoint_timeout_s) or checkpoint
                 step = runner.progress()["step"]
             except Exception as err:
-                note = f" (checkpoint failed: {err}; the last recorded checkpoint is kept)"
+                note += f" (checkpoint failed: {err}; the last recorded checkpoint is kept)"
                 _stop_quietly(runner)
         where = f"checkpoint {checkpoint} at step {step}" if checkpoint else "no checkpoint"
         fields = {**_released(record), "checkpoint": checkpoint, "step": step, "queued_since_s": time.time()}
         if self.store.get_job(job_id).cancel_requested:  # asked while we preempted: honour the cancel
-            self.store.transition(job_id, S.CANCELLED, f"cancelled by tenant {record.tenant} ({where})",
+            self._transition(job_id, S.CANCELLED, f"cancelled by tenant {record.tenant} ({where})",
                                   fields=fields, metrics={"step": float(step)})
             return
-        self.store.transition(job_id, S.PREEMPTED, f"preempted; requeued with {where}{note}",
+        self._transition(job_id, S.PREEMPTED, f"preempted; requeued with {where}{note}",
                               fields=fields, metrics={"step": float(step)})
 
+    def _unregister(self, job_id: str) -> None:
+        for key, known in list(self._deployments.items()):
+            if known == job_id:
+                del self._deployments[key]
+
     def _release(self, job_id: str) -> None:
+        self._unregister(job_id)
         runner = self._runners.pop(job_id, None)
         self._progress_event_at.pop(job_id, None)
         if runner is not None:

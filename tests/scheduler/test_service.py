@@ -29,6 +29,10 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.placement_group import placement_group, remove_placement_group  # noqa: E402
 
+from shardwright.actors.controllers import (  # noqa: E402
+    controller_name, controller_names, create_controller, find_controller)
+from shardwright.actors.sampling import SamplingParams  # noqa: E402
+from shardwright.cluster.state_store import SOCKET_RETRIES, SOCKET_TIMEOUT_S  # noqa: E402
 from shardwright.scheduler.service import SchedulerConfig, SchedulerService  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -109,6 +113,20 @@ def wait_state(service: SchedulerService, job_id: str, state: str, timeout_s: fl
         time.sleep(0.1)
     raise AssertionError(f"{job_id} is {service.get(job_id)['state']}, not {state}, after {timeout_s} s: "
                          f"{[e['message'] for e in service.events(job_id)]}")
+
+
+def eventually(check, message: str, timeout_s: float = 30.0, interval_s: float = 0.1) -> None:
+    """Wait until check() is true; fail with `message` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, message
+        time.sleep(interval_s)
+
+
+def worker_pids(service: SchedulerService, job_id: str) -> list[int]:
+    """The worker processes of a job's gang, asked of its controller actor (whoever runs the scheduler)."""
+    workers = ray.get(find_controller(controller_name(service.store_id, job_id)).describe.remote())["workers"]
+    return [w["pid"] for w in workers]
 
 
 def states(service: SchedulerService, job_id: str) -> list[str]:
@@ -222,8 +240,8 @@ SCHEDULER_PROCESS = textwrap.dedent("""
 """)
 
 
-def test_scheduler_killed_with_jobs_queued_and_running_loses_nothing(cluster, make_service, model_dir,
-                                                                    hold_gpus, tmp_path):
+def test_scheduler_killed_with_jobs_queued_and_running_loses_nothing_and_adopts_its_gangs(
+        cluster, make_service, model_dir, hold_gpus, tmp_path):
     nodes = node_ids()
     hold_gpus({nodes[0]: 4, nodes[1]: 4, nodes[2]: 2})  # two GPUs left
     api = make_service(start=False)  # API only: writes Redis; the scheduler runs in a child process
@@ -238,31 +256,82 @@ def test_scheduler_killed_with_jobs_queued_and_running_loses_nothing(cluster, ma
         for name in ("r1", "r2"):
             wait_state(api, ids[name], "running", timeout_s=120)
         assert [api.get(ids[n])["state"] for n in ("q1", "q2")] == ["queued", "queued"]
+        # Generation reaches the child scheduler's deployment through its controller actor.
+        before = {n: api.engine("t1", n).generate([[1, 2, 3]], SamplingParams(max_tokens=6, ignore_eos=True),
+                                                  timeout_s=60)[0].token_ids for n in ("r1", "r2")}
+        pids = {n: worker_pids(api, ids[n]) for n in ("r1", "r2")}
     except AssertionError as err:
         raise AssertionError(f"{err}\nscheduler process log:\n{log_path.read_text()[-3000:]}") from err
     finally:
         os.killpg(child.pid, signal.SIGKILL)  # no clean-up at all: as if the machine lost the process
         child.wait()
+    for name in ("r1", "r2"):  # the controllers and their workers outlive the scheduler's process
+        assert worker_pids(api, ids[name]) == pids[name]
     restarted = make_service(start=False)
-    restarted.start()  # waits for the dead scheduler's lease, then rebuilds the queue from Redis
+    restarted.start()  # waits for the dead scheduler's lease, then reconciles Redis with the live actors
     jobs, _ = restarted.list("t1")
     assert sorted(j["job_id"] for j in jobs) == sorted(ids.values())  # nothing lost, nothing duplicated
     by_name = {j["name"]: j for j in jobs}
     assert {n: by_name[n]["state"] for n in ("q1", "q2")} == {"q1": "queued", "q2": "queued"}
-    # The restarted loop may already be placing r1 and r2 again (their GPUs were freed with the
-    # dead scheduler's actors), so their requeue is read from their events, not their state now.
-    for name in ("r1", "r2"):
-        events = restarted.events(ids[name])
-        after_running = events[[e["state"] for e in events].index("running") + 1:]
-        assert after_running, f"{name}: no event after it ran: {events}"
-        assert after_running[0]["state"] == "queued", f"{name}: {events}"
-        assert "requeued: the scheduler restarted" in after_running[0]["message"]
-    for name in ("r1", "r2"):
-        wait_state(restarted, ids[name], "running")
-        assert Counter(states(restarted, ids[name]))["running"] == 2
+    for name in ("r1", "r2"):  # adopted as they were: no requeue, no reload, the same worker processes
+        assert by_name[name]["state"] == "running" and Counter(states(restarted, ids[name]))["placed"] == 1
+        assert restarted.runner(ids[name]).worker_pids() == pids[name]
+        out = restarted.engine("t1", name).generate([[1, 2, 3]], SamplingParams(max_tokens=6, ignore_eos=True),
+                                                    timeout_s=60)[0]
+        assert out.token_ids == before[name]  # greedy: the same tokens before and after
     assert [restarted.get(ids[n])["state"] for n in ("q1", "q2")] == ["queued", "queued"]
     assert restarted.submit(deployment("r1", model_dir), "t1", idempotency_key="r1")["job_id"] == ids["r1"]
     assert len(restarted.list(None)[0]) == 4
+
+
+def test_a_gone_controller_is_requeued_and_orphan_controllers_are_stopped(cluster, make_service, model_dir):
+    service = make_service()
+    job = service.submit(deployment("solo", model_dir), "t1")["job_id"]
+    wait_state(service, job, "running")
+    name = controller_name(service.store_id, job)
+    service.stop(keep_jobs=True)  # the scheduler goes; the controller stays
+    assert find_controller(name) is not None
+    ray.kill(find_controller(name), no_restart=True)  # then the controller dies too
+    orphan = create_controller("inference", controller_name(service.store_id, "no-such-job"), None, "no-such-job",
+                               {"model_dir": str(model_dir), "num_blocks": 8})
+    ray.get(orphan.describe.remote())  # alive, with no job in Redis
+    restarted = make_service(state_dir=service.settings.state_dir)
+    job_now = wait_state(restarted, job, "running")  # requeued, then started again
+    events = restarted.events(job)
+    assert any("requeued: the scheduler restarted and this job's controller actor was gone" in e["message"]
+               for e in events), events
+    assert job_now["attempts"] == 2
+    eventually(lambda: controller_names(service.store_id) == [name], "the orphan controller was not stopped")
+
+
+def test_redis_outage_pauses_scheduling_and_stops_nothing(make_service, model_dir):
+    service = make_service()
+    job = service.submit(deployment("steady", model_dir), "t1")["job_id"]
+    wait_state(service, job, "running")
+    engine, params = service.engine("t1", "steady"), SamplingParams(max_tokens=4, ignore_eos=True)
+    pids, before = service.runner(job).worker_pids(), engine.generate([[1, 2]], params, timeout_s=60)[0].token_ids
+    redis_pid = service.store.client.pid
+    os.kill(redis_pid, signal.SIGSTOP)  # unreachable (not dead) for more than the lease's TTL
+    try:
+        # Longer than the lease's TTL and than a Redis call's timeout (when the outage is noticed).
+        outage_until = time.monotonic() + max(2.5 * FAST["lease_ttl_s"], (SOCKET_RETRIES + 1) * SOCKET_TIMEOUT_S + 3)
+        served, noticed = 0, False
+        while time.monotonic() < outage_until:  # generation needs no Redis
+            assert service.engine("t1", "steady").generate([[1, 2]], params, timeout_s=60)[0].token_ids == before
+            served, noticed = served + 1, noticed or service._store_down.is_set()
+        assert served >= 2 and noticed
+    finally:
+        os.kill(redis_pid, signal.SIGCONT)
+    eventually(lambda: not service._store_down.is_set(), "the scheduler did not see Redis back")
+    assert service.get(job)["state"] == "running" and service.runner(job).worker_pids() == pids
+    assert "running" == states(service, job)[-1]  # nothing was stopped or requeued
+    os.kill(redis_pid, signal.SIGKILL)  # now the embedded Redis dies: the supervisor restarts it
+    killed_at = time.monotonic()
+    eventually(lambda: service.store.restarts == 1, "the embedded Redis was not restarted", timeout_s=10)
+    assert service.store.ping() and time.monotonic() - killed_at < 5  # back within 5 s (the issue's bound)
+    later = service.submit(deployment("later", model_dir), "t1")["job_id"]  # scheduling resumed
+    wait_state(service, later, "running")
+    assert service.get(job)["state"] == "running" and service.runner(job).worker_pids() == pids
 
 
 def test_inference_preempts_training_which_resumes_from_its_checkpoint(make_service, model_dir, hold_gpus,
@@ -297,3 +366,68 @@ def test_inference_preempts_training_which_resumes_from_its_checkpoint(make_serv
     seen = states(service, train_id)
     transitions = [s for i, s in enumerate(seen) if i == 0 or s != seen[i - 1]]
     assert transitions[:6] == ["submitted", "queued", "placed", "running", "preempting", "preempted"]
+
+
+def test_a_deployment_whose_rebuild_cannot_succeed_fails_naming_the_cause(make_service, model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "doomed-model"
+    shutil.copytree(model_dir, copy)
+    service = make_service()
+    job = service.submit(deployment("doomed", copy, tp=2), "t1")["job_id"]
+    wait_state(service, job, "running")
+    pids = service.runner(job).worker_pids()
+    for weights in copy.glob("*.safetensors"):
+        weights.unlink()  # a rebuild cannot load the shards any more
+    killed_at = time.monotonic()
+    os.kill(pids[1], signal.SIGKILL)  # a worker of this test's own gang
+    failed = wait_state(service, job, "failed", timeout_s=60)
+    assert time.monotonic() - killed_at < 60  # the issue's bound
+    assert "rank 1" in failed["message"] and "rebuild 4/4 failed" in failed["message"], failed["message"]
+    with pytest.raises(LookupError, match=r"doomed.*failed: .*rebuild 4/4 failed"):
+        service.engine("t1", "doomed")
+    eventually(lambda: find_controller(controller_name(service.store_id, job)) is None,
+               "the failed deployment's controller actor is still alive")
+
+
+def test_a_standby_scheduler_serves_from_job_events_and_takes_over_adopting_the_jobs(make_service, model_dir,
+                                                                                     tmp_path):
+    leader = make_service(state_dir=tmp_path / "shared")
+    job = leader.submit(deployment("shared", model_dir, tp=2), "t1")["job_id"]
+    wait_state(leader, job, "running")
+    standby = make_service(state_dir=tmp_path / "shared", start=False).start(standby=True)
+    assert standby._lease_lost.is_set()  # it serves, but does not schedule
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    eventually(lambda: ("t1", "shared") in standby._routes, "the standby did not learn the deployment from events")
+    via_standby = standby.engine("t1", "shared").generate([[1, 2, 3]], params, timeout_s=60)[0].token_ids
+    assert via_standby == leader.engine("t1", "shared").generate([[1, 2, 3]], params, timeout_s=60)[0].token_ids
+    pids = leader.runner(job).worker_pids()
+    leader.stop(keep_jobs=True)  # the leader goes (releasing its lease); its jobs stay
+    eventually(lambda: standby.runner(job) is not None, "the standby did not take the lease over", timeout_s=20)
+    assert standby.runner(job).worker_pids() == pids and standby.get(job)["state"] == "running"
+    assert Counter(states(standby, job))["placed"] == 1  # adopted, not restarted
+    later = standby.submit(deployment("later", model_dir), "t1")["job_id"]  # the new leader schedules
+    wait_state(standby, later, "running")
+    assert standby.engine("t1", "shared").generate([[1, 2, 3]], params, timeout_s=60)[0].token_ids == via_standby
+
+
+def test_a_scheduler_whose_lease_was_taken_cannot_write_and_stops_acting(make_service, model_dir):
+    from shardwright.cluster.state_store import LeaseLostError
+
+    service = make_service()
+    running = service.submit(deployment("kept", model_dir), "t1")["job_id"]
+    wait_state(service, running, "running")
+    pids = service.runner(running).worker_pids()
+    lease = service.store._key("lease")
+    service.store.client.set(lease, "intruder", px=60_000)  # another replica took the lease
+    with pytest.raises(LeaseLostError, match="held by intruder"):  # checked in the write's own transaction
+        service.store.annotate(running, "step 1", fields={"step": 1}, fence=service.owner)
+    eventually(lambda: service._lease_lost.is_set(), "the scheduler did not notice that it lost the lease")
+    waiting = service.submit(deployment("waiting", model_dir), "t1")["job_id"]  # the API still takes jobs
+    time.sleep(2 * FAST["reconcile_interval_s"] + FAST["lease_ttl_s"] / 3)
+    assert service.get(waiting)["state"] == "queued"  # no scheduling by a fenced-out scheduler
+    assert find_controller(controller_name(service.store_id, waiting)) is None
+    assert worker_pids(service, running) == pids  # and it stopped nothing: the holder adopts the jobs
+    service.store.client.delete(lease)  # the other replica is gone: this one takes the lease back
+    wait_state(service, waiting, "running")
+    assert service.runner(running).worker_pids() == pids and Counter(states(service, running))["placed"] == 1
