@@ -62,7 +62,7 @@ class InferenceRunner:
         config = EngineConfig(model_dir=s.model, layout=s.layout, dtype=s.dtype, block_size=e.block_size,
                               num_blocks=e.num_blocks, max_running=e.max_running,
                               max_tokens_per_step=e.max_tokens_per_step, bundle_nodes=self.bundle_nodes,
-                              pool=e.pool)
+                              pool=e.pool, quant=e.quant, group_size=e.group_size)
         self.engine = InferenceEngine(config).start()
 
     def progress(self) -> Progress:
