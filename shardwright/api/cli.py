@@ -201,12 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init_model(sub)
     _add_bench(sub)
     _add_sim(sub)
+    from shardwright.api.cli_quant import add_quantize_command
     from shardwright.api.cli_remote import add_remote_commands
     from shardwright.api.demo import add_demo_command
     from shardwright.api.run_job import add_run_command
     from shardwright.api.serve import add_serve_command
 
     add_remote_commands(sub)
+    add_quantize_command(sub)
     add_serve_command(sub)
     add_run_command(sub)
     add_demo_command(sub)
