@@ -3,13 +3,13 @@ and decode tokens/s, for fp32 beside int8, rtn4 and gptq4 (ratios to fp32).
 
 Run: `shardwright bench quant [--quick] [--json]` from a source checkout.
 
-Quality model: a ~3.5M-parameter byte-level Llama (width 256, 4 layers, GQA 8/4 heads, MLP 768),
+Quality model: a ~0.9M-parameter byte-level Llama (width 128, 4 layers, GQA 4/2 heads, MLP 384),
 trained here with the project's trainer (TrainerRank, one process) on the bundled corpus minus the
 held-out files (the Gettysburg Address and the Declaration's opening), cached under
 SHARDWRIGHT_BENCH_DIR (~/.cache/shardwright/bench). Perplexity = exp(mean next-byte cross-entropy)
 over the held-out bytes in 128-byte windows. int8 and rtn4 are quantized while loading; gptq4 is
 written by `quantize_checkpoint` (GPTQ on 64 calibration windows of the *training* text) and loaded
-as a GPTQ-format checkpoint. All group sizes 128 (GPTQ vs RTN at the same bits and groups).
+as a GPTQ-format checkpoint. rtn4 and gptq4 both in groups of 64 (the same bits and groups).
 
 Speed model: llama-110m shape with random weights (speed does not depend on them), batch 1,
 single-process greedy decode (prefill of 16 tokens, then one step per token over the KV cache),
@@ -34,9 +34,10 @@ from shardwright.config import ModelSource, ModelSpec, ParallelLayout
 COLUMNS = ["variant", "perplexity", "ppl_vs_fp32", "tokens_per_s", "vs_fp32", "vs_bf16", "weight_bytes"]
 CORPUS = Path(__file__).resolve().parents[1] / "examples" / "corpus"
 HELD_OUT = ("gettysburg_address.txt", "declaration_of_independence_opening.txt")
-SPEC = dict(architecture="llama", vocab_size=256, hidden_size=256, intermediate_size=768, num_layers=4,
-            num_heads=8, num_kv_heads=4, head_dim=32, max_position_embeddings=512, norm_eps=1e-5)
-GROUP = 128
+SPEC = dict(architecture="llama", vocab_size=256, hidden_size=128, intermediate_size=384, num_layers=4,
+            num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=512, norm_eps=1e-5)
+GROUP = 64  # quality model: 2 groups per row of a width-128 projection, 6 of the MLP's down
+SPEED_GROUP = 128
 SEQ = 128
 
 
@@ -50,7 +51,7 @@ def train_rank(rank: int, world_size: int, train_dir: str, steps: int, out: str)
     from shardwright.training.reshard import export_hf
     from shardwright.training.trainer import TrainConfig, TrainerRank
 
-    cfg = TrainConfig(data=DataConfig(path=Path(train_dir), seq_len=SEQ, global_batch_size=16),
+    cfg = TrainConfig(data=DataConfig(path=Path(train_dir), seq_len=SEQ, global_batch_size=8),
                       optim=OptimConfig(lr=3e-3, warmup_steps=10, decay_steps=steps, min_lr=3e-4),
                       steps=steps, num_micro_batches=1)
     trainer = TrainerRank(cfg, ParallelLayout()).start(_source(out))
@@ -73,7 +74,7 @@ def trained_model(steps: int) -> tuple[Path, list[float]]:
     """The quality model, trained once per step count and cached."""
     from shardwright.parallel.launch import run_ranks
 
-    root = cache_root() / f"quant-llama-3m-{steps}"
+    root = cache_root() / f"quant-llama-1m-{steps}"
     if (root / "model" / "model.safetensors").is_file():
         return root / "model", []
     train_dir = root / "train-corpus"
@@ -135,7 +136,7 @@ def speed(repeats: int, new_tokens: int) -> dict[str, tuple[float, int]]:
         write_random_checkpoint(directory, preset_spec("llama-110m"), seed=0)
     ctx, prompt, out = ParallelContext.single("cpu"), list(range(1, 17)), {}
     for variant, kw in (("fp32", {}), ("bf16", {"dtype": "bfloat16"}), ("int8", {"quant": "int8"}),
-                        ("rtn4", {"quant": "rtn4", "group_size": GROUP})):
+                        ("rtn4", {"quant": "rtn4", "group_size": SPEED_GROUP})):
         _, model = load_model(directory, ctx, **kw)
         weights = sum(m.weight.nbytes if isinstance(m.weight, QuantizedWeight) else m.weight.nbytes
                       for m in model.modules() if hasattr(m, "weight") and m.weight is not None)
@@ -152,7 +153,7 @@ def speed(repeats: int, new_tokens: int) -> dict[str, tuple[float, int]]:
 
 
 def run(quick: bool) -> dict:
-    steps = 150 if quick else 300
+    steps = 200 if quick else 400
     ppl, info = quality(steps)
     rates = speed(2 if quick else 3, 16 if quick else 48)
     results = []
@@ -162,8 +163,9 @@ def run(quick: bool) -> dict:
                         "ppl_vs_fp32": ppl[variant] / ppl["fp32"] if variant in ppl else None,
                         "tokens_per_s": rate, "vs_fp32": rate / rates["fp32"][0], "vs_bf16": rate / rates["bf16"][0],
                         "weight_bytes": weights})
-    notes = [f"perplexity: byte-level llama ({ModelSpec(**SPEC).num_parameters / 1e6:.1f}M), trained {steps} steps on the bundled "
-             f"corpus minus {', '.join(HELD_OUT)}; held-out {info['held_out_windows']} x {SEQ} bytes; group {GROUP}",
-             "tokens/s: llama-110m shape, batch 1, single-process greedy decode, best of the runs; gptq4 runs the "
+    notes = [f"perplexity: byte-level llama ({ModelSpec(**SPEC).num_parameters / 1e6:.1f}M), trained {steps} steps (batch 8 x {SEQ}) "
+             f"on the bundled corpus minus {', '.join(HELD_OUT)}; held-out {info['held_out_windows']} x {SEQ} bytes; "
+             f"4-bit group {GROUP}",
+             f"tokens/s: llama-110m shape (4-bit group {SPEED_GROUP}), batch 1, single-process greedy decode, best of the runs; gptq4 runs the "
              "rtn4 kernel (same bytes); bf16 has no perplexity row (not asked of the quality model)"]
     return {"results": results, "notes": notes, **info}
