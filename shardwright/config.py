@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Architecture = Literal["llama", "gpt2"]
 DType = Literal["float32", "float64", "bfloat16", "float16"]
+# Weight-only quantization applied while loading (models.quant): none, int8 per row, rtn4 in groups.
+Quantization = Literal["none", "int8", "rtn4"]
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel takes
 
 
 class StrictModel(BaseModel):
@@ -275,6 +278,21 @@ class EngineOptions(StrictModel):
     max_running: int = Field(64, ge=1, description="Most sequences in the running batch.")
     max_tokens_per_step: int = Field(512, ge=1, description="Token budget of one step.")
     pool: PoolOptions = Field(default_factory=PoolOptions, description="Memory budget and peer pooling.")
+    quant: Quantization = Field("none", description="Weight-only quantization of the linears while loading: "
+                                                   "none, int8 (per output row) or rtn4 (4-bit groups of "
+                                                   "group_size input features). A GPTQ-format checkpoint "
+                                                   "(shardwright quantize) loads quantized with none.")
+    group_size: int = Field(128, description="Input features per rtn4 group; one of 32, 64, 128, 256.")
+
+    @model_validator(mode="after")
+    def _group_size(self) -> EngineOptions:
+        check_group_size(self.quant, self.group_size)
+        return self
+
+
+def check_group_size(quant: str, group_size: int) -> None:
+    if quant == "rtn4" and group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"group_size={group_size} is not supported for rtn4; choose one of {INT4_GROUP_SIZES}")
 
 
 class InferenceDeployment(StrictModel):

@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shardwright.actors.batching import Request, StepScheduler
 from shardwright.actors.gang import GangConfig, GangError, WorkerGang
@@ -34,8 +34,9 @@ from shardwright.actors.kv_blocks import BlockManager
 from shardwright.actors.requests import RequestOutput, RequestStream
 from shardwright.actors.sampling import SamplingParams
 from shardwright.actors.shard_runner import StepMessage
-from shardwright.config import DType, ModelSpec, ParallelLayout, PoolOptions, StrictModel
+from shardwright.config import DType, ModelSpec, ParallelLayout, PoolOptions, Quantization, StrictModel, check_group_size
 from shardwright.models.checkpoint import CheckpointReader
+from shardwright.models.quant import check_group_layout
 from shardwright.models.tokenizer import load_tokenizer
 from shardwright.pool.planner import HOST, Holder, RankNeed, plan_pool
 from shardwright.pool.sizing import shard_sizes
@@ -76,6 +77,13 @@ class EngineConfig(StrictModel):
     rebuild_attempts: int = Field(4, ge=1, description="Gang rebuilds tried after a worker dies before the "
                                                        "deployment is failed (backoff 1, 2, 4, ... s between).")
     pool: PoolOptions = Field(default_factory=PoolOptions, description="Memory budget and peer pooling.")
+    quant: Quantization = Field("none", description="Weight-only quantization while loading (EngineOptions.quant).")
+    group_size: int = Field(128, description="Input features per rtn4 group (EngineOptions.group_size).")
+
+    @model_validator(mode="after")
+    def _group_size(self) -> EngineConfig:
+        check_group_size(self.quant, self.group_size)
+        return self
 
 
 def resident_need(spec: ModelSpec, config: EngineConfig, rank: int) -> tuple[int, tuple[int, ...]]:
@@ -101,6 +109,11 @@ class InferenceEngine:
         self.config = config
         self.spec = ModelSpec.from_hf_dir(config.model_dir, dtype=config.dtype)
         config.layout.validate_for(self.spec)
+        if config.quant == "rtn4":
+            check_group_layout(self.spec, config.layout, config.group_size)
+        if config.quant != "none" and config.pool.budget_bytes is not None:
+            raise ValueError(f"quant={config.quant} with a memory budget (peer pooling) is not supported; "
+                             "drop pool.budget_bytes or quant")
         if config.layout.dp != 1:
             raise ValueError(f"layout: the inference engine runs tp, pp and cp; dp={config.layout.dp} must be 1 "
                              "(deploy several copies for replicas)")
@@ -150,8 +163,9 @@ class InferenceEngine:
         try:
             gang.start()
             pooled = self._place_pooled_layers(gang)
-            refs = [gang.workers[r].call.remote("load", str(c.model_dir), c.dtype, pooled.get(r), c.pool.prefetch_depth)
-                    for r in gang.compute_ranks]
+            quant = None if c.quant == "none" else (c.quant, c.group_size)
+            refs = [gang.workers[r].call.remote("load", str(c.model_dir), c.dtype, pooled.get(r),
+                                                c.pool.prefetch_depth, quant) for r in gang.compute_ranks]
             gang.get(refs, gang.compute_ranks)
             for r in gang.peer_ranks:  # every owner has mapped its segments: drop their names
                 gang.call_rank(r, "unlink")

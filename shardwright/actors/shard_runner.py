@@ -85,18 +85,21 @@ class ShardRunner(GroupMember):
         self.host_bytes = 0
         self._last_sampled: dict[int, int] = {}  # seq_id -> token sampled in the previous step
 
-    def load(self, model_dir: str, dtype: str | None, pooled: dict | None = None, depth: int = 2) -> int:
+    def load(self, model_dir: str, dtype: str | None, pooled: dict | None = None, depth: int = 2,
+             quant: tuple[str, int] | None = None) -> int:
         """Phase 2: read this rank's slice of the checkpoint; returns the resident weight bytes.
 
         `pooled` maps local layer -> where its weights live instead ({"path"...} of a same-node
         peer's segment, {"peer": handle, ...} of a peer elsewhere, or {"host": True}). On the CPU a
         same-node segment is mapped read-only and bound in place (not in this rank's ledger, no
         fetch thread); the others are fetched before each use by a background thread, which takes
-        one of the rank's compute threads.
+        one of the rank's compute threads. `quant` = (method, group_size) quantizes the linears
+        (models.load_model); each rank takes its slice of the global tensors' integers.
         """
-        return self._phase("load", self._load, model_dir, dtype, pooled or {}, depth)
+        return self._phase("load", self._load, model_dir, dtype, pooled or {}, depth, quant)
 
-    def _load(self, model_dir: str, dtype: str | None, pooled: dict, depth: int) -> int:
+    def _load(self, model_dir: str, dtype: str | None, pooled: dict, depth: int,
+              quant: tuple[str, int] | None = None) -> int:
         from shardwright.config import ModelSpec
 
         spec = ModelSpec.from_hf_dir(model_dir, dtype=dtype)
@@ -105,7 +108,9 @@ class ShardRunner(GroupMember):
         resident = self.sizes.other_weight_bytes + sum(
             b for i, b in enumerate(self.sizes.layer_bytes) if i not in skip)
         self.ledger.reserve("weights", resident)
-        _, self.model = load_model(model_dir, self.ctx, dtype=dtype, skip_blocks=skip)
+        method, group_size = quant or (None, 128)
+        _, self.model = load_model(model_dir, self.ctx, dtype=dtype, skip_blocks=skip, quant=method,
+                                   group_size=group_size)
         if skip:
             sources = {int(i): self._source(int(i), where, model_dir, spec) for i, where in pooled.items()}
             self.fetcher = LayerFetcher(self.model.blocks, sources, self.ledger, self.ctx.device, depth)

@@ -60,7 +60,7 @@ def cmd_generate_local(args: argparse.Namespace) -> int:
         pool = PoolOptions(budget_bytes=_budget(args.memory_budget), peers=args.pool_peers) \
             if args.memory_budget is not None or args.pool_peers else PoolOptions()
         config = EngineConfig(model_dir=model_dir, layout=ParallelLayout(tp=args.tp, pp=args.pp, cp=args.cp),
-                              pool=pool)
+                              pool=pool, quant=args.quant, group_size=args.group_size)
     except ValidationError as err:
         from shardwright.api.errors import one_line
 
@@ -155,6 +155,10 @@ def _add_generate(sub) -> None:
                    help="memory each worker may keep resident (bytes, e.g. 600000000 or 600MB, or device-free); "
                         "layers that do not fit are pooled on --pool-peers")
     p.add_argument("--pool-peers", type=int, default=0, help="memory peers lending their budget (default 0)")
+    p.add_argument("--quant", choices=["none", "int8", "rtn4"], default="none",
+                   help="weight-only quantization of the linears while loading (default none; a GPTQ "
+                        "checkpoint from shardwright quantize loads quantized by itself)")
+    p.add_argument("--group-size", type=int, default=128, help="input features per rtn4 group: 32, 64, 128 or 256 (default 128)")
     p.add_argument("--max-tokens", type=int, default=32, help="new tokens to generate (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -259,12 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_bench(sub)
     _add_sim(sub)
+    from shardwright.api.cli_quant import add_quantize_command
     from shardwright.api.cli_remote import add_remote_commands
     from shardwright.api.demo import add_demo_command
     from shardwright.api.run_job import add_run_command
     from shardwright.api.serve import add_serve_command
 
     add_remote_commands(sub)
+    add_quantize_command(sub)
     add_serve_command(sub)
     add_run_command(sub)
     add_demo_command(sub)

@@ -14,7 +14,8 @@ import torch
 from shardwright.config import DType, ModelSpec
 from shardwright.models.checkpoint import CheckpointReader
 from shardwright.models.decoder import DecoderModel
-from shardwright.models.quant import QuantMethod, quantize_model
+from shardwright.models.quant import QuantMethod, check_method
+from shardwright.models.quant_format import QuantSource, quant_config
 from shardwright.models.weights import load_weights
 from shardwright.parallel.context import ParallelContext
 
@@ -54,17 +55,24 @@ def load_model(
     filled one at a time from slices of the checkpoint: peak memory is this rank's shard plus
     one parameter's slice. Blocks in `skip_blocks` (local indices) are not loaded: their
     parameters stay on the meta device until `model.layer_weights` binds them (peer pooling).
-    `quant` ("int8" or "int4" with `group_size`) quantizes this rank's linear weights after loading
-    (models.quant); the model is then for inference only.
+    `quant` ("int8", or "rtn4" with `group_size`) quantizes the linear weights of a float checkpoint
+    (each global tensor, then this rank's slice of its integers: models.quant); a GPTQ-format
+    checkpoint (models.quant_format) loads quantized by itself. The model is then for inference only.
     """
-    if quant is not None and skip_blocks:
-        raise ValueError(f"quant={quant!r} with pooled blocks {sorted(skip_blocks)} is not supported; load them locally")
+    qcfg = quant_config(directory)
+    if quant is not None:
+        check_method(quant, group_size)
+        if qcfg is not None:
+            raise ValueError(f"{directory} is already quantized ({qcfg.get('bits')}-bit GPTQ); "
+                             f"load it without quant={quant!r}")
+    if (quant is not None or qcfg is not None) and skip_blocks:
+        raise ValueError(f"quantized weights with pooled blocks {sorted(skip_blocks)} are not supported; "
+                         "load them locally")
     spec = ModelSpec.from_hf_dir(directory, dtype=dtype)
     model = build_model(spec, ctx, frozenset(skip_blocks))
     with CheckpointReader(directory) as reader:
-        load_weights(model, reader, frozenset(skip_blocks))
-    if quant is not None:
-        quantize_model(model, quant, group_size=group_size)
+        source = QuantSource(reader, qcfg, quant, group_size) if quant is not None or qcfg is not None else None
+        load_weights(model, reader, frozenset(skip_blocks), source)
     return spec, model.eval()
 
 

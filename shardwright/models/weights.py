@@ -14,6 +14,11 @@ from torch import nn
 
 from shardwright.models.checkpoint import CheckpointReader, Read
 from shardwright.models.decoder import DecoderModel
+from shardwright.models.quant import set_quantized
+from shardwright.models.quant_format import QuantSource
+from shardwright.parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+LINEARS = (ColumnParallelLinear, RowParallelLinear)
 
 Plan = Iterator[tuple[str, nn.Parameter, list[Read]]]
 
@@ -111,16 +116,29 @@ def weight_plan(model: DecoderModel, reader: CheckpointReader) -> Plan:
 
 
 @torch.no_grad()
-def load_weights(model: DecoderModel, reader: CheckpointReader, skip_blocks: frozenset[int] = frozenset()) -> None:
+def load_weights(model: DecoderModel, reader: CheckpointReader, skip_blocks: frozenset[int] = frozenset(),
+                 quant: QuantSource | None = None) -> None:
     """Fill every parameter of `model` from `reader`, slice by slice; check every shape.
 
     Blocks in `skip_blocks` (local indices) are left as they are (on the meta device when
-    their weights are pooled elsewhere).
+    their weights are pooled elsewhere). With `quant`, the weights of the column- and
+    row-parallel linears become QuantizedWeights (models.quant_format).
     """
     seen = set()
     skipped = {id(p) for i in skip_blocks for p in model.blocks[i].parameters()}
+    modules = dict(model.named_modules())
     for name, param, reads in weight_plan(model, reader):
         if id(param) in skipped:
+            seen.add(id(param))
+            continue
+        module = modules[name.rpartition(".")[0]]
+        if quant is not None and name.endswith(".weight") and isinstance(module, LINEARS) \
+                and quant.is_quantized(reads[0].name):
+            qw = quant.weight(name, reads, param.device)
+            if qw.shape != tuple(param.shape):
+                raise ValueError(f"checkpoint gives {name} shape {qw.shape} (from {reads[0].name}), "
+                                 f"the model expects {tuple(param.shape)}: config.json and weights disagree")
+            set_quantized(module, qw)
             seen.add(id(param))
             continue
         parts = [reader.read(r) for r in reads]
@@ -132,6 +150,6 @@ def load_weights(model: DecoderModel, reader: CheckpointReader, skip_blocks: fro
             )
         param.copy_(value)
         seen.add(id(param))
-    missing = [n for n, p in model.named_parameters() if id(p) not in seen]
+    missing = [n for n, p in model.named_parameters() if id(p) not in seen]  # quantized ones are gone
     if missing:
         raise RuntimeError(f"no checkpoint source for parameters {missing}")
