@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-NAMES = ("decode", "scheduler", "attention", "train", "pool", "api", "quant")
+NAMES = ("decode", "step", "scheduler", "attention", "train", "pool", "api", "quant")
 
 
 def available() -> list[str]:

@@ -57,6 +57,10 @@ class EngineConfig(StrictModel):
     max_running: int = Field(64, ge=1, description="Most sequences in the running batch.")
     collective_timeout_s: float = Field(30.0, gt=0, description="Worker collective/step timeout.")
     threads_per_worker: int | None = Field(None, ge=1, description="CPU threads per worker (CPU only).")
+    pack_weights: bool = Field(
+        True, description="On CPU, pre-pack the bf16 linear weights into oneDNN's blocked layout once at load "
+                          "(shardwright.models.packed), so no GEMM re-packs them per call; fp32 weights stay "
+                          "as they are (packing measured slower there). Off: plain tensors (the reference).")
     async_scheduling: bool | None = Field(
         None, description="With one pipeline stage, dispatch step k+1 before step k returns (the workers "
                           "feed their own sampled tokens back), hiding the controller's per-step work. "
@@ -158,7 +162,7 @@ class InferenceEngine:
         gang = WorkerGang(GangConfig(layout=c.layout, collective_timeout_s=c.collective_timeout_s,
                                      threads_per_worker=c.threads_per_worker, bundle_nodes=c.bundle_nodes,
                                      peers=c.pool.peers),
-                          runner_kwargs={"memory_budget_bytes": c.pool.budget_bytes},
+                          runner_kwargs={"memory_budget_bytes": c.pool.budget_bytes, "pack_weights": c.pack_weights},
                           peer_kwargs={"memory_budget_bytes": c.pool.peer_budget_bytes or c.pool.budget_bytes})
         try:
             gang.start()

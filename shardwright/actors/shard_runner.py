@@ -18,6 +18,7 @@ from shardwright.actors.group_member import GroupMember
 from shardwright.actors.sampling import SamplingParams, sample_tokens, token_logprobs
 from shardwright.config import ParallelLayout
 from shardwright.models import load_model
+from shardwright.models.packed import pack_model
 from shardwright.models.paged import PagedBatch
 from shardwright.pool.fetch import CallSource, LayerFetcher, TensorSource
 from shardwright.pool.ledger import MemoryLedger
@@ -71,8 +72,10 @@ class ShardRunner(GroupMember):
     """One rank of a deployment's gang: process groups, weight shard, paged KV cache."""
 
     def __init__(self, rank: int, layout: ParallelLayout, *, threads_per_worker: int | None = None,
-                 memory_budget_bytes: int | None = None) -> None:
+                 memory_budget_bytes: int | None = None, pack_weights: bool = True) -> None:
         super().__init__(rank, layout, threads_per_worker=threads_per_worker)
+        self.pack_weights = pack_weights  # models.packed: oneDNN-packed CPU weights (bf16)
+        self.packed_weights = 0
         self.model = None
         self.cache = None
         self.block_size = 0
@@ -111,6 +114,8 @@ class ShardRunner(GroupMember):
         method, group_size = quant or (None, 128)
         _, self.model = load_model(model_dir, self.ctx, dtype=dtype, skip_blocks=skip, quant=method,
                                    group_size=group_size)
+        if self.pack_weights and not skip:  # pooled layers are bound from elsewhere: left unpacked;
+            self.packed_weights = pack_model(self.model)  # quantized weights are not tensors: skipped
         if skip:
             sources = {int(i): self._source(int(i), where, model_dir, spec) for i, where in pooled.items()}
             self.fetcher = LayerFetcher(self.model.blocks, sources, self.ledger, self.ctx.device, depth)
