@@ -17,6 +17,7 @@ high-water mark (weights, KV cache, activations, fetch buffers), never above bud
 
 from __future__ import annotations
 
+from benchmarks.runner import measure_point
 from benchmarks.decode import PROMPT_LEN, decode_rate, model_dir
 from shardwright.config import ModelSpec, ParallelLayout
 
@@ -65,6 +66,18 @@ def budget_for(spec: ModelSpec, cfg, fraction: float) -> int:
     return fixed + resident + staging_bytes([layers[i] for i in pooled], PREFETCH)
 
 
+def row(fraction: float, batch: int, p: dict, r: dict | None) -> dict:
+    """One pooled point beside the resident engine (its columns None if both resident runs failed)."""
+    latency = batch / p["tokens_per_s"]
+    resident_latency = None if r is None else batch / r["tokens_per_s"]
+    return {"pooled_fraction": fraction, "batch": batch, "latency_s": latency,
+            "resident_latency_s": resident_latency,
+            "slowdown": None if r is None else latency / resident_latency,
+            "tokens_per_s": p["tokens_per_s"], "resident_tokens_per_s": None if r is None else r["tokens_per_s"],
+            "bytes_moved_per_token": p["bytes_per_token"], "peak_resident_bytes": p["peak"],
+            "budget_bytes": p["budget"]}
+
+
 def run(quick: bool) -> dict:
     import ray
 
@@ -78,28 +91,25 @@ def run(quick: bool) -> dict:
     if not ray.is_initialized():
         ray.init(address="local", num_gpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     base = EngineConfig(model_dir=directory, layout=ParallelLayout(), max_running=max(batches), **LIMITS)
-    resident = decode(base, batches, steps)
+    resident = measure_point({"engine": "resident", "run": 1}, decode, base, batches, steps) or {}
     pooled_runs = {}
     for fraction in FRACTIONS:
         budget = budget_for(spec, base, fraction)
         pool = PoolOptions(budget_bytes=budget, peers=1, peer_budget_bytes=spec.num_parameters * 4,
                            prefetch_depth=PREFETCH, pooled_fraction=fraction)
-        pooled_runs[fraction] = decode(base.model_copy(update={"pool": pool}), batches, steps)
-    again = decode(base, batches, steps)  # the resident side before and after the pooled ones: its best
-    for b in batches:
-        if again[b]["tokens_per_s"] > resident[b]["tokens_per_s"]:
-            resident[b] = again[b]
+        got = measure_point({"engine": "pooled", "pooled_fraction": fraction},
+                            decode, base.model_copy(update={"pool": pool}), batches, steps)
+        if got is not None:
+            pooled_runs[fraction] = got
+    # the resident side before and after the pooled ones: its best
+    again = measure_point({"engine": "resident", "run": 2}, decode, base, batches, steps) or {}
+    for b, figures in again.items():
+        if b not in resident or figures["tokens_per_s"] > resident[b]["tokens_per_s"]:
+            resident[b] = figures
     results = []
-    for fraction in FRACTIONS:
-        pooled = pooled_runs[fraction]
+    for fraction, pooled in pooled_runs.items():
         for b in batches:
-            p, r = pooled[b], resident[b]
-            latency, resident_latency = b / p["tokens_per_s"], b / r["tokens_per_s"]
-            results.append({"pooled_fraction": fraction, "batch": b, "latency_s": latency,
-                            "resident_latency_s": resident_latency, "slowdown": latency / resident_latency,
-                            "tokens_per_s": p["tokens_per_s"], "resident_tokens_per_s": r["tokens_per_s"],
-                            "bytes_moved_per_token": p["bytes_per_token"], "peak_resident_bytes": p["peak"],
-                            "budget_bytes": p["budget"]})
+            results.append(row(fraction, b, pooled[b], resident.get(b)))
     notes = [f"model: {spec.num_parameters / 1e6:.0f}M parameters fp32, tp=1, one memory peer on the same node; "
              f"prefetch depth {PREFETCH}; {steps} decode steps per point"]
     return {"results": results, "notes": notes, "model_parameters": spec.num_parameters}
