@@ -69,9 +69,12 @@ def rank_main(rank: int, world_size: int, layout: ParallelLayout, directory: str
     from shardwright.training.trainer import TrainerRank
 
     trainer = TrainerRank(train_config(offload=offload), layout).start(ModelSource(path=directory))
-    for _ in range(warmup):
-        trainer.train_step()
-    return [trainer.train_step() for _ in range(steps)], trainer.optimizer_bytes()
+    try:
+        for _ in range(warmup):
+            trainer.train_step()
+        return [trainer.train_step() for _ in range(steps)], trainer.optimizer_bytes()
+    finally:
+        trainer.close()
 
 
 def baseline(directory: Path, warmup: int, steps: int) -> float:
