@@ -9,10 +9,11 @@ gloo_tcp_loop) still running, to be destroyed in whatever order finalization cho
 waited for its peers before closing its sockets. The abort itself did not reproduce here (0 in 24
 launches of the old code under heavy load; the issue saw 1 in 6 bench runs of 7 launches each), so
 this test checks its precondition, which is deterministic: in each rank at exit (after run_ranks'
-teardown, before interpreter shutdown) at most one group's gloo threads are left. The old teardown
-left every group's (2 groups at tp2 / pp2 / dp2 / cp2: 6 threads). The one group left is
-referenced from inside torch after destroy_process_group (not from any Shardwright object: none
-survives the teardown); its threads end with the process.
+teardown, before interpreter shutdown) at most one group's gloo threads are left. On the old code
+this fails at dp2 (both groups' 6 threads alive at exit: the hooks' cycle) and passes at tp2 (not
+checked there for pp2 / cp2). The one group left is referenced from inside torch after
+destroy_process_group (no Shardwright object survives the teardown); its threads end with the
+process.
 """
 
 from __future__ import annotations
