@@ -1,11 +1,11 @@
 """Training ranks start and tear down, again and again, at every layout (issue 21).
 
 A rank of `bench train` now and then died at the end with "terminate called without an active
-exception" (SIGABRT, a C++ std::thread destroyed while joinable). What the old teardown left: every
-process group outlived `destroy_process_group` (the DP gradient hooks keep the trainer, its
-context and its groups in a reference cycle through C++ that the garbage collector cannot break),
-so each rank reached interpreter shutdown with all of its groups' gloo threads (pt_gloo_runloop,
-gloo_tcp_loop) still running, to be destroyed in whatever order finalization chose; and no rank
+exception" (SIGABRT, a C++ std::thread destroyed while joinable). What the old teardown left: with
+dp > 1 (or cp > 1) every process group outlived `destroy_process_group` (the DP gradient hooks keep
+the trainer, its context and its groups in a reference cycle through C++ that the garbage
+collector cannot break), so each rank reached interpreter shutdown with all of its groups' gloo
+threads (pt_gloo_runloop, gloo_tcp_loop) still running, to be destroyed in whatever order finalization chose; and no rank
 waited for its peers before closing its sockets. The abort itself did not reproduce here (0 in 24
 launches of the old code under heavy load; the issue saw 1 in 6 bench runs of 7 launches each), so
 this test checks its precondition, which is deterministic: in each rank at exit (after run_ranks'
