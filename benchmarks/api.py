@@ -73,6 +73,7 @@ def _submit_figures(client, service, m: int) -> list[dict]:
 
 
 def run(quick: bool) -> dict:
+    from benchmarks.runner import measure_point
     from shardwright.api.client import Client
     from shardwright.api.server import ServerOptions, ShardwrightServer
     from shardwright.cluster.ray_connect import connect
@@ -97,7 +98,9 @@ def run(quick: bool) -> dict:
                 engine = service.engine("default", "bench")
                 _stream_once(client, engine, True)  # warm both paths
                 _stream_once(client, engine, False)
-                results = _stream_figures(client, engine, n) + _submit_figures(client, service, m)
+                stream = measure_point({"path": "generate_stream", "requests": n}, _stream_figures, client, engine, n)
+                submit = measure_point({"path": "submit", "jobs": m}, _submit_figures, client, service, m)
+                results = (stream or []) + (submit or [])
         finally:
             server.stop()
             service.close()

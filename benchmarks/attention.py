@@ -48,6 +48,7 @@ import gc
 import os
 import statistics
 import time
+from collections import defaultdict
 
 import torch
 import torch.distributed as dist
@@ -254,6 +255,17 @@ def launch(method: str, world: int, configs: list, threads: int) -> list[dict]:
     return merged
 
 
+NOT_MEASURED = defaultdict(lambda: None)  # a reference whose launch failed: every figure None
+
+
+def measure_launch(point: dict, configs: list, threads: int) -> list[dict]:
+    """One launch as one benchmark point: its figures per config, or [] if it failed."""
+    from benchmarks.runner import measure_point
+
+    return measure_point({**point, "configs": len(configs)}, launch, point["method"], point["cp"],
+                         configs, threads) or []
+
+
 def run(quick: bool) -> dict:
     ncores = cores()
     plan = plan_runs(quick)
@@ -262,20 +274,23 @@ def run(quick: bool) -> dict:
     cp_configs = {cfg for (m, _), cfgs in plan["runs"].items() if m != "splitkv" for cfg in cfgs}
     ref_configs = sorted({(n, c, any(b for n2, c2, b in cp_configs if (n2, c2) == (n, c)))
                           for n, c, _ in cp_configs})
-    ref = {(n, c): got for (n, c, _), got in
-           zip(ref_configs, launch("reference", 1, ref_configs, ncores))}
+    ref = dict(zip([(n, c) for n, c, _ in ref_configs],
+                   measure_launch({"method": "reference", "cp": 1, "threads": ncores}, ref_configs, ncores)))
     fwd_configs = [(n, c, False) for n, c, _ in ref_configs]
-    ref_1t = {(n, c): got for (n, c, _), got in
-              zip(fwd_configs, launch("reference", 1, fwd_configs, 1))}
+    ref_1t = dict(zip([(n, c) for n, c, _ in fwd_configs],
+                      measure_launch({"method": "reference", "cp": 1, "threads": 1}, fwd_configs, 1)))
     dec_configs = sorted({(n, c, False) for (m, _), cfgs in plan["runs"].items() if m == "splitkv"
                           for n, c, _ in cfgs})
-    ref_dec = dict(zip(dec_configs, launch("reference_decode", 1, dec_configs, ncores)))
+    ref_dec = dict(zip(dec_configs, measure_launch({"method": "reference_decode", "cp": 1, "threads": ncores},
+                                                   dec_configs, ncores)))
     results = []
     for (method, cp), configs in plan["runs"].items():
         threads = max(1, ncores // cp)
-        for (n, causal, bwd), got in zip(configs, launch(method, cp, configs, threads)):
-            base = ref_dec[(n, causal, False)] if method == "splitkv" else ref[(n, causal)]
-            base_1t = None if method == "splitkv" else ref_1t[(n, causal)]
+        for (n, causal, bwd), got in zip(configs, measure_launch({"method": method, "cp": cp, "threads": threads},
+                                                                 configs, threads)):
+            base = ref_dec.get((n, causal, False), NOT_MEASURED) if method == "splitkv" \
+                else ref.get((n, causal), NOT_MEASURED)
+            base_1t = None if method == "splitkv" else ref_1t.get((n, causal))
             results.append(row(method, cp, n, causal, threads, ncores, got, base, base_1t))
     load_after = os.getloadavg()
     return {"results": results, "notes": notes(results, quick, ncores, load_before, load_after,

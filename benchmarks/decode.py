@@ -34,6 +34,7 @@ from pathlib import Path
 
 from benchmarks.decode_baseline import baseline_decode
 from benchmarks.hf_baseline import hf_decode_rates
+from benchmarks.runner import measure_point
 from shardwright.config import ModelSpec, ParallelLayout
 
 COLUMNS = ["tp", "pp", "batch", "latency_s", "baseline_latency_s", "overhead", "tokens_per_s",
@@ -106,6 +107,20 @@ def kv_bytes_per_step(spec: ModelSpec, batch: int, context: int) -> int:
     return 2 * spec.num_layers * batch * context * spec.num_kv_heads * spec.head_dim * 4
 
 
+def measure_layout(directory: Path, layout: ParallelLayout, batches: list[int], steps: int):
+    """(baseline, engine, Hugging Face) best figures per batch at one layout, the sides alternating."""
+    base, eng, hf = {}, {}, {}
+    for _ in range(REPEATS):  # alternate the sides; keep each one's best figures
+        for b, times in baseline_decode(str(directory), layout, batches, steps, PROMPT_LEN).items():
+            _keep_best(base, b, statistics.median(times), b * len(times) / sum(times))
+        for b, (latency, rate) in engine_decode(directory, layout, batches, steps).items():
+            _keep_best(eng, b, latency, rate)
+        if (layout.tp, layout.pp) == (1, 1):  # Hugging Face generate: one process, like this layout
+            for b, rate in hf_decode_rates(str(directory), batches, steps, PROMPT_LEN).items():
+                hf[b] = max(hf.get(b, 0.0), rate)
+    return base, eng, hf
+
+
 def run(quick: bool) -> dict:
     import ray
 
@@ -118,17 +133,10 @@ def run(quick: bool) -> dict:
         ray.init(address="local", num_gpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     results = []
     for tp, pp in layouts:
-        layout = ParallelLayout(tp=tp, pp=pp)
-        base, eng, hf = {}, {}, {}
-        for _ in range(REPEATS):  # alternate the sides; keep each one's best figures
-            for b, times in baseline_decode(str(directory), layout, batches, steps, PROMPT_LEN).items():
-                _keep_best(base, b, statistics.median(times), b * len(times) / sum(times))
-            for b, (latency, rate) in engine_decode(directory, layout, batches, steps).items():
-                _keep_best(eng, b, latency, rate)
-            if (tp, pp) == (1, 1):  # Hugging Face generate: one process, like this layout
-                for b, rate in hf_decode_rates(str(directory), batches, steps, PROMPT_LEN).items():
-                    hf[b] = max(hf.get(b, 0.0), rate)
-        for b in batches:
+        got = measure_point({"tp": tp, "pp": pp}, measure_layout, directory, ParallelLayout(tp=tp, pp=pp),
+                            batches, steps)
+        for b in batches if got is not None else []:
+            base, eng, hf = got
             results.append(row(spec, tp, pp, b, eng[b], base[b], steps))
             if b in hf:
                 results[-1].update(hf_tokens_per_s=hf[b], vs_hf=results[-1]["tokens_per_s"] / hf[b])

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.runner import measure_point
 import torch.nn.functional as F
 
 from shardwright.config import ModelSource, ModelSpec, ParallelLayout
@@ -154,10 +156,12 @@ def speed(repeats: int, new_tokens: int) -> dict[str, tuple[float, int]]:
 
 def run(quick: bool) -> dict:
     steps = 200 if quick else 400
-    ppl, info = quality(steps)
-    rates = speed(2 if quick else 3, 16 if quick else 48)
+    ppl, info = measure_point({"phase": "perplexity"}, quality, steps) or ({}, {})
+    rates = measure_point({"phase": "decode"}, speed, 2 if quick else 3, 16 if quick else 48) or {}
     results = []
     for variant in ("fp32", "bf16", "int8", "rtn4", "gptq4"):
+        if variant not in rates:
+            continue
         rate, weights = rates[variant]
         results.append({"variant": variant, "perplexity": ppl.get(variant),
                         "ppl_vs_fp32": ppl[variant] / ppl["fp32"] if variant in ppl else None,

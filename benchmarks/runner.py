@@ -1,14 +1,89 @@
-"""Shared benchmark runner: a human table, then one JSON line (the last line printed)."""
+"""Shared benchmark runner: a progress line per measured point (stderr), a human table, then one
+JSON line (the last line printed on stdout).
+
+A benchmark's `run(quick)` measures each point through `measure_point(point, fn, *args)`: it
+prints `[bench NAME] point K: tp=2 pp=1 ...: ok in 12.3 s` (or `FAILED in ...: error`) to stderr
+as it goes, and a point that raises is recorded (its description and the error) instead of ending
+the run, so the points already measured are still reported. The JSON lists the failed points
+under "failed"; the exit status is 1 if any failed.
+
+Fault injection (to check the above on the real code path): SHARDWRIGHT_BENCH_FAIL_POINT="tp=2,pp=1"
+makes every point whose description has all those key=value pairs raise before it runs.
+"""
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TextIO
 
 NAMES = ("decode", "step", "scheduler", "attention", "train", "pool", "api", "quant")
+FAIL_POINT_ENV = "SHARDWRIGHT_BENCH_FAIL_POINT"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised in place of a point named by SHARDWRIGHT_BENCH_FAIL_POINT."""
+
+
+class Progress:
+    """The points of one benchmark run: how many ran, which failed, where progress goes."""
+
+    def __init__(self, name: str, fail_point: str | None = None, out: TextIO | None = None) -> None:
+        self.name, self.out = name, out
+        self.fail_point = _parse_point(fail_point) if fail_point else None
+        self.count = 0
+        self.failed: list[dict[str, Any]] = []
+
+    def measure(self, point: dict[str, Any], fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """fn(*args, **kwargs), or None (recorded in `failed`) if it raised."""
+        self.count += 1
+        label = describe(point)
+        start = time.perf_counter()
+        try:
+            if self.fail_point is not None and self.fail_point.items() <= _as_str(point).items():
+                raise InjectedFailure(f"failure injected by {FAIL_POINT_ENV}={describe(self.fail_point)}")
+            got = fn(*args, **kwargs)
+        except Exception as exc:  # a failed point is reported, the run goes on
+            error = f"{type(exc).__name__}: {exc}".strip().replace("\n", " | ")[:2000]
+            self.failed.append({**point, "error": error})
+            self._say(f"point {self.count}: {label}: FAILED in {time.perf_counter() - start:.1f} s: {error}")
+            return None
+        self._say(f"point {self.count}: {label}: ok in {time.perf_counter() - start:.1f} s")
+        return got
+
+    def _say(self, line: str) -> None:
+        print(f"[bench {self.name}] {line}", file=self.out or sys.stderr, flush=True)
+
+
+_current: Progress | None = None
+
+
+def measure_point(point: dict[str, Any], fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Measure one point of the running benchmark (see the module doc); None if it failed."""
+    global _current
+    if _current is None:  # run() called outside main(): progress still shows
+        _current = Progress("?", os.environ.get(FAIL_POINT_ENV))
+    return _current.measure(point, fn, *args, **kwargs)
+
+
+def describe(point: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in point.items()) or "(all)"
+
+
+def _as_str(point: dict[str, Any]) -> dict[str, str]:
+    return {str(k): str(v) for k, v in point.items()}
+
+
+def _parse_point(text: str) -> dict[str, str]:
+    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"{FAIL_POINT_ENV}={text!r}: expected key=value[,key=value...]")
+    return {k.strip(): v.strip() for k, v in pairs}
 
 
 def available() -> list[str]:
@@ -31,17 +106,27 @@ def _fmt(v) -> str:
 
 
 def main(name: str, quick: bool, as_json: bool) -> int:
+    """Run benchmarks/NAME.py: 0 if every point was measured, 1 if any failed, 2 for a bad name."""
+    global _current
     if name not in available():
         print(f"shardwright bench: unknown benchmark {name!r}; available: {available()}", file=sys.stderr)
+        return 2
+    try:
+        _current = Progress(name, os.environ.get(FAIL_POINT_ENV))
+    except ValueError as exc:
+        print(f"shardwright bench: {exc}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"benchmarks.{name}")
     start = time.perf_counter()
     report = module.run(quick=quick)
     report["benchmark"], report["quick"] = name, quick
     report["wall_s"] = round(time.perf_counter() - start, 1)
+    report["failed"] = _current.failed
     print(table(report["results"], module.COLUMNS))
     for line in report.get("notes", []):
         print(line)
+    for point in _current.failed:
+        print(f"FAILED: {point['error']} ({describe({k: v for k, v in point.items() if k != 'error'})})")
     if as_json:
         print(json.dumps(report))
-    return 0
+    return 1 if _current.failed else 0

@@ -44,13 +44,17 @@ from shardwright.scheduler.policies import POLICY_NAMES, make_policy
 from shardwright.scheduler.sim import SimReport, Simulator
 from shardwright.scheduler.traces import load_philly
 
-PHILLY = (
-    Path(__file__).resolve().parents[1].parent
-    / "shared"
-    / "traces"
-    / "philly"
-    / "philly_jobs_2017-09-04_to_2017-10-31.csv"
-)
+
+
+def _shared_dir(root: Path) -> Path:
+    """shared/ in or beside the checkout, or beside a folder above it (a git worktree in a subfolder)."""
+    for folder in (root, *root.parents):
+        if (folder / "shared" / "traces").is_dir():
+            return folder / "shared"
+    return root.parent / "shared"
+
+
+PHILLY = _shared_dir(Path(__file__).resolve().parents[1]) / "traces" / "philly" / "philly_jobs_2017-09-04_to_2017-10-31.csv"
 DAY_S = 86_400.0
 FIRST_WEEK_DAY = 20
 NUM_NODES, GPUS_PER_NODE = 32, 8
@@ -73,25 +77,34 @@ PHILLY_SIZES = {1: 76_627, 2: 1_818, 4: 1_870, 8: 1_643, 16: 199, 32: 67}
 def run_trace(since_day: float, days: float) -> list[dict[str, object]]:
     """One row per policy on one Philly slice, FIFO (the baseline) first; ratios are policy / FIFO."""
     trace = load_philly(PHILLY, GPUS_PER_NODE, since_s=since_day * DAY_S, window_s=days * DAY_S)
+    from benchmarks.runner import measure_point
+
     label = f"days {since_day:g}-{since_day + days:g} ({len(trace.jobs)} jobs)"
     rows, fifo = [], None
     for name in POLICY_NAMES:
         start = time.perf_counter()
-        cluster = ClusterInventory.uniform(NUM_NODES, GPUS_PER_NODE)
-        report = Simulator(make_policy(name), cluster).run(trace.jobs)
-        fifo = fifo or report
+        report = measure_point({"slice": label, "policy": name}, _simulate, name, trace.jobs)
+        if report is None:
+            continue
+        if name == "fifo":
+            fifo = report
         row = {"slice": label, "policy": name, **_figures(report, fifo)}
         rows.append({**row, "sim_wall_s": round(time.perf_counter() - start, 2)})
     return rows
 
 
-def _figures(rep: SimReport, fifo: SimReport) -> dict[str, object]:
+def _simulate(policy: str, jobs: list[Job]) -> SimReport:
+    return Simulator(make_policy(policy), ClusterInventory.uniform(NUM_NODES, GPUS_PER_NODE)).run(jobs)
+
+
+def _figures(rep: SimReport, fifo: SimReport | None) -> dict[str, object]:
+    """The report's figures; the ratios to FIFO are None when FIFO's point failed."""
     keys = ("avg_jct_s", "p50_jct_s", "p99_jct_s", "avg_queue_s", "avg_wait_s", "makespan_s")
     return {
         **{k: round(getattr(rep, k), 1) for k in keys},
         "utilization": round(rep.utilization, 4),
-        "jct_vs_fifo": round(rep.avg_jct_s / fifo.avg_jct_s, 4),
-        "util_vs_fifo": round(rep.utilization / fifo.utilization, 4),
+        "jct_vs_fifo": None if fifo is None else round(rep.avg_jct_s / fifo.avg_jct_s, 4),
+        "util_vs_fifo": None if fifo is None else round(rep.utilization / fifo.utilization, 4),
         "preemptions": rep.num_preemptions,
         "fairness_jain_slowdown": round(rep.fairness_jain_slowdown, 4),
     }
@@ -133,27 +146,38 @@ def _scenario(free_fraction: float, seed: int = 0) -> tuple[list[Job], list[Runn
 
 def time_passes(repeats: int) -> list[dict[str, object]]:
     """One row per policy: median wall and CPU milliseconds of one pass in each scenario."""
+    from benchmarks.runner import measure_point
+
     rows = {name: {"slice": "one pass, 1000x8 GPUs, 10k queued", "policy": name} for name in POLICY_NAMES}
     for label, free_fraction in (("busy", 0.03), ("draining", 0.25)):
         queue, running, cluster = _scenario(free_fraction)
         for name in POLICY_NAMES:
-            policy, wall, cpu = make_policy(name), [], []
-            for _ in range(repeats):
-                start, start_cpu = time.perf_counter(), time.process_time()
-                policy.schedule(queue, running, cluster, 1_000_000.0)
-                wall.append((time.perf_counter() - start) * 1e3)
-                cpu.append((time.process_time() - start_cpu) * 1e3)
-            rows[name][f"pass_{label}_ms"] = round(statistics.median(wall), 2)
-            rows[name][f"pass_{label}_cpu_ms"] = round(statistics.median(cpu), 2)
+            got = measure_point({"pass": label, "policy": name}, _time_pass, name, queue, running, cluster, repeats)
+            if got is not None:
+                rows[name][f"pass_{label}_ms"], rows[name][f"pass_{label}_cpu_ms"] = got
     return list(rows.values())
+
+
+def _time_pass(policy_name: str, queue: list[Job], running: list[RunningJob], cluster: ClusterInventory,
+               repeats: int) -> tuple[float, float]:
+    """Median wall and CPU milliseconds of one `schedule` call."""
+    policy, wall, cpu = make_policy(policy_name), [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        policy.schedule(queue, running, cluster, 1_000_000.0)
+        wall.append((time.perf_counter() - start) * 1e3)
+        cpu.append((time.process_time() - start_cpu) * 1e3)
+    return round(statistics.median(wall), 2), round(statistics.median(cpu), 2)
 
 
 def _target_notes(rows: list[dict[str, object]]) -> list[str]:
     """Per slice: the best policy by average JCT and whether it meets JCT <= 0.5x FIFO with
     utilisation >= FIFO's; which policies meet both."""
     notes = []
-    for label in dict.fromkeys(r["slice"] for r in rows if "jct_vs_fifo" in r):
+    for label in dict.fromkeys(r["slice"] for r in rows if r.get("jct_vs_fifo") is not None):
         mine = [r for r in rows if r["slice"] == label and r["policy"] != "fifo"]
+        if not mine:
+            continue
         best = min(mine, key=lambda r: r["avg_jct_s"])
         meets = [r["policy"] for r in mine if r["jct_vs_fifo"] <= 0.5 and r["util_vs_fifo"] >= 1]
         notes.append(
@@ -172,12 +196,13 @@ def run(quick: bool) -> dict[str, object]:
     weeks = [FIRST_WEEK_DAY] if quick else [FIRST_WEEK_DAY, FIRST_WEEK_DAY + 7, FIRST_WEEK_DAY + 14]
     rows = [row for day in weeks for row in run_trace(day, 7)]
     passes = time_passes(repeats=5 if quick else 9)
-    worst_ms = max(r[k] for r in passes for k in ("pass_busy_ms", "pass_draining_ms"))
-    worst_cpu_ms = max(r[k] for r in passes for k in ("pass_busy_cpu_ms", "pass_draining_cpu_ms"))
+    worst_ms = max((r[k] for r in passes for k in ("pass_busy_ms", "pass_draining_ms") if k in r), default=None)
+    worst_cpu_ms = max((r[k] for r in passes for k in ("pass_busy_cpu_ms", "pass_draining_cpu_ms") if k in r),
+                       default=None)
     notes = [
         *_target_notes(rows),
-        f"one pass at 1,000 nodes x 8 GPUs, 10,000 queued: worst median {worst_ms:.1f} ms wall, "
-        f"{worst_cpu_ms:.1f} ms CPU (target < 50 ms; load average {os.getloadavg()[0]:.1f} "
+        f"one pass at 1,000 nodes x 8 GPUs, 10,000 queued: worst median {_ms(worst_ms)} ms wall, "
+        f"{_ms(worst_cpu_ms)} ms CPU (target < 50 ms; load average {os.getloadavg()[0]:.1f} "
         f"on {os.cpu_count()} CPUs while timing)",
     ]
     return {
@@ -191,6 +216,10 @@ def run(quick: bool) -> dict[str, object]:
         "notes": notes,
         "results": rows + passes,
     }
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from benchmarks.runner import measure_point
+
 from benchmarks.decode import model_dir
 
 COLUMNS = ["variant", "batch", "median_ms", "best_ms", "vs_fp32"]
@@ -52,24 +54,27 @@ def variants(directory) -> dict:
 
 
 @torch.inference_mode()
+def _batch_rows(models: dict, batch: int, steps: int) -> list[dict]:
+    plan, blocks = decode_batch(batch)
+    caches = {name: m.new_paged_cache(blocks, BLOCK) for name, m in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(steps + 2):  # the first two rounds warm up
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.full_logits(model.forward_packed(plan.token_ids, plan, caches[name]))
+            if i >= 2:
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["fp32"])
+    return [{"variant": name, "batch": batch, "median_ms": statistics.median(ts) * 1e3,
+             "best_ms": min(ts) * 1e3, "vs_fp32": base / statistics.median(ts)} for name, ts in times.items()]
+
+
 def run(quick: bool) -> dict:
     steps = 10 if quick else 40
     models = variants(str(model_dir()))
     results = []
     for batch in (1, 8, 32):
-        plan, blocks = decode_batch(batch)
-        caches = {name: m.new_paged_cache(blocks, BLOCK) for name, m in models.items()}
-        times: dict[str, list[float]] = {name: [] for name in models}
-        for i in range(steps + 2):  # the first two rounds warm up
-            for name, model in models.items():
-                start = time.perf_counter()
-                model.full_logits(model.forward_packed(plan.token_ids, plan, caches[name]))
-                if i >= 2:
-                    times[name].append(time.perf_counter() - start)
-        base = statistics.median(times["fp32"])
-        for name, ts in times.items():
-            results.append({"variant": name, "batch": batch, "median_ms": statistics.median(ts) * 1e3,
-                            "best_ms": min(ts) * 1e3, "vs_fp32": base / statistics.median(ts)})
+        results += measure_point({"batch": batch}, _batch_rows, models, batch, steps) or []
     notes = [f"llama-110m, {CONTEXT} tokens of context per row, {steps} steps per variant taken in turns, "
              f"{torch.get_num_threads()} threads; vs_fp32 = fp32 median / variant median (same run)"]
     return {"results": results, "notes": notes}

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.runner import measure_point
 from shardwright.config import ModelSource, ModelSpec, ParallelLayout
 
 COLUMNS = ["tp", "pp", "dp", "cp", "offload", "tokens_per_s", "baseline_tokens_per_s", "ratio", "mfu",
@@ -68,9 +69,12 @@ def rank_main(rank: int, world_size: int, layout: ParallelLayout, directory: str
     from shardwright.training.trainer import TrainerRank
 
     trainer = TrainerRank(train_config(offload=offload), layout).start(ModelSource(path=directory))
-    for _ in range(warmup):
-        trainer.train_step()
-    return [trainer.train_step() for _ in range(steps)], trainer.optimizer_bytes()
+    try:
+        for _ in range(warmup):
+            trainer.train_step()
+        return [trainer.train_step() for _ in range(steps)], trainer.optimizer_bytes()
+    finally:
+        trainer.close()
 
 
 def baseline(directory: Path, warmup: int, steps: int) -> float:
@@ -110,6 +114,14 @@ def measure(layout: ParallelLayout, directory: Path, warmup: int, steps: int, of
             "bubble_formula": metrics[0]["bubble_formula"]}
 
 
+def measure_beside_baseline(layout: ParallelLayout, directory: Path, warmup: int, steps: int,
+                            offload: float) -> dict:
+    """One point: the baseline just before the layout (other tenants' load on the machine drifts)."""
+    base = baseline(directory, warmup, steps)
+    got = measure(layout, directory, warmup, steps, offload)
+    return {**got, "baseline_tokens_per_s": base, "ratio": got["tokens_per_s"] / base}
+
+
 def run(quick: bool) -> dict:
     directory = model_dir()
     spec = ModelSpec(**SPEC)
@@ -120,13 +132,12 @@ def run(quick: bool) -> dict:
     for case in cases:
         offload = case.get("offload", 0.0)
         layout = ParallelLayout(**{k: v for k, v in case.items() if k != "offload"})
-        base = baseline(directory, warmup, steps)  # beside each layout: the machine's load drifts
-        got = measure(layout, directory, warmup, steps, offload)
-        results.append({"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "cp": layout.cp, "offload": offload,
-                        **got, "baseline_tokens_per_s": base,
-                        "ratio": got["tokens_per_s"] / base,
-                        "mfu": got["tokens_per_s"] * flops_per_token / PEAK_FLOPS,
-                        "baseline_mfu": base * flops_per_token / PEAK_FLOPS})
+        point = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "cp": layout.cp, "offload": offload}
+        got = measure_point(point, measure_beside_baseline, layout, directory, warmup, steps, offload)
+        if got is not None:
+            results.append({**point, **got,
+                            "mfu": got["tokens_per_s"] * flops_per_token / PEAK_FLOPS,
+                            "baseline_mfu": got["baseline_tokens_per_s"] * flops_per_token / PEAK_FLOPS})
     notes = [f"model: {spec.num_parameters / 1e6:.1f}M parameters fp32, seq 128, global batch 16, m = 4; "
              f"best of {steps} measured steps after {warmup} warm-up; {os.cpu_count()} cores shared by the ranks",
              f"MFU = 6 * N * tokens/s / {PEAK_FLOPS / 1e9:.0f} GFLOP/s (whole-machine peak); "

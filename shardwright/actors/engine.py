@@ -198,12 +198,13 @@ class InferenceEngine:
         if pool.budget_bytes is None:
             return {}
         # Each worker resolved its budget ('device-free' is the GPU's free memory when it started).
-        budgets = [m["budget_bytes"] for m in gang.get([w.call.remote("memory") for w in gang.workers],
-                                                        list(range(len(gang.workers))))]
+        memory = gang.get([w.call.remote("memory") for w in gang.workers], list(range(len(gang.workers))))
+        budgets = [m["budget_bytes"] for m in memory]
         needs = []
         for rank in gang.compute_ranks:
             fixed, layers = resident_need(self.spec, c, rank)
-            needs.append(RankNeed(rank, gang.nodes[rank]["node_id"], budgets[rank], fixed, layers))
+            needs.append(RankNeed(rank, gang.nodes[rank]["node_id"], budgets[rank], fixed, layers,
+                                  binds_in_place=memory[rank]["device_type"] == "cpu"))
         holders = [Holder(i, gang.nodes[r]["node_id"], budgets[r]) for i, r in enumerate(gang.peer_ranks)]
         plan = plan_pool(needs, holders, host_bytes=pool.host_bytes, prefetch_depth=pool.prefetch_depth,
                          force_fraction=pool.pooled_fraction)

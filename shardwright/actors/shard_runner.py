@@ -164,8 +164,11 @@ class ShardRunner(GroupMember):
         """This rank's ledger (budget, resident bytes by kind, high-water mark) and, outside it, the
         pooled layers: bytes fetched and seconds fetching / waiting for fetches since load, and the
         bytes bound in place from same-node peers' segments (`bytes_mapped`, the peers' memory)."""
+        from shardwright.parallel.context import default_device
+
         snap = self.ledger.snapshot()
         snap["host_bytes"] = self.host_bytes
+        snap["device_type"] = default_device().type  # 'cpu': same-node pooled layers are bound in place
         snap.update(self.fetcher.traffic() if self.fetcher else
                     {"bytes_fetched": 0, "bytes_mapped": 0, "fetch_s": 0.0, "fetch_wait_s": 0.0})
         return snap

@@ -50,6 +50,11 @@ class TrainingRank(GroupMember):
     def save(self, root: str) -> str:
         return str(self.trainer.save(root))
 
+    def shutdown(self) -> None:
+        """The trainer's hooks and threads first, then the world (GroupMember.shutdown)."""
+        self.trainer.close()
+        super().shutdown()
+
 
 class TrainingController:
     """Runs one TrainingJob on a gang; thread-safe progress, stop and preemption."""

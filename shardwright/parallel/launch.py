@@ -8,10 +8,23 @@ that needs a gloo (CPU) or NCCL (GPU) world without Ray:
 `my_fn` must be importable (module level) because ranks are started with the `spawn` method.
 Rendezvous uses a file store in a private temporary directory, so no port is ever hard-coded
 and parallel test runs cannot collide.
+
+Teardown (issue 21: a rank now and then died with "terminate called without an active exception",
+a C++ thread destroyed while still running). A rank that returns does not close its world at once:
+1. a barrier over the world, then a second rendezvous through a file store (no sockets): when a
+   rank passes it, every rank has left the barrier, so no gloo message is in flight to or from
+   anyone and closing the sockets cannot cut a peer off mid-collective;
+2. `destroy_process_group` shuts every group down, and a garbage collection destroys the groups
+   left in Python reference cycles while the interpreter is whole, so their gloo threads are
+   joined now rather than during interpreter shutdown. (A cycle through C++, such as a trainer's
+   gradient hooks, no collector breaks: `TrainerRank.close` removes those hooks before `fn`
+   returns.) On torch 2.13 one gloo group is still referenced from inside torch after this;
+   its threads end with the process (tests/training/test_rank_teardown.py counts them).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 from collections.abc import Callable
@@ -44,11 +57,27 @@ def _rank_main(
         world_size=world_size,
         timeout=timedelta(seconds=timeout_s),
     )
+    returned = False
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(workdir) / f"result-{rank}.pt")
+        returned = True
+    finally:
+        close_world(rank, world_size, workdir, timeout_s, quiesce=returned)
+
+
+def close_world(rank: int, world_size: int, workdir: str, timeout_s: float, *, quiesce: bool = True) -> None:
+    """Leave the world without cutting a peer off (see the module doc). `quiesce=False` (this rank
+    failed: its peers are being stopped) skips the rendezvous and only tears down."""
+    try:
+        if quiesce and world_size > 1:
+            dist.barrier()
+            store = dist.FileStore(f"{workdir}/teardown", world_size)
+            store.set(f"left-barrier-{rank}", "1")
+            store.wait([f"left-barrier-{r}" for r in range(world_size)], timedelta(seconds=timeout_s))
     finally:
         dist.destroy_process_group()
+        gc.collect()
 
 
 def run_ranks(

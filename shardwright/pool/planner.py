@@ -1,11 +1,13 @@
 """plan_pool: which layers each rank keeps resident, and where the others are held.
 
-Every pooled layer is fetched once per step, so the bytes moved per step are the bytes pooled:
-the planner pools the fewest layers that make each rank fit its budget (counting the fetch
-buffers the prefetch needs), spreads them evenly through the stage (so each fetch has resident
-layers to hide behind), and holds each one on a peer with spare budget on the rank's own node
-first, then on other nodes, then in the rank's host memory. When that is not enough it refuses
-with the bytes missing and where, before anything is loaded.
+A pooled layer is fetched once per step, unless the rank binds it in place: a rank computing on
+the CPU maps a same-node peer's shared-memory segment and uses the layer from there (zero-copy:
+no fetch, no fetch buffer). The planner pools the fewest layers that make each rank fit its
+budget (counting the fetch buffers of the layers that are fetched, none for those bound in
+place), spreads them evenly through the stage (so each fetch has resident layers to hide behind),
+and holds each one on a peer with spare budget on the rank's own node first, then on other nodes,
+then in the rank's host memory. When that is not enough it refuses with the bytes missing and
+where, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class RankNeed:
     budget_bytes: int
     fixed_bytes: int  # non-layer weights + KV cache + step activations
     layer_bytes: tuple[int, ...]  # per local layer
+    binds_in_place: bool = False  # a same-node peer's layer is bound zero-copy (CPU), not fetched
 
 
 @dataclass
@@ -48,6 +51,7 @@ class PoolPlan:
     placements: dict[int, dict[int, int | str]] = field(default_factory=dict)
     prefetch_depth: int = 2
     layer_bytes: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    fetched_bytes: dict[int, int] = field(default_factory=dict)  # per step; the rest is bound in place
 
     def pooled(self, rank: int) -> dict[int, int | str]:
         return {i: where for i, where in self.placements.get(rank, {}).items() if where != "resident"}
@@ -68,14 +72,19 @@ class PoolPlan:
                 lines.append(f"rank {rank}: all {len(places)} layers resident")
                 continue
             where = ", ".join(f"layer {i} -> {'host' if w == HOST else f'peer {w}'}" for i, w in sorted(pooled.items()))
+            fetched = self.fetched_bytes.get(rank, self.bytes_pooled(rank))
             lines.append(f"rank {rank}: {len(places) - len(pooled)}/{len(places)} layers resident; "
-                         f"{fmt_bytes(self.bytes_pooled(rank))} fetched per step ({where})")
+                         f"{fmt_bytes(fetched)} fetched per step, {fmt_bytes(self.bytes_pooled(rank) - fetched)} "
+                         f"bound in place ({where})")
         return lines
 
     def to_dict(self) -> dict:
         return {"prefetch_depth": self.prefetch_depth,
                 "ranks": {str(r): {str(i): w for i, w in p.items()} for r, p in self.placements.items()},
-                "bytes_fetched_per_step": {str(r): self.bytes_pooled(r) for r in self.placements}}
+                "bytes_fetched_per_step": {str(r): self.fetched_bytes.get(r, self.bytes_pooled(r))
+                                           for r in self.placements},
+                "bytes_bound_in_place": {str(r): self.bytes_pooled(r) - self.fetched_bytes.get(r, self.bytes_pooled(r))
+                                         for r in self.placements}}
 
 
 def staging_bytes(pooled_sizes: list[int], depth: int) -> int:
@@ -89,18 +98,50 @@ def spread(num_layers: int, count: int) -> list[int]:
     return sorted({(j + 1) * num_layers // count - 1 for j in range(count)}) if count else []
 
 
-def _layers_to_pool(need: RankNeed, depth: int, force_fraction: float | None) -> list[int]:
+def _where(need: RankNeed, pooled: list[int], spare: dict[int, int], peers: list[Holder],
+           host_bytes: int) -> dict[int, int | str | None]:
+    """Pooled layer -> the peer holding it, HOST, or None (no room); consumes `spare` (peer -> bytes)."""
+    order = sorted(peers, key=lambda h: (h.node != need.node, -spare[h.peer], h.peer))
+    out: dict[int, int | str | None] = {}
+    host_left = host_bytes
+    for i in pooled:
+        size = need.layer_bytes[i]
+        holder = next((h for h in order if spare[h.peer] >= size), None)
+        if holder is not None:
+            spare[holder.peer] -= size
+            out[i] = holder.peer
+        elif host_left >= size:
+            host_left -= size
+            out[i] = HOST
+        else:
+            out[i] = None
+    return out
+
+
+def _fetched(need: RankNeed, where: dict[int, int | str | None], peers: list[Holder]) -> list[int]:
+    """Sizes of the pooled layers that are fetched before use (the others are bound in place)."""
+    same_node = {h.peer for h in peers if h.node == need.node}
+    return [need.layer_bytes[i] for i, w in where.items()
+            if not (need.binds_in_place and w in same_node)]
+
+
+def _need_bytes(need: RankNeed, pooled: list[int], fetched: list[int], depth: int) -> int:
+    resident = sum(b for i, b in enumerate(need.layer_bytes) if i not in pooled)
+    return need.fixed_bytes + resident + staging_bytes(fetched, depth)
+
+
+def _layers_to_pool(need: RankNeed, peers: list[Holder], host_bytes: int, depth: int,
+                    force_fraction: float | None) -> list[int]:
     n = len(need.layer_bytes)
     counts = [round(force_fraction * n)] if force_fraction is not None else range(n + 1)
     for count in counts:
         pooled = spread(n, count)
-        resident = sum(b for i, b in enumerate(need.layer_bytes) if i not in pooled)
-        staging = staging_bytes([need.layer_bytes[i] for i in pooled], depth)
-        if need.fixed_bytes + resident + staging <= need.budget_bytes:
+        where = _where(need, pooled, {h.peer: h.spare_bytes for h in peers}, peers, host_bytes)
+        if _need_bytes(need, pooled, _fetched(need, where, peers), depth) <= need.budget_bytes:
             return pooled
     pooled = spread(n, counts[-1])
-    total = need.fixed_bytes + sum(b for i, b in enumerate(need.layer_bytes) if i not in pooled) \
-        + staging_bytes([need.layer_bytes[i] for i in pooled], depth)
+    where = _where(need, pooled, {h.peer: h.spare_bytes for h in peers}, peers, host_bytes)
+    total = _need_bytes(need, pooled, _fetched(need, where, peers), depth)
     raise PoolAdmissionError(
         f"rank {need.rank} on node {need.node[:12]} cannot fit its budget of {fmt_bytes(need.budget_bytes)} "
         f"even with {len(pooled)} of {n} layers pooled: it needs {fmt_bytes(total)} resident "
@@ -122,23 +163,20 @@ def plan_pool(needs: list[RankNeed], peers: list[Holder], *, host_bytes: int = 0
     plan = PoolPlan(prefetch_depth=prefetch_depth)
     missing: dict[str, int] = {}
     for need in needs:
-        pooled = _layers_to_pool(need, prefetch_depth, force_fraction)
+        pooled = _layers_to_pool(need, peers, host_bytes, prefetch_depth, force_fraction)
+        spare = {h.peer: h.spare_bytes for h in peers}
+        where = _where(need, pooled, spare, peers, host_bytes)
+        for h in peers:
+            h.spare_bytes = spare[h.peer]
         places: dict[int, int | str] = {i: "resident" for i in range(len(need.layer_bytes))}
-        host_left = host_bytes
-        for i in pooled:
-            size = need.layer_bytes[i]
-            order = sorted(peers, key=lambda h: (h.node != need.node, -h.spare_bytes, h.peer))
-            holder = next((h for h in order if h.spare_bytes >= size), None)
-            if holder is not None:
-                holder.spare_bytes -= size
-                places[i] = holder.peer
-            elif host_left >= size:
-                host_left -= size
-                places[i] = HOST
+        for i, w in where.items():
+            if w is None:
+                missing[need.node] = missing.get(need.node, 0) + need.layer_bytes[i]
             else:
-                missing[need.node] = missing.get(need.node, 0) + size
+                places[i] = w
         plan.placements[need.rank] = places
         plan.layer_bytes[need.rank] = need.layer_bytes
+        plan.fetched_bytes[need.rank] = sum(_fetched(need, where, peers))
     if missing:
         spare = ", ".join(f"peer {h.peer} on node {h.node[:12]}: {fmt_bytes(h.spare_bytes)} left" for h in peers)
         where = "; ".join(f"{fmt_bytes(b)} missing for ranks on node {n[:12]}" for n, b in missing.items())

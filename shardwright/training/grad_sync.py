@@ -43,6 +43,15 @@ class DataParallelGrads:
         if count == self.num_micro_batches:
             self._works.append(dist.all_reduce(param.grad, group=self.group, async_op=True))
 
+    def close(self) -> None:
+        """Complete pending reductions and remove the hooks (they hold this object and its group)."""
+        for work in self._works:
+            work.wait()
+        self._works.clear()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
     def start_step(self) -> None:
         """Call before the step's first backward."""
         self._counts.clear()

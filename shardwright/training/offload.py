@@ -125,6 +125,10 @@ class OffloadedAdamW:
             if stream is not None:
                 stream.synchronize()
 
+    def close(self) -> None:
+        """Stop the host-update thread (after the step it may be running)."""
+        self._pool.shutdown(wait=True)
+
     @torch.no_grad()
     def sync_host_params(self) -> None:
         """Host masters := the model's parameters (after they were loaded from a checkpoint)."""

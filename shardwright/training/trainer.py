@@ -214,6 +214,14 @@ class TrainerRank:
                 "mfu": flops_per_s / self.config.peak_flops_per_s,
                 "bubble_measured": bubble, "bubble_formula": stats.bubble_formula}
 
+    def close(self) -> None:
+        """Release what outlives a step: the gradient hooks with their pending reductions, the
+        offloaded optimizer's thread. Call before the world is destroyed; idempotent."""
+        if self.grad_sync is not None:
+            self.grad_sync.close()
+        if isinstance(self.optimizer, OffloadedAdamW):
+            self.optimizer.close()
+
     def save(self, root: str | Path) -> Path:
         """Checkpoint ROOT/step-N (collective, crash-safe), keep the last K; returns its path."""
         return save_checkpoint(root, ctx=self.ctx, model=self.model, optimizer=self.optimizer,

@@ -61,6 +61,30 @@ def test_plan_pools_the_fewest_layers_same_node_peers_first_then_host():
         plan_pool([need], [Holder(0, "a", 25 * MIB)], host_bytes=15 * MIB, prefetch_depth=1)
 
 
+def test_plan_reserves_no_fetch_buffers_for_layers_bound_in_place():
+    # A CPU rank binds a same-node peer's layers in place (zero-copy): no fetch buffer for them, so
+    # 20 + 10 * (12 - n) <= 100 -> n = 4 (not 6, as with 2 buffers of depth 1 counted).
+    need = RankNeed(rank=0, node="a", budget_bytes=100 * MIB, fixed_bytes=20 * MIB, layer_bytes=(10 * MIB,) * 12,
+                    binds_in_place=True)
+    plan = plan_pool([need], [Holder(0, "a", 1000 * MIB)], prefetch_depth=1)
+    assert sorted(plan.pooled(0)) == [2, 5, 8, 11] and set(plan.pooled(0).values()) == {0}
+    assert plan.fetched_bytes[0] == 0 and plan.to_dict()["bytes_bound_in_place"] == {"0": 40 * MIB}
+    assert "0 B fetched per step, 40.0 MiB bound in place" in plan.describe()[0]
+    # The same rank on a GPU (nothing bound in place) pools 6 and counts their fetch buffers.
+    gpu = RankNeed(**{**need.__dict__, "binds_in_place": False})
+    plan = plan_pool([gpu], [Holder(0, "a", 1000 * MIB)], prefetch_depth=1)
+    assert len(plan.pooled(0)) == 6 and plan.fetched_bytes[0] == 60 * MIB
+    # Room for 3 layers on the same node, the rest on node b: the fetched ones need their buffers
+    # (n = 4 or 5: 20 + 10 * (12 - n) + 10 * min(n - 3, 2) > 100; n = 6 fits), the bound ones none.
+    plan = plan_pool([need], [Holder(0, "b", 1000 * MIB), Holder(1, "a", 30 * MIB)], prefetch_depth=1)
+    pooled = plan.pooled(0)
+    assert [pooled[i] for i in sorted(pooled)] == [1, 1, 1, 0, 0, 0]
+    assert plan.fetched_bytes[0] == 30 * MIB and plan.bytes_pooled(0) == 60 * MIB
+    # Host memory is always fetched: 4 layers in place would not fit with host-held ones.
+    plan = plan_pool([need], [], host_bytes=1000 * MIB, prefetch_depth=1)
+    assert len(plan.pooled(0)) == 6 and plan.fetched_bytes[0] == 60 * MIB
+
+
 def test_plan_refuses_a_rank_whose_fixed_part_does_not_fit():
     # 9 MiB fixed + one 2 MiB fetch buffer (depth 0) = 11 MiB even with every layer pooled.
     need = RankNeed(rank=1, node="n1", budget_bytes=10 * MIB, fixed_bytes=9 * MIB, layer_bytes=(2 * MIB,) * 4)

@@ -147,3 +147,31 @@ def offload_main(rank: int, world_size: int, layout: ParallelLayout, model_dir: 
     cfg = train_config().model_copy(update={"offload_optimizer": offload})
     t = TrainerRank(cfg, layout).start(ModelSource(path=model_dir), device="cpu")
     return [(m["loss"], m["grad_norm"]) for m in run_steps(t, 5)]
+
+
+def native_threads() -> list[str]:
+    """Names of this process's native threads (gloo names its own: gloo_tcp_loop, pt_gloo_runloop)."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended while we looked
+            continue
+    return names
+
+
+def teardown_main(rank: int, world_size: int, layout: ParallelLayout, model_dir: str, out_dir: str,
+                  launch: int, offload: float = 0.0) -> float:
+    """One training step at `layout`, then leave: run_ranks tears the world down. At exit (after
+    that teardown, before the interpreter shuts down) the native threads still alive are written to
+    out_dir/threads-{launch}-{rank}.json for the test to read."""
+    import atexit
+    import json
+
+    atexit.register(lambda: Path(out_dir, f"threads-{launch}-{rank}.json").write_text(json.dumps(native_threads())))
+    t = TrainerRank(train_config().model_copy(update={"offload_optimizer": offload}), layout)
+    t.start(ModelSource(path=model_dir), device="cpu")
+    try:
+        return t.train_step()["loss"]
+    finally:
+        t.close()
