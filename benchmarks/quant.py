@@ -27,10 +27,9 @@ import time
 from pathlib import Path
 
 import torch
-
-from benchmarks.runner import measure_point
 import torch.nn.functional as F
 
+from benchmarks.runner import measure_point
 from shardwright.config import ModelSource, ModelSpec, ParallelLayout
 
 COLUMNS = ["variant", "perplexity", "ppl_vs_fp32", "tokens_per_s", "vs_fp32", "vs_bf16", "weight_bytes"]
