@@ -4,11 +4,10 @@ reference holding the same quantized weights, token for token; and the job file'
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
 
 from shardwright.actors.engine import EngineConfig, InferenceEngine
 from shardwright.actors.sampling import SamplingParams
-from shardwright.config import ParallelLayout, parse_job
+from shardwright.config import JobFileError, ParallelLayout, parse_job
 from shardwright.models import load_model
 from shardwright.models.generate import greedy_generate
 from shardwright.parallel.context import ParallelContext
@@ -53,7 +52,7 @@ def test_job_file_quant_field():
     job = parse_job("kind: inference\nname: q\nmodel: /m\nengine: {quant: rtn4, group_size: 64}\n")
     assert (job.engine.quant, job.engine.group_size) == ("rtn4", 64)
     assert parse_job("kind: inference\nname: q\nmodel: /m\n").engine.quant == "none"
-    with pytest.raises(ValidationError, match="group_size=48 is not supported for rtn4"):
+    with pytest.raises(JobFileError, match="group_size=48 is not supported for rtn4"):
         parse_job("kind: inference\nname: q\nmodel: /m\nengine: {quant: rtn4, group_size: 48}\n")
-    with pytest.raises(ValidationError, match="quant"):
+    with pytest.raises(JobFileError, match="engine.quant"):
         parse_job("kind: inference\nname: q\nmodel: /m\nengine: {quant: int4}\n")
