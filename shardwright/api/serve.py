@@ -57,7 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         service.close()
         raise
     http = _start_http(server, args.http_port, service)
-    metrics_port = _start_metrics(server, args.metrics_port, args.host, service)
+    metrics_host = args.metrics_host or args.host
+    metrics_port = _start_metrics(server, args.metrics_port, metrics_host, service)
     stop = threading.Event()
     threading.Thread(target=_health_watch, args=(server, service, stop), daemon=True).start()
 
@@ -73,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       "auth": "tokens" if settings.tokens_file else "open (loopback only)",
                       "tls": bool(settings.tls_cert),
                       **({"http_address": f"{args.host}:{http.port}"} if http else {}),
-                      **({"metrics_address": f"{args.host}:{metrics_port}"} if metrics_port else {})}), flush=True)
+                      **({"metrics_address": f"{metrics_host}:{metrics_port}"} if metrics_port else {})}), flush=True)
     server.wait()
     # On a Ray cluster of its own (joined by address), the jobs' controller actors outlive this
     # server and the next `serve` adopts them; a Ray started in this process ends with it, so its
@@ -189,6 +190,9 @@ def add_serve_command(sub) -> None:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at /metrics on this port, same host, no token (0 picks a free "
                         "one); with --http-port they are also at its /metrics")
+    p.add_argument("--metrics-host", default=None,
+                   help="listen address of --metrics-port (default: --host); the metrics carry tenant and "
+                        "deployment names and counts, no token or request content")
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="log lines on stderr: text (default) or one JSON object a line; one line per finished "
                         "request and per job transition")

@@ -33,7 +33,8 @@ def served(tmp_path_factory):
     tokens_file.write_text("\n".join(f"{t}: {n}" for t, n in TOKENS.items()))
     log_path = root / "serve.log"
     with open(log_path, "w") as log:
-        proc, info = start_server_info(root / "state", tokens_file, "--metrics-port", "0", "--log-format", "json",
+        proc, info = start_server_info(root / "state", tokens_file, "--metrics-port", "0", "--metrics-host", "127.0.0.1",
+                                       "--log-format", "json",
                                        stderr=log)
     try:
         with Client(info["address"], token=ALICE) as alice:

@@ -81,10 +81,12 @@ def test_server_command_args_and_probes_by_default(renders):
     assert srv["command"] == ["shardwright", "serve"]
     # Auth is off by default: the API on loopback (the server refuses 0.0.0.0 without tokens),
     # health on a port of its own that the kubelet can reach.
+    # Metrics on a port of their own, on all interfaces (tests/helm/test_chart_metrics.py).
     assert srv["args"] == ["--host", "127.0.0.1", "--port", "50051", "--health-port", "50052",
-                           "--health-host", "0.0.0.0"]
+                           "--health-host", "0.0.0.0", "--metrics-port", "9464", "--metrics-host", "0.0.0.0"]
     assert srv["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
-                            {"name": "health", "containerPort": 50052, "protocol": "TCP"}]
+                            {"name": "health", "containerPort": 50052, "protocol": "TCP"},
+                            {"name": "metrics", "containerPort": 9464, "protocol": "TCP"}]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert srv[probe]["grpc"] == {"port": 50052}, probe
     assert (srv["startupProbe"]["failureThreshold"], srv["livenessProbe"]["periodSeconds"]) == (60, 20)

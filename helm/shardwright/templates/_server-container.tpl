@@ -27,6 +27,12 @@ args:
   {{- if and .Values.insecure .Values.auth.enabled (not .Values.tls.enabled) }}
   - --insecure
   {{- end }}
+  {{- if .Values.metrics.enabled }}
+  - --metrics-port
+  - {{ .Values.metrics.port | int | quote }}
+  - --metrics-host
+  - 0.0.0.0
+  {{- end }}
   {{- range .Values.server.extraArgs }}
   - {{ . | quote }}
   {{- end }}
@@ -37,6 +43,11 @@ ports:
   {{- if include "shardwright.separateHealthPort" . }}
   - name: health
     containerPort: {{ $healthPort }}
+    protocol: TCP
+  {{- end }}
+  {{- if .Values.metrics.enabled }}
+  - name: metrics
+    containerPort: {{ .Values.metrics.port | int }}
     protocol: TCP
   {{- end }}
 {{- include "shardwright.containerSecurityContext" (dict "root" . "readOnly" true) | nindent 0 }}
