@@ -10,8 +10,10 @@ identical). Guarantees:
   with `data: [DONE]` (and a usage chunk first when `stream_options.include_usage`);
 - every error is `{"error": {"message", "type", "param", "code"}}`: 400 for bad or unsupported
   parameters (named in `param`), 401 without a valid `Authorization: Bearer TOKEN` when a tokens
-  file is configured, 404 for an unknown model, 413 over the request size limit, 503 when the
-  engine cannot serve;
+  file is configured, 404 for an unknown model, 413 over the request size limit, 429 when the
+  tenant already holds `--max-streams-per-tenant` streams and generations (HTTP and gRPC share the
+  count), 503 when the engine cannot serve, 504 when a generation passes
+  `--generate-default-deadline-s` (it is cancelled);
 - a client that disconnects, mid-stream or while waiting for a whole completion, cancels its
   request, which frees its KV blocks before the engine's next step;
 - `GET /metrics` serves Prometheus text without a token: the server's metrics, gRPC and HTTP
@@ -37,7 +39,7 @@ from shardwright.api.auth import Authenticator
 from shardwright.api.chat_template import render_chat
 from shardwright.api.errors import one_line
 from shardwright.api.metrics import CountRequests, ServiceMetrics
-from shardwright.api.limits import too_large_message
+from shardwright.api.limits import CallLimits, StreamSlots, too_large_message
 from shardwright.api.openai_schema import (ChatRequest, CompletionRequest, OpenAIError, choice, completion_id,
                                            envelope, finish, logprobs_body, parse, usage)
 from shardwright.api.servicers.inference import cancel_generation, start_generation
@@ -156,12 +158,33 @@ def _start_choices(backend, tenant: str, model: str, prompts: list, params: list
     return choices
 
 
-class _Call:
-    """One completion request (its choices) on its way through an engine."""
+class _DeadlinePassed(Exception):
+    """The request's deadline passed before its last token."""
 
-    def __init__(self, request: Request, req, chat: bool, choices: list[_Choice]) -> None:
+
+class _Call:
+    """One completion request (its choices) on its way through an engine, within `deadline_s`
+    seconds; `release()` gives its stream slot back (once, however the call ends)."""
+
+    def __init__(self, request: Request, req, chat: bool, choices: list[_Choice], deadline_s: float,
+                 release=None) -> None:
         self.request, self.req, self.chat, self.choices = request, req, chat, choices
         self.cid = completion_id(chat)
+        self.deadline_s, self._end = deadline_s, time.monotonic() + deadline_s
+        self._release, self._released = release, False
+
+    def release(self) -> None:
+        if self._release is not None and not self._released:
+            self._released = True
+            self._release()
+
+    def _left(self) -> float:
+        return self._end - time.monotonic()
+
+    def _timeout_error(self) -> OpenAIError:
+        return OpenAIError(504, f"the request did not finish within its deadline of {self.deadline_s:g} s and was "
+                           "cancelled (the server's `shardwright serve --generate-default-deadline-s`); lower "
+                           "max_tokens or n, or stream", code="timeout")
 
     def _envelope(self, chunk: bool, choices: list[dict], **extra) -> dict:
         return envelope(self.cid, self.chat, self.req.model, chunk, choices, **extra)
@@ -192,7 +215,10 @@ class _Call:
         try:
             for _ in self.choices:
                 while True:
-                    item = await queue.get()
+                    try:
+                        item = await asyncio.wait_for(queue.get(), timeout=max(self._left(), 0.0))
+                    except asyncio.TimeoutError:
+                        raise _DeadlinePassed from None
                     if isinstance(item, Exception):
                         raise item
                     c, token, text = item
@@ -223,8 +249,11 @@ class _Call:
             yield "data: [DONE]\n\n"
         except RequestFailed as err:
             yield _sse(OpenAIError(503, one_line(err), code="request_failed").body())
+        except _DeadlinePassed:
+            yield _sse(self._timeout_error().body())
         finally:
             self.cancel()
+            self.release()
 
     async def whole(self) -> dict:
         """The complete answer; cancels the requests if the client goes away first."""
@@ -245,8 +274,11 @@ class _Call:
                 texts = task.result()
             except RequestFailed as err:
                 raise OpenAIError(503, one_line(err), code="request_failed") from err
+            except _DeadlinePassed:
+                raise self._timeout_error() from None
         finally:
             self.cancel()
+            self.release()
         return self._envelope(False, [choice(self.chat, texts[c.index], finish(c.stream.output.finish_reason),
                                              delta=False, index=c.index, logprobs=self._logprobs(c))
                                       for c in self.choices], usage=self._usage())
@@ -273,13 +305,18 @@ class _EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.call.cancel()
+            self.call.release()
 
 
-def build_app(backend, auth: Authenticator, max_request_bytes: int, metrics: ServiceMetrics | None = None) -> FastAPI:
+def build_app(backend, auth: Authenticator, max_request_bytes: int, metrics: ServiceMetrics | None = None,
+              limits: CallLimits | None = None, slots: StreamSlots | None = None) -> FastAPI:
     """The FastAPI application of the OpenAI-compatible API over `backend` (a SchedulerService);
-    `metrics`: the server's (shared with gRPC), else a registry of its own."""
+    `metrics`: the server's (shared with gRPC), else a registry of its own; `slots`: the gRPC
+    server's stream slots, so that a tenant's HTTP generations and gRPC streams share its limit."""
     app = FastAPI(title="Shardwright OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = metrics or ServiceMetrics()
+    limits = limits or CallLimits()
+    slots = slots or StreamSlots(limits)
     app.add_middleware(CountRequests, metrics=metrics, auth=auth)
 
     @app.exception_handler(OpenAIError)
@@ -307,8 +344,16 @@ def build_app(backend, auth: Authenticator, max_request_bytes: int, metrics: Ser
         req = parse(ChatRequest if chat else CompletionRequest, await _json_body(request, max_request_bytes))
         params = req.choice_params(req.max_completion_tokens if chat else None)
         prompts = [await asyncio.to_thread(_chat_prompt, backend, tenant, req)] if chat else req.prompts()
-        choices = await asyncio.to_thread(_start_choices, backend, tenant, req.model, prompts, params, metrics)
-        call = _Call(request, req, chat, choices)
+        key = f"tenant {tenant}"
+        refusal = slots.acquire(key, limits.max_streams_per_tenant, "max_streams_per_tenant")
+        if refusal is not None:
+            raise OpenAIError(429, refusal, code="rate_limit_exceeded")
+        try:
+            choices = await asyncio.to_thread(_start_choices, backend, tenant, req.model, prompts, params, metrics)
+        except BaseException:
+            slots.release(key)
+            raise
+        call = _Call(request, req, chat, choices, limits.generate_default_deadline_s, lambda: slots.release(key))
         if req.stream:
             return _EventStream(call)
         return await call.whole()
@@ -345,14 +390,16 @@ class HttpServer:
     """uvicorn serving `build_app` on its own thread; TLS from the same PEM files as gRPC."""
 
     def __init__(self, backend, auth: Authenticator, host: str, port: int, max_request_bytes: int,
-                 settings: Settings, grace_s: float = 10.0, metrics: ServiceMetrics | None = None) -> None:
+                 settings: Settings, grace_s: float = 10.0, metrics: ServiceMetrics | None = None,
+                 limits: CallLimits | None = None, slots: StreamSlots | None = None) -> None:
         self.host, self.requested_port, self.grace_s = host, port, grace_s
         tls = {}
         if settings.tls_cert is not None and settings.tls_key is not None:
             tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
             if settings.tls_client_ca is not None:
                 tls |= {"ssl_ca_certs": str(settings.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
-        config = uvicorn.Config(build_app(backend, auth, max_request_bytes, metrics), log_level="warning",
+        config = uvicorn.Config(build_app(backend, auth, max_request_bytes, metrics, limits, slots),
+                                log_level="warning",
                                 access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=max(1, round(grace_s)), **tls)
         self.tls = bool(tls)
@@ -394,6 +441,7 @@ def start_http(grpc_server, port: int) -> HttpServer:
     request size limit, TLS files and grace period. Returns the started HttpServer."""
     options = grpc_server.options
     http = HttpServer(grpc_server.control, grpc_server.auth, options.host, port, options.max_message_bytes,
-                      options.settings, options.grace_s, metrics=grpc_server.metrics)
+                      options.settings, options.grace_s, metrics=grpc_server.metrics, limits=options.limits,
+                      slots=grpc_server.guard.slots)
     http.start()
     return http

@@ -36,7 +36,8 @@ class OpenAIError(Exception):
     """An error answered as `{"error": {"message", "type", "param", "code"}}` with `status`."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-             413: "invalid_request_error", 503: "service_unavailable"}
+             413: "invalid_request_error", 429: "rate_limit_exceeded", 503: "service_unavailable",
+             504: "timeout"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
