@@ -53,8 +53,12 @@ def _stream_figures(client, engine, n: int) -> list[dict]:
 
 
 def _job(i: int) -> str:
+    """A job that is checked in full at submission (its corpus must exist) and then waits in the queue."""
+    from shardwright.api.demo import bundled_corpus
+
     return (f"kind: training\nname: queued-{i}\nmodel: {{preset: tiny-llama}}\nlayout: {{tp: 4}}\n"
-            "train: {data: {path: /nonexistent, seq_len: 8, global_batch_size: 1}, steps: 1}\n")
+            f"train: {{data: {{path: {bundled_corpus()}, seq_len: 8, global_batch_size: 1}}, steps: 1, "
+            "num_micro_batches: 1}\n")
 
 
 def _submit_figures(client, service, m: int) -> list[dict]:
