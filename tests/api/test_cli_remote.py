@@ -14,10 +14,8 @@ import sys
 
 import pytest
 
-from model_helpers import tiny_spec
 from shardwright.api.client import Client, with_default_port
-from shardwright.models.random_init import write_random_checkpoint
-from test_server_e2e import TOKENS, start_server_info, stop_server, wait_state
+from test_server_e2e import serving_chat
 
 ALICE = "alice-token-123"
 CORE_KEYS = {"tokens", "text", "prompt_tokens", "finish_reason", "elapsed_s"}
@@ -26,19 +24,8 @@ CORE_KEYS = {"tokens", "text", "prompt_tokens", "finish_reason", "elapsed_s"}
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(server address, model directory) with deployment 'chat' running for alice."""
-    root = tmp_path_factory.mktemp("cli-remote")
-    model = write_random_checkpoint(root / "model", tiny_spec("llama", max_position_embeddings=512), seed=5, std=0.2)
-    tokens_file = root / "tokens.yaml"
-    tokens_file.write_text("\n".join(f"{t}: {n}" for t, n in TOKENS.items()))
-    proc, info = start_server_info(root / "state", tokens_file)
-    try:
-        with Client(info["address"], token=ALICE) as alice:
-            job = alice.submit(f"kind: inference\nname: chat\nmodel: {model}\nlayout: {{tp: 1}}\n"
-                               "engine: {num_blocks: 64, block_size: 8}\n")
-            wait_state(alice, job["job_id"], {"running"})
+    with serving_chat(tmp_path_factory.mktemp("cli-remote")) as (_, info, model, _):
         yield info["address"], model
-    finally:
-        stop_server(proc)
 
 
 def run_cli(*args: str, token: str | None = ALICE) -> subprocess.CompletedProcess:

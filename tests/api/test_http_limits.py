@@ -12,10 +12,8 @@ import grpc
 import httpx
 import pytest
 
-from model_helpers import tiny_spec
-from shardwright.api.client import Client, ShardwrightError
-from shardwright.models.random_init import write_random_checkpoint
-from test_server_e2e import TOKENS, start_server_info, stop_server, wait_state
+from shardwright.api.client import ShardwrightError
+from test_server_e2e import serving_chat
 
 ALICE = "alice-token-123"
 HEADERS = {"Authorization": f"Bearer {ALICE}"}
@@ -24,20 +22,10 @@ DEADLINE_S = 2.0
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("http-limits")
-    model = write_random_checkpoint(root / "model", tiny_spec("llama", max_position_embeddings=4096), seed=5, std=0.2)
-    tokens_file = root / "tokens.yaml"
-    tokens_file.write_text("\n".join(f"{t}: {n}" for t, n in TOKENS.items()))
-    proc, info = start_server_info(root / "state", tokens_file, "--http-port", "0", "--max-streams-per-tenant", "1",
-                                   "--generate-default-deadline-s", str(DEADLINE_S))
-    try:
-        with Client(info["address"], token=ALICE) as alice:
-            job = alice.submit(f"kind: inference\nname: chat\nmodel: {model}\nlayout: {{tp: 1}}\n"
-                               "engine: {num_blocks: 600, block_size: 8}\n")
-            wait_state(alice, job["job_id"], {"running"})
-            yield alice, f"http://{info['http_address']}/v1"
-    finally:
-        stop_server(proc)
+    flags = ("--http-port", "0", "--max-streams-per-tenant", "1", "--generate-default-deadline-s", str(DEADLINE_S))
+    with serving_chat(tmp_path_factory.mktemp("http-limits"), *flags, max_positions=4096, num_blocks=600) as \
+            (alice, info, _, _):
+        yield alice, f"http://{info['http_address']}/v1"
 
 
 def _long(stream: bool) -> dict:

@@ -12,12 +12,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from model_helpers import tiny_spec
 from shardwright.api.chat_template import render_chat
-from shardwright.api.client import Client
 from shardwright.api.openai_schema import OpenAIError
-from shardwright.models.random_init import write_random_checkpoint
-from test_server_e2e import TOKENS, start_server_info, stop_server, wait_state
+from test_server_e2e import serving_chat
 
 ALICE, BOB = "alice-token-123", "bob-token-4567"
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -28,20 +25,11 @@ GREEDY = {"temperature": 0, "max_tokens": 12, "extra_body": {"ignore_eos": True}
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(gRPC Client as alice, HTTP base URL) of a server running deployment 'chat' for alice."""
-    root = tmp_path_factory.mktemp("http")
-    model = write_random_checkpoint(root / "model", tiny_spec("llama", max_position_embeddings=512), seed=5, std=0.2)
-    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "bos_token": "^"}))
-    tokens_file = root / "tokens.yaml"
-    tokens_file.write_text("\n".join(f"{t}: {n}" for t, n in TOKENS.items()))
-    proc, info = start_server_info(root / "state", tokens_file, "--http-port", "0")
-    try:
-        with Client(info["address"], token=ALICE) as alice:
-            job = alice.submit(f"kind: inference\nname: chat\nmodel: {model}\nlayout: {{tp: 1}}\n"
-                               "engine: {num_blocks: 64, block_size: 8}\n")
-            wait_state(alice, job["job_id"], {"running"})
-            yield alice, f"http://{info['http_address']}/v1"
-    finally:
-        stop_server(proc)
+    def chat_template(model) -> None:
+        (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "bos_token": "^"}))
+
+    with serving_chat(tmp_path_factory.mktemp("http"), "--http-port", "0", prepare=chat_template) as (alice, info, _, _):
+        yield alice, f"http://{info['http_address']}/v1"
 
 
 def _openai(base_url: str, token: str = ALICE) -> openai.OpenAI:

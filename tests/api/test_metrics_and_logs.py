@@ -10,10 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from model_helpers import tiny_spec
-from shardwright.api.client import Client
-from shardwright.models.random_init import write_random_checkpoint
-from test_server_e2e import TOKENS, start_server_info, stop_server, wait_state
+from test_server_e2e import serving_chat
 
 ALICE = "alice-token-123"
 UNARY, STREAMS, UNARY_TOKENS, STREAM_TOKENS = 10, 2, 4, 5
@@ -28,22 +25,10 @@ def _samples(url: str) -> dict[tuple, float]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("metrics")
-    model = write_random_checkpoint(root / "model", tiny_spec("llama", max_position_embeddings=512), seed=5, std=0.2)
-    tokens_file = root / "tokens.yaml"
-    tokens_file.write_text("\n".join(f"{t}: {n}" for t, n in TOKENS.items()))
     log_path = root / "serve.log"
-    with open(log_path, "w") as log:
-        proc, info = start_server_info(root / "state", tokens_file, "--metrics-port", "0", "--metrics-host", "127.0.0.1",
-                                       "--log-format", "json",
-                                       stderr=log)
-    try:
-        with Client(info["address"], token=ALICE) as alice:
-            job = alice.submit(f"kind: inference\nname: chat\nmodel: {model}\nlayout: {{tp: 1}}\n"
-                               "engine: {num_blocks: 64, block_size: 8}\n")
-            wait_state(alice, job["job_id"], {"running"})
-            yield alice, f"http://{info['metrics_address']}/metrics", log_path, job["job_id"]
-    finally:
-        stop_server(proc)
+    with open(log_path, "w") as log, serving_chat(root, "--metrics-port", "0", "--metrics-host", "127.0.0.1",
+                                                  "--log-format", "json", stderr=log) as (alice, info, _, job_id):
+        yield alice, f"http://{info['metrics_address']}/metrics", log_path, job_id
 
 
 def test_counters_and_histograms_count_exactly_what_was_sent(served):

@@ -6,6 +6,7 @@ state directory); deployments run InferenceEngines on Ray workers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -56,6 +57,29 @@ def start_server_info(state_dir: Path, tokens_file: Path, *args: str, stderr=sub
             raise RuntimeError(f"server exited with {proc.returncode}")
     proc.kill()
     raise TimeoutError("server did not report its address within 120 s")
+
+
+@contextlib.contextmanager
+def serving_chat(root: Path, *serve_args: str, max_positions: int = 512, num_blocks: int = 64, stderr=subprocess.DEVNULL,
+                 prepare=None):
+    """`serve --port 0 SERVE_ARGS...` in `root` with TOKENS, and deployment 'chat' of alice running a
+    tiny random Llama (`prepare(model_dir)` runs before the server starts). Yields (a Client as
+    alice, the server's info line, the model directory, the deployment's job id); stops the server."""
+    model = write_random_checkpoint(root / "model", tiny_spec("llama", max_position_embeddings=max_positions),
+                                    seed=5, std=0.2)
+    if prepare is not None:
+        prepare(model)
+    tokens_file = root / "tokens.yaml"
+    tokens_file.write_text("\n".join(f"{t}: {n}" for t, n in TOKENS.items()))
+    proc, info = start_server_info(root / "state", tokens_file, *serve_args, stderr=stderr)
+    try:
+        with Client(info["address"], token="alice-token-123") as alice:
+            job = alice.submit(f"kind: inference\nname: chat\nmodel: {model}\nlayout: {{tp: 1}}\n"
+                               f"engine: {{num_blocks: {num_blocks}, block_size: 8}}\n")
+            wait_state(alice, job["job_id"], {"running"})
+            yield alice, info, model, job["job_id"]
+    finally:
+        stop_server(proc)
 
 
 def stop_server(proc: subprocess.Popen) -> None:
