@@ -19,13 +19,17 @@ a C++ thread destroyed while still running). A rank that returns does not close 
    joined now rather than during interpreter shutdown. (A cycle through C++, such as a trainer's
    gradient hooks, no collector breaks: `TrainerRank.close` removes those hooks before `fn`
    returns.) On torch 2.13 one gloo group is still referenced from inside torch after this;
-   its threads end with the process (tests/training/test_rank_teardown.py counts them).
+   its threads end with the process (tests/training/test_rank_teardown.py counts them);
+3. the rank then ends with `os._exit(0)` after its atexit handlers (`leave_without_finalizing`),
+   so interpreter finalization never destroys those threads.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from datetime import timedelta
@@ -64,6 +68,18 @@ def _rank_main(
         returned = True
     finally:
         close_world(rank, world_size, workdir, timeout_s, quiesce=returned)
+    leave_without_finalizing()
+
+
+def leave_without_finalizing() -> None:
+    """End a rank that has returned and closed its world: run the atexit handlers, flush, then
+    `os._exit(0)`, skipping interpreter finalization, where native threads still alive (the gloo
+    group torch keeps, see the module doc) would be destroyed in an arbitrary order: the one place
+    left where a joinable std::thread could be destroyed (std::terminate, SIGABRT)."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def close_world(rank: int, world_size: int, workdir: str, timeout_s: float, *, quiesce: bool = True) -> None:
