@@ -28,3 +28,43 @@ def tiny_spec(architecture: str = "llama", **overrides) -> ModelSpec:
         base.update(activation="gelu_new", tie_word_embeddings=True, attention_bias=True, mlp_bias=True)
     base.update(overrides)
     return ModelSpec(**base)
+
+
+def paged_greedy(model, prompts: list[list[int]], n: int, chunk: int, block: int = 4):
+    """Greedy decoding of several prompts together over a paged cache: each prompt prefilled in
+    chunks of `chunk` tokens (later chunks attend to cached context), then one packed decode
+    step per token for every sequence. Returns (tokens per prompt, every step's sampled logits,
+    fp32)."""
+    import torch
+
+    from shardwright.models.paged import PagedBatch
+
+    per_seq = max(len(p) for p in prompts) + n
+    blocks_each = -(-per_seq // block)
+    tables = [list(range(s * blocks_each, (s + 1) * blocks_each)) for s in range(len(prompts))]
+    cache = model.new_paged_cache(len(prompts) * blocks_each, block)
+    seqs = [list(p) for p in prompts]
+    done = [0] * len(prompts)  # tokens in the cache
+    out: list[list[int]] = [[] for _ in prompts]
+    all_logits = []
+    with torch.inference_mode():
+        while any(len(o) < n for o in out):
+            ids, positions, slots, lens, sample = [], [], [], [], []
+            for s, seq in enumerate(seqs):
+                todo = seq[done[s]:done[s] + (chunk if done[s] < len(prompts[s]) else 1)]
+                for j, tok in enumerate(todo):
+                    p = done[s] + j
+                    ids.append(tok)
+                    positions.append(p)
+                    slots.append(tables[s][p // block] * block + p % block)
+                lens.append(len(todo))
+                sample.append(len(ids) - 1)
+            batch = PagedBatch.build(ids, positions, slots, lens, tables, block, sample, torch.device("cpu"))
+            logits = model.full_logits(model.forward_packed(batch.token_ids, batch, cache)).float()
+            all_logits.append(logits)
+            for s, row in enumerate(logits):
+                done[s] += lens[s]
+                if done[s] >= len(prompts[s]):  # the prompt is in: this row's token is generated
+                    out[s].append(int(row.argmax()))
+                    seqs[s].append(out[s][-1])
+    return [o[:n] for o in out], all_logits  # a shorter prompt's sequence ran on while others finished

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import tp_cases
+from model_helpers import paged_greedy
 from shardwright.config import ModelSpec
 from shardwright.models import build_model, load_model
 from shardwright.models.checkpoint import CheckpointReader
-from shardwright.models.paged import PagedBatch
 from shardwright.models.weights import load_weights
 from shardwright.parallel.context import ParallelContext
 from shardwright.parallel.launch import run_ranks
@@ -142,37 +142,6 @@ def test_mistral_window_changes_the_logits(hf_models):
     assert (logits[0] - ref_logits).abs().max() > 100 * LOGIT_TOL
 
 
-def _paged_greedy(model, prompts: list[list[int]], n: int, chunk: int, block: int = 4) -> list[list[int]]:
-    """Greedy decoding of several prompts together over a paged cache: each prompt prefilled in
-    chunks of `chunk` tokens (later chunks attend to cached context), then one packed decode
-    step per token for every sequence."""
-    per_seq = max(len(p) for p in prompts) + n
-    blocks_each = -(-per_seq // block)
-    tables = [list(range(s * blocks_each, (s + 1) * blocks_each)) for s in range(len(prompts))]
-    cache = model.new_paged_cache(len(prompts) * blocks_each, block)
-    seqs = [list(p) for p in prompts]
-    done = [0] * len(prompts)  # tokens in the cache
-    out: list[list[int]] = [[] for _ in prompts]
-    with torch.inference_mode():
-        while any(len(o) < n for o in out):
-            ids, positions, slots, lens, sample = [], [], [], [], []
-            for s, seq in enumerate(seqs):
-                todo = seq[done[s]:done[s] + (chunk if done[s] < len(prompts[s]) else 1)]
-                for j, tok in enumerate(todo):
-                    p = done[s] + j
-                    ids.append(tok)
-                    positions.append(p)
-                    slots.append(tables[s][p // block] * block + p % block)
-                lens.append(len(todo))
-                sample.append(len(ids) - 1)
-            batch = PagedBatch.build(ids, positions, slots, lens, tables, block, sample, torch.device("cpu"))
-            logits = model.full_logits(model.forward_packed(batch.token_ids, batch, cache))
-            for s, row in enumerate(logits):
-                done[s] += lens[s]
-                if done[s] >= len(prompts[s]):  # the prompt is in: this row's token is generated
-                    out[s].append(int(row.argmax()))
-                    seqs[s].append(out[s][-1])
-    return [o[:n] for o in out]  # a shorter prompt's sequence ran on while the others finished
 
 
 @pytest.mark.parametrize("name", ["mistral", "qwen3"])
@@ -186,7 +155,7 @@ def test_paged_serving_path_matches_transformers(hf_models, name):
     hf = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
     with torch.no_grad():
         ref_short = _hf_greedy(hf, short)
-    got = _paged_greedy(model, [prompt, short], NEW_TOKENS, chunk=5)
+    got, _ = paged_greedy(model, [prompt, short], NEW_TOKENS, chunk=5)
     assert got == [ref_tokens, ref_short]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_helpers import tiny_spec
+from model_helpers import paged_greedy, tiny_spec
 from shardwright.models import load_model
 from shardwright.models.packed import PackedWeight, pack_model
 from shardwright.models.paged import PagedBatch, PagedKVCache, gather_slots, paged_attention
@@ -27,34 +27,6 @@ def checkpoints(tmp_path_factory):
             for i, (name, spec) in enumerate(specs.items())}
 
 
-def paged_run(model, prompts: list[list[int]], n: int, chunk: int = 5):
-    """Greedy tokens and every step's sampled logits of a chunked prefill then batched decode."""
-    per_seq = -(-(max(map(len, prompts)) + n) // BLOCK)
-    tables = [list(range(s * per_seq, (s + 1) * per_seq)) for s in range(len(prompts))]
-    cache = model.new_paged_cache(len(prompts) * per_seq, BLOCK)
-    seqs, done = [list(p) for p in prompts], [0] * len(prompts)
-    out, all_logits = [[] for _ in prompts], []
-    with torch.inference_mode():
-        while any(len(o) < n for o in out):
-            ids, positions, slots, lens, sample = [], [], [], [], []
-            for s, seq in enumerate(seqs):
-                todo = seq[done[s]:done[s] + (chunk if done[s] < len(prompts[s]) else 1)]
-                for j, tok in enumerate(todo):
-                    p = done[s] + j
-                    ids.append(tok)
-                    positions.append(p)
-                    slots.append(tables[s][p // BLOCK] * BLOCK + p % BLOCK)
-                lens.append(len(todo))
-                sample.append(len(ids) - 1)
-            batch = PagedBatch.build(ids, positions, slots, lens, tables, BLOCK, sample, torch.device("cpu"))
-            logits = model.full_logits(model.forward_packed(batch.token_ids, batch, cache)).float()
-            all_logits.append(logits)
-            for s, row in enumerate(logits):
-                done[s] += lens[s]
-                if done[s] >= len(prompts[s]):
-                    out[s].append(int(row.argmax()))
-                    seqs[s].append(out[s][-1])
-    return [o[:n] for o in out], all_logits
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
@@ -66,8 +38,8 @@ def test_packed_bf16_step_equals_the_plain_bf16_step(checkpoints, name):
     assert count == linears
     assert isinstance(packed.blocks[0].attn.qkv.weight, PackedWeight)
     prompts = [[3, 14, 15, 92, 65, 35], [7, 1, 8, 2, 8, 1, 8, 2, 8]]
-    want_tokens, want_logits = paged_run(plain, prompts, 24)
-    got_tokens, got_logits = paged_run(packed, prompts, 24)
+    want_tokens, want_logits = paged_greedy(plain, prompts, 24, chunk=5, block=BLOCK)
+    got_tokens, got_logits = paged_greedy(packed, prompts, 24, chunk=5, block=BLOCK)
     assert len(set(want_tokens[0])) > 4, "continuation too repetitive to be a test"
     assert got_tokens == want_tokens
     # Both sides are bf16 GEMMs accumulating in fp32; oneDNN's packed kernel may block the
