@@ -25,7 +25,7 @@ PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
 
 
 def _stream_once(client, engine, via_grpc: bool) -> tuple[float, float]:
-    from shardwright.actors.sampling import SamplingParams
+    from shardwright.serving.sampling import SamplingParams
 
     start = time.perf_counter()
     first = None

@@ -63,7 +63,7 @@ def engine_decode(directory: Path, layout: ParallelLayout, batches: list[int],
     """(p50 latency of the batch advancing one token, tokens/s) of steady decoding at each batch
     size, from the engine's step log."""
     from shardwright.actors.engine import EngineConfig, InferenceEngine
-    from shardwright.actors.sampling import SamplingParams
+    from shardwright.serving.sampling import SamplingParams
 
     cfg = EngineConfig(model_dir=directory, layout=layout, block_size=16, num_blocks=1024,
                        max_tokens_per_step=4096, max_running=max(batches))

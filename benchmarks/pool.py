@@ -51,7 +51,7 @@ def decode(cfg, batches: list[int], steps: int) -> dict[int, dict]:
 
 
 def _decode_once(eng, prompts: list[list[int]], steps: int) -> dict:
-    from shardwright.actors.sampling import SamplingParams
+    from shardwright.serving.sampling import SamplingParams
 
     before = _rank0(eng.memory())
     eng.step_log.clear()

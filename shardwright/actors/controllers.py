@@ -28,9 +28,9 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from shardwright.actors.batching import TokenEvent
-from shardwright.actors.requests import RequestStream
-from shardwright.actors.sampling import SamplingParams
+from shardwright.serving.batching import TokenEvent
+from shardwright.serving.requests import RequestStream
+from shardwright.serving.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from shardwright.actors.batching import Request, StepScheduler
+from shardwright.serving.batching import Request, StepScheduler
 from shardwright.actors.gang import GangConfig, GangError, WorkerGang
-from shardwright.actors.kv_blocks import BlockManager
-from shardwright.actors.requests import RequestOutput, RequestStream
-from shardwright.actors.sampling import SamplingParams
+from shardwright.serving.kv_blocks import BlockManager
+from shardwright.serving.requests import RequestOutput, RequestStream
+from shardwright.serving.sampling import SamplingParams
 from shardwright.actors.shard_runner import StepMessage
 from shardwright.config import DType, ModelSpec, ParallelLayout, PoolOptions, Quantization, StrictModel, check_group_size
 from shardwright.models.checkpoint import CheckpointReader

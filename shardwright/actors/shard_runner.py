@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from shardwright.actors.compute_thread import any_thread
 from shardwright.actors.group_member import GroupMember
-from shardwright.actors.sampling import SamplingParams, sample_tokens, token_logprobs
+from shardwright.serving.sampling import SamplingParams, sample_tokens, token_logprobs
 from shardwright.config import ParallelLayout
 from shardwright.models import load_model
 from shardwright.models.packed import pack_model

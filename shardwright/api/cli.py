@@ -46,7 +46,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_generate_local(args: argparse.Namespace) -> int:
     from shardwright.actors.engine import EngineConfig, InferenceEngine
-    from shardwright.actors.sampling import SamplingParams
+    from shardwright.serving.sampling import SamplingParams
     from shardwright.cluster.ray_connect import connect
     from shardwright.config import ParallelLayout, PoolOptions
 

@@ -34,7 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from shardwright.actors.requests import RequestFailed
+from shardwright.serving.requests import RequestFailed
 from shardwright.api.auth import Authenticator
 from shardwright.api.chat_template import render_chat
 from shardwright.api.errors import one_line

@@ -25,7 +25,7 @@ import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from shardwright.actors.requests import RequestFailed
+from shardwright.serving.requests import RequestFailed
 from shardwright.api.auth import Authenticator
 
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

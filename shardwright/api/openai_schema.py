@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shardwright.actors.sampling import MAX_LOGPROBS, SamplingParams, derive_seed
+from shardwright.serving.sampling import MAX_LOGPROBS, SamplingParams, derive_seed
 
 DEFAULT_MAX_TOKENS = 16
 MAX_CHOICES = 64  # prompts x n in one request: each is a request of its own in the engine

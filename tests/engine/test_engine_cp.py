@@ -14,7 +14,7 @@ import pytest
 
 from model_helpers import tiny_spec
 from shardwright.actors.engine import EngineConfig, InferenceEngine
-from shardwright.actors.sampling import SamplingParams
+from shardwright.serving.sampling import SamplingParams
 from shardwright.config import ParallelLayout
 from shardwright.models import load_model
 from shardwright.models.generate import greedy_generate

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shardwright.actors.engine import EngineConfig, InferenceEngine
-from shardwright.actors.sampling import SamplingParams, apply_penalties
+from shardwright.serving.sampling import SamplingParams, apply_penalties
 from shardwright.config import ParallelLayout
 from shardwright.models import load_model
 from shardwright.parallel.context import ParallelContext

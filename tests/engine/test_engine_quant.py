@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from shardwright.actors.engine import EngineConfig, InferenceEngine
-from shardwright.actors.sampling import SamplingParams
+from shardwright.serving.sampling import SamplingParams
 from shardwright.config import JobFileError, ParallelLayout, parse_job
 from shardwright.models import load_model
 from shardwright.models.generate import greedy_generate

@@ -11,8 +11,8 @@ import pytest
 import ray
 
 from shardwright.actors.engine import EngineConfig, InferenceEngine
-from shardwright.actors.requests import RequestFailed
-from shardwright.actors.sampling import SamplingParams
+from shardwright.serving.requests import RequestFailed
+from shardwright.serving.sampling import SamplingParams
 from shardwright.config import ParallelLayout
 from shardwright.models import load_model
 from shardwright.models.generate import greedy_generate

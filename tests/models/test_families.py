@@ -263,7 +263,7 @@ def test_engine_greedy_tokens_match_transformers(ray_cluster, hf_models, name, t
     """32 greedy tokens through the Ray engine (paged cache, packed steps) equal transformers',
     for the 12-token prompt (longer than Mistral's window) batched with a 3-token one."""
     from shardwright.actors.engine import EngineConfig, InferenceEngine
-    from shardwright.actors.sampling import SamplingParams
+    from shardwright.serving.sampling import SamplingParams
     from shardwright.config import ParallelLayout
 
     directory, prompt, _, _ = hf_models[name]

@@ -16,8 +16,8 @@ import pytest
 
 from pool_helpers import config, half_budget
 from shardwright.actors.engine import InferenceEngine
-from shardwright.actors.requests import RequestFailed
-from shardwright.actors.sampling import SamplingParams
+from shardwright.serving.requests import RequestFailed
+from shardwright.serving.sampling import SamplingParams
 from shardwright.models import load_model
 from shardwright.models.generate import greedy_generate
 from shardwright.parallel.context import ParallelContext

@@ -31,7 +31,7 @@ from ray.util.placement_group import placement_group, remove_placement_group  # 
 
 from shardwright.actors.controllers import (  # noqa: E402
     controller_name, controller_names, create_controller, find_controller)
-from shardwright.actors.sampling import SamplingParams  # noqa: E402
+from shardwright.serving.sampling import SamplingParams  # noqa: E402
 from shardwright.cluster.state_store import SOCKET_RETRIES, SOCKET_TIMEOUT_S  # noqa: E402
 from shardwright.scheduler.service import SchedulerConfig, SchedulerService  # noqa: E402
 

@@ -14,8 +14,8 @@ import time
 import grpc
 from pydantic import ValidationError
 
-from shardwright.actors.requests import RequestFailed
-from shardwright.actors.sampling import SamplingParams
+from shardwright.serving.requests import RequestFailed
+from shardwright.serving.sampling import SamplingParams
 from shardwright.api.auth import Authenticator, tenant_of
 from shardwright.api.errors import one_line as _one_line
 from shardwright.api.gen.shardwright.v1 import inference_pb2 as pb

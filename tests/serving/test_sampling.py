@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from shardwright.actors.sampling import (
+from shardwright.serving.sampling import (
     SamplingParams,
     StopChecker,
     check_stop,
@@ -212,7 +212,7 @@ def _reference_kept(row: torch.Tensor, p: SamplingParams) -> list[int]:
 
 @pytest.mark.parametrize("scale", [0.05, 1.0, 4.0])  # flat (widening to a full sort) .. peaked
 def test_kept_tokens_match_a_full_sort_reference(scale):
-    from shardwright.actors.sampling import _kept_ids
+    from shardwright.serving.sampling import _kept_ids
 
     gen = torch.Generator().manual_seed(3)
     for top_k, top_p in [(0, 0.9), (0, 0.5), (40, 0.8), (700, 0.95), (5, 1.0)]:

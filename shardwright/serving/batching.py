@@ -33,8 +33,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
-from shardwright.actors.kv_blocks import BlockManager
-from shardwright.actors.sampling import Decode, SamplingParams, StopChecker, derive_seed
+from shardwright.serving.kv_blocks import BlockManager
+from shardwright.serving.sampling import Decode, SamplingParams, StopChecker, derive_seed
 
 FinishReason = Literal["stop", "length", "cancelled"]
 SeqStatus = Literal["waiting", "running", "finished"]

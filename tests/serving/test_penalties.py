@@ -10,7 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from shardwright.actors.sampling import SamplingParams, apply_penalties, sample_tokens
+from shardwright.serving.sampling import SamplingParams, apply_penalties, sample_tokens
 
 
 def reference_penalties(logits: list[float], history: list[int], num_generated: int, presence: float,

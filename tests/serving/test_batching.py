@@ -17,9 +17,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardwright.actors.batching import Request, StepPlan, StepScheduler, TokenEvent
-from shardwright.actors.kv_blocks import BlockManager
-from shardwright.actors.sampling import SamplingParams, sample_tokens
+from shardwright.serving.batching import Request, StepPlan, StepScheduler, TokenEvent
+from shardwright.serving.kv_blocks import BlockManager
+from shardwright.serving.sampling import SamplingParams, sample_tokens
 
 
 def fake_token(request_id: str, step: int) -> int:
@@ -297,9 +297,9 @@ def test_seeded_sampling_is_identical_across_batchings():
 
 
 def test_micro_batches_split_decode_sequences_across_plans_in_flight():
-    from shardwright.actors.batching import Request, StepScheduler
-    from shardwright.actors.kv_blocks import BlockManager
-    from shardwright.actors.sampling import SamplingParams
+    from shardwright.serving.batching import Request, StepScheduler
+    from shardwright.serving.kv_blocks import BlockManager
+    from shardwright.serving.sampling import SamplingParams
 
     sched = StepScheduler(BlockManager(64, 4), max_tokens_per_step=64, max_running=8, eos_ids=[],
                           max_model_len=64, micro_batches=2)

@@ -8,7 +8,7 @@ Admission is by reservation: `reserve(seq_id, max_total_tokens)` succeeds only i
 sequence can still grow to its own reservation. So a sequence that was admitted never fails for
 lack of blocks in the middle of generation: blocks promised to it are never handed to another.
 
-Guarantees (checked by tests/actors/test_kv_blocks.py):
+Guarantees (checked by tests/serving/test_kv_blocks.py):
 - block ids are in [0, num_blocks) and no block is in two tables at once;
 - `num_free + num_used == num_blocks` at all times, and `num_used` returns to 0 once every
   sequence has been freed;

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardwright.actors.kv_blocks import BlockManager, OutOfBlocksError
+from shardwright.serving.kv_blocks import BlockManager, OutOfBlocksError
 
 
 def test_tables_slots_and_counters_by_hand():
