@@ -44,8 +44,8 @@ class ModelSpec(StrictModel):
     """The shape of a decoder-only transformer, independent of how it is sharded."""
 
     architecture: Architecture = Field(
-        description="Decoder family: 'llama' (also Qwen2, Qwen3 and Mistral, told apart by the fields "
-                    "qkv_bias, qk_norm and sliding_window) or 'gpt2'.")
+        description="Decoder family: 'llama' (also Qwen2, Qwen3, Mistral, Phi-3 and Gemma 2, told apart by "
+                    "the fields qkv_bias, qk_norm, sliding_window and the Gemma 2 ones) or 'gpt2'.")
     vocab_size: int = Field(gt=0, description="Number of token ids.")
     hidden_size: int = Field(gt=0, description="Model width d_model.")
     intermediate_size: int = Field(gt=0, description="Width of the MLP's hidden layer.")
@@ -67,6 +67,21 @@ class ModelSpec(StrictModel):
                                 "(Mistral; llama only).")
     sliding_window_layers: list[int] | None = Field(
         None, description="Layers whose attention is windowed; None = every layer when sliding_window is set.")
+    norm_unit_offset: bool = Field(
+        False, description="RMSNorm scales by (1 + weight), computed in float32 before the cast (Gemma 2; llama only).")
+    post_norms: bool = Field(
+        False, description="Each sublayer's output is RMS-normalised before its residual add: a norm after attention "
+                           "and one after the MLP besides the two before them (Gemma 2; llama only).")
+    embedding_multiplier: float | None = Field(
+        None, gt=0, description="Token embeddings are multiplied by this, cast to the model dtype "
+                                "(Gemma 2: sqrt(hidden_size)); None = 1.")
+    query_pre_attn_scalar: float | None = Field(
+        None, gt=0, description="Attention scores are scaled by query_pre_attn_scalar**-0.5 instead of "
+                                "head_dim**-0.5 (Gemma 2).")
+    attn_logit_softcap: float | None = Field(
+        None, gt=0, description="Attention scores s become c*tanh(s/c) before the mask and softmax (Gemma 2).")
+    final_logit_softcap: float | None = Field(
+        None, gt=0, description="Output logits z become c*tanh(z/c) (Gemma 2).")
     activation: Literal["silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"] = Field(
         "silu", description="MLP activation (SwiGLU gate for llama, plain for gpt2)."
     )
@@ -87,8 +102,11 @@ class ModelSpec(StrictModel):
                 f"gpt2 needs num_heads*head_dim == hidden_size, got {self.num_heads}*{self.head_dim} "
                 f"!= {self.hidden_size}"
             )
-        if self.architecture != "llama" and (self.qkv_bias or self.qk_norm or self.sliding_window):
-            raise ValueError(f"qkv_bias, qk_norm and sliding_window need architecture='llama', got {self.architecture!r}")
+        llama_only = ("qkv_bias", "qk_norm", "sliding_window", "norm_unit_offset", "post_norms",
+                      "embedding_multiplier", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap")
+        used = [name for name in llama_only if getattr(self, name)]
+        if self.architecture != "llama" and used:
+            raise ValueError(f"{', '.join(used)} need architecture='llama', got {self.architecture!r}")
         if self.sliding_window_layers is not None:
             if self.sliding_window is None:
                 raise ValueError("sliding_window_layers is set but sliding_window is None: give the window size")
@@ -114,7 +132,7 @@ class ModelSpec(StrictModel):
         if self.architecture == "llama":
             block = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h
             block += (q + 2 * kv) * (self.qkv_bias or self.attention_bias) + h * self.attention_bias
-            block += 2 * self.head_dim * self.qk_norm + (2 * f + h) * self.mlp_bias
+            block += 2 * self.head_dim * self.qk_norm + (2 * f + h) * self.mlp_bias + 2 * h * self.post_norms
             extra = h
         else:
             block = h * (q + 2 * kv) + (q + 2 * kv) + q * h + h + 2 * h * f + f + h + 4 * h

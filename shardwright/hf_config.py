@@ -1,8 +1,9 @@
 """Translate a Hugging Face `config.json` into ModelSpec fields.
 
-Supported: Llama, Qwen2 / Qwen2.5, Qwen3, Mistral and Phi-3 (all built as 'llama' blocks, told
-apart by qkv_bias, qk_norm and sliding_window; Phi-3's fused qkv_proj and gate_up_proj are split
-when the weights load, models/weights.py) and GPT-2.
+Supported: Llama, Qwen2 / Qwen2.5, Qwen3, Mistral, Phi-3 and Gemma 2 (all built as 'llama' blocks,
+told apart by qkv_bias, qk_norm, sliding_window and Gemma 2's norm_unit_offset, post_norms,
+embedding_multiplier, query_pre_attn_scalar and soft-caps; Phi-3's fused qkv_proj and gate_up_proj
+are split when the weights load, models/weights.py) and GPT-2.
 
 Both the transformers 4 spelling (`rope_theta`, `rope_scaling`) and the transformers 5 one
 (`rope_parameters`) are read. Anything this runtime cannot reproduce exactly is refused with a
@@ -16,11 +17,11 @@ from __future__ import annotations
 
 from typing import Any
 
-LLAMA_TYPES = {"llama", "qwen2", "qwen3", "mistral", "phi3"}
+LLAMA_TYPES = {"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2"}
 GPT2_TYPES = {"gpt2"}
 # The `architectures` entries (model classes) whose weights and forward this runtime reproduces.
 SUPPORTED_CLASSES = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
-                     "Phi3ForCausalLM", "GPT2LMHeadModel"}
+                     "Phi3ForCausalLM", "Gemma2ForCausalLM", "GPT2LMHeadModel"}
 _DTYPES = {"float32", "float64", "bfloat16", "float16"}
 
 
@@ -51,15 +52,22 @@ def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
     heads = hf["num_attention_heads"]
     hidden = hf["hidden_size"]
     theta, scaling = _rope(hf)
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"config.json hidden_act={act!r}: llama blocks support only 'silu'")
     model_type = hf["model_type"]
+    if model_type == "gemma2":  # GeGLU: the gate through gelu with the tanh approximation
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        if act not in ("gelu_pytorch_tanh", "gelu_new"):
+            raise ValueError(f"config.json hidden_activation={act!r} is not supported for gemma2; "
+                             "supported: gelu_pytorch_tanh")
+        act = "gelu_pytorch_tanh"
+    else:
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"config.json hidden_act={act!r}: llama blocks support only 'silu'")
     if model_type == "phi3" and (hf.get("partial_rotary_factor") or 1.0) != 1.0:
         raise ValueError(f"config.json partial_rotary_factor={hf['partial_rotary_factor']} is not supported "
                          "for phi3; supported: 1.0")
     window, window_layers = _sliding_window(hf)
-    return {
+    fields = {
         "architecture": "llama",
         "vocab_size": hf["vocab_size"],
         "hidden_size": hidden,
@@ -79,7 +87,26 @@ def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
         "sliding_window": window,
         "sliding_window_layers": window_layers,
         "mlp_bias": hf.get("mlp_bias", False) if model_type == "llama" else False,
-        "activation": "silu",
+        "activation": act,
+    }
+    if model_type == "gemma2":
+        fields.update(_gemma2_fields(hf))
+    return fields
+
+
+def _gemma2_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 2's departures from Llama, as transformers' Gemma2ForCausalLM computes them."""
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("config.json use_bidirectional_attention=true is not supported for gemma2 (a decoder "
+                         "here is causal)")
+    return {
+        "tie_word_embeddings": hf.get("tie_word_embeddings", True),
+        "norm_unit_offset": True,
+        "post_norms": True,
+        "embedding_multiplier": float(hf["hidden_size"]) ** 0.5,
+        "query_pre_attn_scalar": float(hf.get("query_pre_attn_scalar", 256)),
+        "attn_logit_softcap": hf.get("attn_logit_softcapping"),
+        "final_logit_softcap": hf.get("final_logit_softcapping"),
     }
 
 
@@ -92,6 +119,8 @@ def _sliding_window(hf: dict[str, Any]) -> tuple[int | None, list[int] | None]:
     if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
         return None, None
     types = hf.get("layer_types")
+    if types is None and model_type == "gemma2":  # transformers' default: layers 0, 2, 4, ... windowed
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
     if types is None and model_type in ("qwen2", "qwen3"):
         first = hf.get("max_window_layers", 28)
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]

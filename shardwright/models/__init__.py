@@ -81,5 +81,8 @@ def spec_layout_check(spec: ModelSpec, ctx: ParallelContext) -> None:
     if spec.sliding_window is not None and ctx.layout.cp > 1:
         raise ValueError(f"sliding_window={spec.sliding_window} is not supported with cp={ctx.layout.cp}: "
                          "ring attention and paged context parallelism are full-causal; use cp=1")
+    if spec.attn_logit_softcap is not None and ctx.layout.cp > 1:
+        raise ValueError(f"attn_logit_softcap={spec.attn_logit_softcap} is not supported with cp={ctx.layout.cp}: "
+                         "ring attention and paged context parallelism merge softmax pieces without it; use cp=1")
     if ctx.device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"{ctx.device} requested but CUDA is not available")

@@ -15,7 +15,8 @@ from torch import nn
 
 from shardwright.config import ModelSpec
 from shardwright.models.kv_cache import LayerKV
-from shardwright.models.paged import SDPA_HAS_GQA, PagedBatch, PagedKVCache, causal_mask, paged_attention
+from shardwright.models.paged import (SDPA_HAS_GQA, PagedBatch, PagedKVCache, causal_mask, paged_attention,
+                                     softcapped_attention)
 from shardwright.models.rotary import Rotary
 from shardwright.parallel.attention.plan import ShardPlan
 from shardwright.parallel.attention.ring import ring_attention
@@ -25,22 +26,27 @@ from shardwright.parallel.layers import ColumnParallelLinear, RowParallelLinear,
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as Hugging Face Llama)."""
+    """x / sqrt(mean(x^2) + eps) * weight, normalised in float32 (as Hugging Face Llama: the cast
+    back comes before the weight). With `unit_offset` (Gemma 2) the scale is (1 + weight) and is
+    applied in float32 before the cast, as transformers' Gemma2RMSNorm does."""
 
-    def __init__(self, dim: int, eps: float, *, device=None, dtype=None) -> None:
+    def __init__(self, dim: int, eps: float, *, unit_offset: bool = False, device=None, dtype=None) -> None:
         super().__init__()
         self.eps = eps
+        self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
 def make_norm(spec: ModelSpec, *, device=None, dtype=None) -> nn.Module:
     if spec.architecture == "llama":
-        return RMSNorm(spec.hidden_size, spec.norm_eps, device=device, dtype=dtype)
+        return RMSNorm(spec.hidden_size, spec.norm_eps, unit_offset=spec.norm_unit_offset, device=device, dtype=dtype)
     return nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps, device=device, dtype=dtype)
 
 
@@ -107,7 +113,9 @@ class Attention(nn.Module):
     `layer` is the global layer index: it picks this layer's sliding window (`spec.window_of`),
     honoured by every path here (full prefill, KV-cache decode, paged steps). With `qk_norm`
     (Qwen3) q and k are RMS-normalised per head before RoPE; the norm weights are replicated
-    over TP and their gradients summed over the group.
+    over TP and their gradients summed over the group. With `attn_logit_softcap` (Gemma 2) the
+    scores s become c*tanh(s/c) before the mask and softmax, in every path but context
+    parallelism (refused: ring attention merges softmax pieces without it).
     """
 
     def __init__(self, spec: ModelSpec, ctx: ParallelContext, layer: int = 0, *, device=None, dtype=None) -> None:
@@ -130,7 +138,8 @@ class Attention(nn.Module):
         self.cp_group = ctx.cp_group
         self.num_heads = q_rows.length // hd
         self.num_kv_heads = kv_rows.length // hd
-        self.scale = 1.0 / math.sqrt(hd)
+        self.scale = 1.0 / math.sqrt(spec.query_pre_attn_scalar or hd)
+        self.softcap = spec.attn_logit_softcap
         self.window = spec.window_of(layer)
         self.tp_group = ctx.tp_group
         self.q_norm = self.k_norm = None
@@ -168,6 +177,9 @@ class Attention(nn.Module):
         if plan is not None and self.window is not None:
             raise ValueError(f"sliding_window={self.window} is not supported with context parallelism (cp > 1); "
                              "use cp=1 for this model")
+        if plan is not None and self.softcap is not None:
+            raise ValueError(f"attn_logit_softcap={self.softcap} is not supported with context parallelism "
+                             "(cp > 1); use cp=1 for this model")
         if plan is not None:  # context parallel: x is this CP rank's share of a packed batch (b = 1)
             out, _ = ring_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), plan,
                                     self.cp_group, causal=True, softmax_scale=self.scale)
@@ -184,10 +196,14 @@ class Attention(nn.Module):
         """x [1, num_tokens, hidden] of a packed step; attention over the paged cache."""
         n = x.shape[1]
         q, k, v = (t[0].transpose(0, 1) for t in self._project(x, rotary))  # [n, heads, d]
-        out = paged_attention(q, k, v, layer, cache, batch, self.scale, window=self.window)
+        out = paged_attention(q, k, v, layer, cache, batch, self.scale, window=self.window, softcap=self.softcap)
         return self.o(out.reshape(1, n, self.num_heads * self.head_dim))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+        if self.softcap is not None:
+            t = q.shape[2]
+            mask = causal_mask(t, past + t, self.window, q.device)
+            return softcapped_attention(q, k, v, mask, self.scale, self.softcap)
         groups = self.num_heads // self.num_kv_heads
         kwargs = {}
         if groups > 1 and SDPA_HAS_GQA:
@@ -205,7 +221,11 @@ class Attention(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm residual block: x + attn(norm1(x)), then + mlp(norm2(x)); `layer` is its global index."""
+    """Pre-norm residual block: x + attn(norm1(x)), then + mlp(norm2(x)); `layer` is its global index.
+
+    With `spec.post_norms` (Gemma 2, "sandwich" norms) each sublayer's output is normalised too
+    before the add: x + post1(attn(norm1(x))), then + post2(mlp(norm2(x))).
+    """
 
     def __init__(self, spec: ModelSpec, ctx: ParallelContext, layer: int = 0, *, device=None, dtype=None) -> None:
         super().__init__()
@@ -213,12 +233,21 @@ class DecoderBlock(nn.Module):
         self.attn = Attention(spec, ctx, layer, device=device, dtype=dtype)
         self.mlp_norm = make_norm(spec, device=device, dtype=dtype)
         self.mlp = make_mlp(spec, ctx, device=device, dtype=dtype)
+        self.attn_post_norm = self.mlp_post_norm = None
+        if spec.post_norms:
+            self.attn_post_norm = make_norm(spec, device=device, dtype=dtype)
+            self.mlp_post_norm = make_norm(spec, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, rotary, cache: LayerKV | None, plan: ShardPlan | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rotary, cache, plan)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self._post(self.attn_post_norm, self.attn(self.attn_norm(x), rotary, cache, plan))
+        return x + self._post(self.mlp_post_norm, self.mlp(self.mlp_norm(x)))
 
     def forward_packed(self, x: torch.Tensor, rotary, layer: int, cache: PagedKVCache,
                        batch: PagedBatch) -> torch.Tensor:
-        x = x + self.attn.forward_packed(self.attn_norm(x), rotary, layer, cache, batch)
-        return x + self.mlp(self.mlp_norm(x))
+        attn = self.attn.forward_packed(self.attn_norm(x), rotary, layer, cache, batch)
+        x = x + self._post(self.attn_post_norm, attn)
+        return x + self._post(self.mlp_post_norm, self.mlp(self.mlp_norm(x)))
+
+    @staticmethod
+    def _post(norm: nn.Module | None, h: torch.Tensor) -> torch.Tensor:
+        return h if norm is None else norm(h)

@@ -1,4 +1,4 @@
-"""The decoder-only transformer (Llama and GPT-2 families), one pipeline stage of it per rank.
+"""The decoder-only transformer (the Llama family, Gemma 2 included, and GPT-2), one pipeline stage of it per rank.
 
 `DecoderModel(spec, ctx)` holds this rank's slice: the TP shard of the layers of its pipeline
 stage, plus the embedding on the first stage and the final norm and LM head on the last. With
@@ -36,12 +36,16 @@ def stage_layers(num_layers: int, pp: int, pp_rank: int) -> range:
     return range(start, start + base + (1 if pp_rank < extra else 0))
 
 
-def vocab_logits(h: torch.Tensor, weight: torch.Tensor, rows: RowRange, group) -> torch.Tensor:
+def vocab_logits(h: torch.Tensor, weight: torch.Tensor, rows: RowRange, group,
+                 softcap: float | None = None) -> torch.Tensor:
     """Logits of this rank's vocabulary rows; padding rows past the real vocab are -inf.
 
     `h` is replicated over the TP group, so its gradient is summed over the group (the f op).
+    With `softcap` (Gemma 2) each logit z becomes softcap*tanh(z/softcap), before the padding.
     """
     logits = linear(copy_to_group(h, group), weight)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     num_valid = max(0, rows.valid_stop - rows.start)
     if num_valid < rows.length:
         logits[..., num_valid:] = float("-inf")
@@ -109,7 +113,7 @@ class DecoderModel(nn.Module):
         if self.norm is None:
             return h
         weight = self.lm_head.weight if self.lm_head is not None else self.embed.weight
-        return vocab_logits(self.norm(h), weight, self.vocab_rows, self.ctx.tp_group)
+        return vocab_logits(self.norm(h), weight, self.vocab_rows, self.ctx.tp_group, self.spec.final_logit_softcap)
 
     def forward_packed(self, x: torch.Tensor, batch: PagedBatch, cache: PagedKVCache) -> torch.Tensor:
         """One packed serving step over the paged cache.
@@ -143,7 +147,7 @@ class DecoderModel(nn.Module):
         else:
             h = share.gather_samples(h[0], self.ctx.cp_group)
         weight = self.lm_head.weight if self.lm_head is not None else self.embed.weight
-        return vocab_logits(self.norm(h), weight, self.vocab_rows, self.ctx.tp_group)
+        return vocab_logits(self.norm(h), weight, self.vocab_rows, self.ctx.tp_group, self.spec.final_logit_softcap)
 
     def new_paged_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
         """A paged KV cache for this stage's layers and this rank's kv heads."""
@@ -154,6 +158,8 @@ class DecoderModel(nn.Module):
 
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.embed(ids)
+        if self.spec.embedding_multiplier is not None:  # as transformers: the factor cast to the dtype first
+            h = h * torch.tensor(self.spec.embedding_multiplier, dtype=h.dtype)
         return h if self.pos_embed is None else h + self.pos_embed(positions)
 
     def full_logits(self, local_logits: torch.Tensor) -> torch.Tensor:

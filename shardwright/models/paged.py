@@ -157,20 +157,24 @@ class PagedKVCache:
 
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, cache: PagedKVCache,
-    batch: PagedBatch, scale: float, *, window: int | None = None,
+    batch: PagedBatch, scale: float, *, window: int | None = None, softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of packed queries over each sequence's paged context.
 
     q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim] (this step's
     tokens, written to the cache here). Returns [num_tokens, heads, head_dim]. With `window`
     (sliding-window attention) a query at position p sees keys at positions (p - window, p].
-    Every key stays cached; the window is a mask.
+    Every key stays cached; the window is a mask. With `softcap` (Gemma 2) the scores s become
+    softcap*tanh(s/softcap) before the mask (`softcapped_attention`).
     """
     if cache.cp > 1:  # q, k, v are this CP rank's rows of the step (see paged_cp.py)
         from shardwright.models.paged_cp import paged_attention_cp
 
         if window is not None:
             raise ValueError(f"sliding_window={window} is not supported with context parallelism "
+                             f"(cp={cache.cp}); serve this model with cp=1")
+        if softcap is not None:
+            raise ValueError(f"attn_logit_softcap={softcap} is not supported with context parallelism "
                              f"(cp={cache.cp}); serve this model with cp=1")
 
         return paged_attention_cp(q, k, v, layer, cache, batch.cp_share(cache), scale)
@@ -184,7 +188,7 @@ def paged_attention(
         rows = batch.decode_slots.numel()
         kd = gather_slots(keys, batch.decode_slots, cache.workspace("keys", rows)).transpose(1, 2)  # [B, KV, L, D]
         vd = gather_slots(values, batch.decode_slots, cache.workspace("values", rows)).transpose(1, 2)
-        od = _sdpa(qd, kd, vd, _decode_window_mask(batch, window), scale, gqa)
+        od = _sdpa(qd, kd, vd, _decode_window_mask(batch, window), scale, gqa, softcap=softcap)
         out.index_copy_(0, batch.decode_rows, od.squeeze(2))
     for i in batch.prefill_seqs:
         start, n, ctx = batch.query_starts[i], batch.query_lens[i], batch.context_lens[i]
@@ -198,7 +202,7 @@ def paged_attention(
             vs = gather_slots(values, slots, cache.workspace("values", slots.numel()))
             mask = causal_mask(n, ctx, window, q.device)
         o = _sdpa(qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0), mask, scale,
-                  gqa, causal=mask is None)
+                  gqa, causal=mask is None, softcap=softcap)
         out[start : start + n] = o[0].transpose(0, 1)
     return out
 
@@ -245,7 +249,12 @@ def _decode_window_mask(batch: PagedBatch, window: int | None) -> torch.Tensor:
 SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
-def _sdpa(q, k, v, mask, scale: float, gqa: bool, causal: bool = False) -> torch.Tensor:
+def _sdpa(q, k, v, mask, scale: float, gqa: bool, causal: bool = False,
+          softcap: float | None = None) -> torch.Tensor:
+    if softcap is not None:
+        if causal:
+            mask = causal_mask(q.shape[-2], k.shape[-2], None, q.device)
+        return softcapped_attention(q, k, v, mask, scale, softcap)
     if gqa and SDPA_HAS_GQA:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                               enable_gqa=True)
@@ -253,3 +262,19 @@ def _sdpa(q, k, v, mask, scale: float, gqa: bool, causal: bool = False) -> torch
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float, softcap: float) -> torch.Tensor:
+    """softmax(softcap * tanh(q k^T * scale / softcap), masked) v, as transformers' eager Gemma 2
+    attention computes it (SDPA has no soft-cap): q [b, heads, t, d], k and v [b, kv_heads, s, d]
+    (each kv head serves heads / kv_heads consecutive query heads), `mask` a bool mask broadcasting
+    to [b, heads, t, s] (True = attend) or None. The softmax runs in float32."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)

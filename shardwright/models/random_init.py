@@ -33,6 +33,8 @@ def hf_config_from_spec(spec: ModelSpec) -> dict:
         rope.update(spec.rope_scaling.model_dump())
     model_type, cls = _llama_family(spec)
     family = {}
+    if model_type == "gemma2":
+        family.update(_gemma2_config(spec))
     if model_type in ("qwen2", "qwen3", "mistral"):
         family["sliding_window"] = spec.sliding_window
     if model_type in ("qwen2", "qwen3"):
@@ -46,12 +48,38 @@ def hf_config_from_spec(spec: ModelSpec) -> dict:
             "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_heads,
             "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
             "max_position_embeddings": spec.max_position_embeddings, "rms_norm_eps": spec.norm_eps,
-            "rope_theta": spec.rope_theta, "rope_parameters": rope, "hidden_act": "silu",
+            "rope_theta": spec.rope_theta, "rope_parameters": rope, "hidden_act": spec.activation,
             "attention_bias": spec.attention_bias, "mlp_bias": spec.mlp_bias}
+
+
+GEMMA2_FIELDS = ("norm_unit_offset", "post_norms", "embedding_multiplier", "query_pre_attn_scalar",
+                 "attn_logit_softcap", "final_logit_softcap")
+
+
+def _gemma2_config(spec: ModelSpec) -> dict:
+    """The Gemma2Config keys of a spec with Gemma 2's features (all of them: transformers has no
+    switch for each)."""
+    if not (spec.norm_unit_offset and spec.post_norms) or spec.activation != "gelu_pytorch_tanh" \
+            or spec.embedding_multiplier != float(spec.hidden_size) ** 0.5:
+        raise ValueError("a Gemma 2 config.json needs norm_unit_offset, post_norms, activation gelu_pytorch_tanh "
+                         "and embedding_multiplier = sqrt(hidden_size) together")
+    if spec.qkv_bias or spec.qk_norm or spec.mlp_bias:
+        raise ValueError("qkv_bias, qk_norm and mlp_bias cannot be expressed in a gemma2 config.json")
+    scalar = spec.query_pre_attn_scalar or spec.head_dim
+    if float(scalar).is_integer():  # transformers types it int
+        scalar = int(scalar)
+    return {"hidden_activation": spec.activation, "sliding_window": spec.sliding_window,
+            "layer_types": ["sliding_attention" if spec.window_of(i) else "full_attention"
+                            for i in range(spec.num_layers)],
+            "query_pre_attn_scalar": scalar,
+            "attn_logit_softcapping": spec.attn_logit_softcap,
+            "final_logit_softcapping": spec.final_logit_softcap}
 
 
 def _llama_family(spec: ModelSpec) -> tuple[str, str]:
     """The transformers model_type and class that compute what a 'llama' spec computes."""
+    if any(getattr(spec, name) for name in GEMMA2_FIELDS):
+        return "gemma2", "Gemma2ForCausalLM"
     if spec.qk_norm:
         family = ("qwen3", "Qwen3ForCausalLM")
     elif spec.qkv_bias:
@@ -88,6 +116,9 @@ def _shapes(spec: ModelSpec) -> Iterator[tuple[str, tuple[int, ...]]]:
                 yield f"{p}.self_attn.q_norm.weight", (spec.head_dim,)
                 yield f"{p}.self_attn.k_norm.weight", (spec.head_dim,)
             yield f"{p}.post_attention_layernorm.weight", (h,)
+            if spec.post_norms:
+                yield f"{p}.pre_feedforward_layernorm.weight", (h,)
+                yield f"{p}.post_feedforward_layernorm.weight", (h,)
             yield f"{p}.mlp.gate_proj.weight", (f, h)
             yield f"{p}.mlp.up_proj.weight", (f, h)
             yield f"{p}.mlp.down_proj.weight", (h, f)

@@ -64,7 +64,12 @@ def _llama_block(i: int, block: nn.Module, layer: int, reader: CheckpointReader,
     if block.attn.q_norm is not None:  # Qwen3: per-head norms, replicated on every TP rank
         yield from _norm(f"{p}.attn.q_norm", block.attn.q_norm, f"{hf}.self_attn.q_norm")
         yield from _norm(f"{p}.attn.k_norm", block.attn.k_norm, f"{hf}.self_attn.k_norm")
-    yield from _norm(f"{p}.mlp_norm", block.mlp_norm, f"{hf}.post_attention_layernorm")
+    if block.attn_post_norm is not None:  # Gemma 2: post_attention_layernorm is the norm AFTER attention
+        yield from _norm(f"{p}.attn_post_norm", block.attn_post_norm, f"{hf}.post_attention_layernorm")
+        yield from _norm(f"{p}.mlp_norm", block.mlp_norm, f"{hf}.pre_feedforward_layernorm")
+        yield from _norm(f"{p}.mlp_post_norm", block.mlp_post_norm, f"{hf}.post_feedforward_layernorm")
+    else:
+        yield from _norm(f"{p}.mlp_norm", block.mlp_norm, f"{hf}.post_attention_layernorm")
     if reader.has(f"{hf}.mlp.gate_up_proj.weight"):  # Phi-3: gate and up fused, gate first
         yield from _linear(f"{p}.mlp.gate_up", block.mlp.gate_up, [f"{hf}.mlp.gate_up_proj.weight"], conv1d=False,
                            offsets=[0, spec.intermediate_size])

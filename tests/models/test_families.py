@@ -1,4 +1,4 @@
-"""Qwen2 / Qwen2.5, Qwen3, Mistral and Phi-3 checkpoints saved by `transformers` reproduce its logits,
+"""Qwen2 / Qwen2.5, Qwen3, Mistral, Phi-3 and Gemma 2 checkpoints saved by `transformers` reproduce its logits,
 greedy tokens and gradients here: at tp = 1 (in process) and tp = 2 (two gloo ranks), over the
 paged serving path, and through the Ray engine (Mistral also at tp = 2 and pp = 2).
 
@@ -6,7 +6,10 @@ Each reference is a tiny randomly initialised transformers model (2 layers, hidd
 2 kv heads) written with save_pretrained. Biases and norm weights, which transformers initialises
 to 0 and 1, are randomised too, so that loading them is tested. Mistral's sliding window (8) is
 shorter than its prompt (12) plus continuation, so it is exercised in prefill, in KV-cache decode
-and in the paged serving path.
+and in the paged serving path. Gemma 2 (eager attention in transformers: its SDPA path ignores the
+soft-cap) gets soft-caps small enough to bend the logits without saturating them (attention 5, final
+10: |logits| stay below 9.3 of 10), a query scale of its own (24 != head_dim 16) and its alternating
+window (layer 0 windowed, layer 1 full).
 """
 
 from __future__ import annotations
@@ -64,7 +67,17 @@ def _phi3():
     return transformers.Phi3ForCausalLM(cfg)
 
 
-FAMILIES = {"qwen2": _qwen2, "qwen2_tied": _qwen2_tied, "qwen3": _qwen3, "mistral": _mistral, "phi3": _phi3}
+def _gemma2():
+    cfg = transformers.Gemma2Config(**COMMON, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=5.0, final_logit_softcapping=10.0, pad_token_id=0,
+                                    tie_word_embeddings=False)
+    model = transformers.Gemma2ForCausalLM(cfg)
+    assert model.config._attn_implementation == "eager", "transformers' Gemma 2 reference must soft-cap"
+    return model
+
+
+FAMILIES = {"qwen2": _qwen2, "qwen2_tied": _qwen2_tied, "qwen3": _qwen3, "mistral": _mistral, "phi3": _phi3,
+            "gemma2": _gemma2}
 
 
 def _randomise_biases_and_norms(model) -> None:
@@ -111,6 +124,14 @@ def test_configs_parse_to_the_family_features(hf_models):
     assert specs["mistral"].window_of(0) == specs["mistral"].window_of(1) == WINDOW
     assert all(specs[n].sliding_window is None for n in ("qwen2", "qwen2_tied", "qwen3", "phi3"))
     assert not (specs["phi3"].qkv_bias or specs["phi3"].attention_bias or specs["phi3"].qk_norm)
+    gemma = specs["gemma2"]
+    assert gemma.norm_unit_offset and gemma.post_norms and not gemma.tie_word_embeddings
+    assert (gemma.window_of(0), gemma.window_of(1)) == (WINDOW, None)
+    assert gemma.embedding_multiplier == 8.0 and gemma.query_pre_attn_scalar == 24
+    assert (gemma.attn_logit_softcap, gemma.final_logit_softcap) == (5.0, 10.0)
+    assert gemma.activation == "gelu_pytorch_tanh"
+    assert not any(getattr(specs[n], f) for n in specs if n != "gemma2"
+                   for f in ("norm_unit_offset", "post_norms", "embedding_multiplier", "attn_logit_softcap"))
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -142,9 +163,47 @@ def test_mistral_window_changes_the_logits(hf_models):
     assert (logits[0] - ref_logits).abs().max() > 100 * LOGIT_TOL
 
 
+@pytest.mark.parametrize("feature", ["attn_logit_softcap", "final_logit_softcap", "sliding_window",
+                                     "query_pre_attn_scalar", "embedding_multiplier", "norm_unit_offset",
+                                     "post_norms"])
+def test_each_gemma2_feature_changes_the_logits(hf_models, feature):
+    """The Gemma 2 parity can fail: without any one of its features the same weights give other logits
+    (a feature the reference never exercised would pass unnoticed). Without post_norms the checkpoint's
+    extra norms have no home, so that one loads with strict=False semantics by hand: it is built and
+    loaded from a spec that keeps them, then they are switched off."""
+    directory, prompt, ref_logits, _ = hf_models["gemma2"]
+    spec = ModelSpec.from_hf_dir(directory)
+    update = {"sliding_window": None, "sliding_window_layers": None} if feature == "sliding_window" else \
+        {feature: False if feature in ("norm_unit_offset", "post_norms") else None}
+    model = build_model(spec, ParallelContext.single("cpu"))
+    with CheckpointReader(directory) as reader:
+        load_weights(model, reader)
+    if feature == "post_norms":
+        for block in model.blocks:
+            block.attn_post_norm = block.mlp_post_norm = None
+    else:
+        changed = build_model(spec.model_copy(update=update), ParallelContext.single("cpu"))
+        changed.load_state_dict(model.state_dict())
+        model = changed
+    with torch.no_grad():
+        logits = model.full_logits(model(torch.tensor([prompt]), torch.arange(len(prompt))[None]))
+    assert (logits[0] - ref_logits).abs().max() > 100 * LOGIT_TOL, f"{feature} is not exercised"
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen3"])
+def test_gemma2_softcap_refused_with_context_parallelism(hf_models):
+    from shardwright.config import ParallelLayout
+    from shardwright.models import spec_layout_check
+    from shardwright.training.sharding import shard_context
+
+    spec = ModelSpec.from_hf_dir(hf_models["gemma2"][0]).model_copy(
+        update={"sliding_window": None, "sliding_window_layers": None})
+    with pytest.raises(ValueError, match="attn_logit_softcap=5.0 is not supported with cp=2"):
+        spec_layout_check(spec, shard_context(ParallelLayout(cp=2), tp_rank=0, pp_rank=0))
+
+
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen3", "gemma2"])
 def test_paged_serving_path_matches_transformers(hf_models, name):
     """The engine's packed path (forward_packed over a paged cache): a 5-token chunked prefill
     over cached context, then batched decode, with two sequences of different lengths; Mistral's
@@ -193,7 +252,7 @@ def hf_grads(hf_models):
     targets = torch.randint(0, VOCAB, (2, 24), generator=rng)
     targets[0, :3] = -100
     out = {}
-    for name in ("qwen2_tied", "qwen3", "mistral"):
+    for name in ("qwen2_tied", "qwen3", "mistral", "gemma2"):
         model = transformers.AutoModelForCausalLM.from_pretrained(hf_models[name][0]).float()
         logits = model(ids).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
@@ -230,7 +289,12 @@ def test_random_checkpoints_of_each_family_load_in_transformers(tmp_path):
                 num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256, norm_eps=1e-6)
     specs = {"Qwen2ForCausalLM": dict(qkv_bias=True),
              "Qwen3ForCausalLM": dict(qk_norm=True, head_dim=32, sliding_window=WINDOW, sliding_window_layers=[1]),
-             "MistralForCausalLM": dict(sliding_window=WINDOW)}
+             "MistralForCausalLM": dict(sliding_window=WINDOW),
+             "Gemma2ForCausalLM": dict(norm_unit_offset=True, post_norms=True, embedding_multiplier=8.0,
+                                       query_pre_attn_scalar=24.0, attn_logit_softcap=5.0,
+                                       final_logit_softcap=10.0, activation="gelu_pytorch_tanh",
+                                       tie_word_embeddings=True, sliding_window=WINDOW,
+                                       sliding_window_layers=[0])}
     ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(2))
     for cls, extra in specs.items():
         spec = ModelSpec(**{**base, **extra})
@@ -258,7 +322,7 @@ def test_sliding_window_refused_with_context_parallelism(hf_models):
 
 @pytest.mark.parametrize("name, tp, pp", [("qwen2", 1, 1), ("qwen2_tied", 1, 1), ("qwen3", 1, 1),
                                           ("mistral", 1, 1), ("mistral", 2, 1), ("mistral", 1, 2),
-                                          ("phi3", 2, 1)])
+                                          ("phi3", 2, 1), ("gemma2", 1, 1), ("gemma2", 2, 1)])
 def test_engine_greedy_tokens_match_transformers(ray_cluster, hf_models, name, tp, pp):
     """32 greedy tokens through the Ray engine (paged cache, packed steps) equal transformers',
     for the 12-token prompt (longer than Mistral's window) batched with a 3-token one."""
