@@ -82,6 +82,20 @@ class ModelSpec(StrictModel):
         None, gt=0, description="Attention scores s become c*tanh(s/c) before the mask and softmax (Gemma 2).")
     final_logit_softcap: float | None = Field(
         None, gt=0, description="Output logits z become c*tanh(z/c) (Gemma 2).")
+    num_experts: int = Field(
+        0, ge=0, description="Routed experts per mixture-of-experts layer (Mixtral, Qwen2-MoE); 0 = a dense MLP "
+                             "in every layer (llama only).")
+    experts_per_token: int = Field(0, ge=0, description="Experts each token is routed to (top-k); MoE only.")
+    moe_intermediate_size: int | None = Field(
+        None, gt=0, description="Width of one expert's MLP; None = intermediate_size (Mixtral).")
+    moe_renormalize: bool = Field(
+        True, description="The top-k routing weights are renormalised to sum to 1 (Mixtral; Qwen2-MoE's "
+                          "norm_topk_prob).")
+    shared_expert_intermediate_size: int = Field(
+        0, ge=0, description="Width of the always-on shared expert, gated by sigmoid(x w) (Qwen2-MoE); 0 = none.")
+    dense_layers: list[int] | None = Field(
+        None, description="Layers of an MoE model that keep a dense MLP of intermediate_size (Qwen2-MoE's "
+                          "mlp_only_layers and decoder_sparse_step); None = every layer is MoE.")
     activation: Literal["silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"] = Field(
         "silu", description="MLP activation (SwiGLU gate for llama, plain for gpt2)."
     )
@@ -103,10 +117,12 @@ class ModelSpec(StrictModel):
                 f"!= {self.hidden_size}"
             )
         llama_only = ("qkv_bias", "qk_norm", "sliding_window", "norm_unit_offset", "post_norms",
-                      "embedding_multiplier", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap")
+                      "embedding_multiplier", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap",
+                      "num_experts")
         used = [name for name in llama_only if getattr(self, name)]
         if self.architecture != "llama" and used:
             raise ValueError(f"{', '.join(used)} need architecture='llama', got {self.architecture!r}")
+        self._check_experts()
         if self.sliding_window_layers is not None:
             if self.sliding_window is None:
                 raise ValueError("sliding_window_layers is set but sliding_window is None: give the window size")
@@ -114,6 +130,31 @@ class ModelSpec(StrictModel):
             if bad:
                 raise ValueError(f"sliding_window_layers {bad} out of range for num_layers={self.num_layers}")
         return self
+
+    def _check_experts(self) -> None:
+        if not self.num_experts:
+            if self.experts_per_token or self.shared_expert_intermediate_size or self.dense_layers is not None \
+                    or self.moe_intermediate_size is not None:
+                raise ValueError("experts_per_token, moe_intermediate_size, shared_expert_intermediate_size and "
+                                 "dense_layers describe mixture-of-experts layers: set num_experts too")
+            return
+        if not 1 <= self.experts_per_token <= self.num_experts:
+            raise ValueError(f"experts_per_token={self.experts_per_token} must be in 1..num_experts="
+                             f"{self.num_experts}")
+        if self.mlp_bias:
+            raise ValueError("mlp_bias with num_experts > 0 is not supported: expert MLPs carry no bias")
+        bad = [i for i in self.dense_layers or [] if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"dense_layers {bad} out of range for num_layers={self.num_layers}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether (global) layer `layer` routes tokens to experts instead of one dense MLP."""
+        return self.num_experts > 0 and layer not in (self.dense_layers or [])
+
+    @property
+    def expert_size(self) -> int:
+        """Width of one routed expert's MLP."""
+        return self.moe_intermediate_size or self.intermediate_size
 
     def window_of(self, layer: int) -> int | None:
         """The attention window of (global) layer `layer`, None for full causal attention."""
@@ -134,6 +175,11 @@ class ModelSpec(StrictModel):
             block += (q + 2 * kv) * (self.qkv_bias or self.attention_bias) + h * self.attention_bias
             block += 2 * self.head_dim * self.qk_norm + (2 * f + h) * self.mlp_bias + 2 * h * self.post_norms
             extra = h
+            if self.num_experts:  # MoE layers: router, experts and shared expert (+ its gate) for the MLP
+                moe = self.num_experts * (h + 3 * h * self.expert_size)
+                moe += 3 * h * self.shared_expert_intermediate_size + h * bool(self.shared_expert_intermediate_size)
+                moe_layers = sum(self.is_moe_layer(i) for i in range(self.num_layers))
+                extra += moe_layers * (moe - 3 * h * f)
         else:
             block = h * (q + 2 * kv) + (q + 2 * kv) + q * h + h + 2 * h * f + f + h + 4 * h
             extra = self.max_position_embeddings * h + 2 * h
@@ -207,6 +253,10 @@ class ParallelLayout(StrictModel):
                 f"tp={tp} does not divide intermediate_size={model.intermediate_size}; "
                 f"choose tp in {_divisors(model.intermediate_size, limit=64)}"
             )
+        for name, width in (("moe_intermediate_size", model.expert_size if model.num_experts else 0),
+                            ("shared_expert_intermediate_size", model.shared_expert_intermediate_size)):
+            if width % tp:
+                yield f"tp={tp} does not divide {name}={width}; choose tp in {_divisors(width, limit=64)}"
         if model.architecture == "gpt2" and model.intermediate_size % tp:
             yield f"tp={tp} does not divide intermediate_size={model.intermediate_size}"
         if self.pp > model.num_layers:

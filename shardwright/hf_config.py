@@ -1,6 +1,7 @@
 """Translate a Hugging Face `config.json` into ModelSpec fields.
 
-Supported: Llama, Qwen2 / Qwen2.5, Qwen3, Mistral, Phi-3 and Gemma 2 (all built as 'llama' blocks,
+Supported: Llama, Qwen2 / Qwen2.5, Qwen3, Mistral, Phi-3, Gemma 2 and the mixture-of-experts
+Mixtral and Qwen2-MoE (all built as 'llama' blocks, MoE ones with num_experts > 0,
 told apart by qkv_bias, qk_norm, sliding_window and Gemma 2's norm_unit_offset, post_norms,
 embedding_multiplier, query_pre_attn_scalar and soft-caps; Phi-3's fused qkv_proj and gate_up_proj
 are split when the weights load, models/weights.py) and GPT-2.
@@ -17,11 +18,12 @@ from __future__ import annotations
 
 from typing import Any
 
-LLAMA_TYPES = {"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2"}
+LLAMA_TYPES = {"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "mixtral", "qwen2_moe"}
 GPT2_TYPES = {"gpt2"}
 # The `architectures` entries (model classes) whose weights and forward this runtime reproduces.
 SUPPORTED_CLASSES = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
-                     "Phi3ForCausalLM", "Gemma2ForCausalLM", "GPT2LMHeadModel"}
+                     "Phi3ForCausalLM", "Gemma2ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
+                     "GPT2LMHeadModel"}
 _DTYPES = {"float32", "float64", "bfloat16", "float16"}
 
 
@@ -81,8 +83,9 @@ def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
         "rope_theta": theta,
         "rope_scaling": scaling,
         "tie_word_embeddings": hf.get("tie_word_embeddings", False),
-        "attention_bias": False if model_type in ("qwen2", "mistral", "phi3") else hf.get("attention_bias", False),
-        "qkv_bias": model_type == "qwen2",
+        "attention_bias": False if model_type in ("qwen2", "mistral", "phi3", "mixtral", "qwen2_moe")
+        else hf.get("attention_bias", False),
+        "qkv_bias": model_type == "qwen2" or (model_type == "qwen2_moe" and hf.get("qkv_bias", True)),
         "qk_norm": model_type == "qwen3",
         "sliding_window": window,
         "sliding_window_layers": window_layers,
@@ -91,7 +94,29 @@ def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
     }
     if model_type == "gemma2":
         fields.update(_gemma2_fields(hf))
+    if model_type in ("mixtral", "qwen2_moe"):
+        fields.update(_moe_fields(hf))
     return fields
+
+
+def _moe_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Mixtral's and Qwen2-MoE's expert layers, as transformers routes them (softmax over all experts,
+    top-k, renormalised for Mixtral and for Qwen2-MoE with norm_topk_prob)."""
+    if hf.get("router_jitter_noise"):
+        raise ValueError(f"config.json router_jitter_noise={hf['router_jitter_noise']} is not supported "
+                         "(training would not match transformers'); supported: 0")
+    if hf["model_type"] == "mixtral":
+        return {"num_experts": hf["num_local_experts"], "experts_per_token": hf["num_experts_per_tok"],
+                "moe_renormalize": True}
+    layers, step = hf["num_hidden_layers"], hf.get("decoder_sparse_step", 1)
+    experts = hf["num_experts"]
+    dense = sorted(i for i in range(layers)
+                   if i in (hf.get("mlp_only_layers") or []) or not (experts > 0 and (i + 1) % step == 0))
+    return {"num_experts": experts, "experts_per_token": hf["num_experts_per_tok"],
+            "moe_intermediate_size": hf["moe_intermediate_size"],
+            "moe_renormalize": bool(hf.get("norm_topk_prob", False)),
+            "shared_expert_intermediate_size": hf.get("shared_expert_intermediate_size") or 0,
+            "dense_layers": dense or None}
 
 
 def _gemma2_fields(hf: dict[str, Any]) -> dict[str, Any]:
@@ -116,12 +141,12 @@ def _sliding_window(hf: dict[str, Any]) -> tuple[int | None, list[int] | None]:
     window = hf.get("sliding_window")
     if model_type == "llama" or window is None:
         return None, None
-    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3", "qwen2_moe") and not hf.get("use_sliding_window", False):
         return None, None
     types = hf.get("layer_types")
     if types is None and model_type == "gemma2":  # transformers' default: layers 0, 2, 4, ... windowed
         types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
-    if types is None and model_type in ("qwen2", "qwen3"):
+    if types is None and model_type in ("qwen2", "qwen3", "qwen2_moe"):
         first = hf.get("max_window_layers", 28)
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
     if types is None:

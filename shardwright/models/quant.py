@@ -127,8 +127,13 @@ def check_group_layout(spec: ModelSpec, layout: ParallelLayout, group_size: int)
     """Refuse a group size that does not divide every rank's input features (row-parallel slices
     of o_proj and down_proj, and the full hidden size of the column-parallel ones)."""
     heads = spec.num_heads * spec.head_dim
-    for what, size in (("hidden_size", spec.hidden_size), ("num_heads * head_dim / tp", heads // layout.tp),
-                       ("intermediate_size / tp", spec.intermediate_size // layout.tp)):
+    widths = [("hidden_size", spec.hidden_size), ("num_heads * head_dim / tp", heads // layout.tp),
+              ("intermediate_size / tp", spec.intermediate_size // layout.tp)]
+    if spec.num_experts:  # the experts' and the shared expert's down projections are row-parallel too
+        widths.append(("moe_intermediate_size / tp", spec.expert_size // layout.tp))
+    if spec.shared_expert_intermediate_size:
+        widths.append(("shared_expert_intermediate_size / tp", spec.shared_expert_intermediate_size // layout.tp))
+    for what, size in widths:
         if size % group_size:
             raise ValueError(f"group_size={group_size} does not divide {what}={size} at tp={layout.tp} "
                              "(row-parallel slices cut along groups); choose a smaller group size or tp")

@@ -35,9 +35,18 @@ def hf_config_from_spec(spec: ModelSpec) -> dict:
     family = {}
     if model_type == "gemma2":
         family.update(_gemma2_config(spec))
-    if model_type in ("qwen2", "qwen3", "mistral"):
+    if model_type == "mixtral":
+        family.update(num_local_experts=spec.num_experts, num_experts_per_tok=spec.experts_per_token,
+                      sliding_window=spec.sliding_window, router_jitter_noise=0.0)
+    if model_type == "qwen2_moe":
+        dense = spec.dense_layers or []
+        family.update(num_experts=spec.num_experts, num_experts_per_tok=spec.experts_per_token,
+                      moe_intermediate_size=spec.expert_size, norm_topk_prob=spec.moe_renormalize,
+                      shared_expert_intermediate_size=spec.shared_expert_intermediate_size,
+                      mlp_only_layers=dense, decoder_sparse_step=1, qkv_bias=spec.qkv_bias)
+    if model_type in ("qwen2", "qwen3", "mistral", "qwen2_moe"):
         family["sliding_window"] = spec.sliding_window
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in ("qwen2", "qwen3", "qwen2_moe"):
         windowed = set(range(spec.num_layers)) if spec.sliding_window_layers is None else set(spec.sliding_window_layers)
         family["use_sliding_window"] = spec.sliding_window is not None
         family["layer_types"] = ["sliding_attention" if spec.window_of(i) else "full_attention"
@@ -80,6 +89,16 @@ def _llama_family(spec: ModelSpec) -> tuple[str, str]:
     """The transformers model_type and class that compute what a 'llama' spec computes."""
     if any(getattr(spec, name) for name in GEMMA2_FIELDS):
         return "gemma2", "Gemma2ForCausalLM"
+    if spec.num_experts:
+        if spec.qk_norm or spec.attention_bias:
+            raise ValueError("qk_norm and attention_bias cannot be expressed in a mixtral or qwen2_moe config.json")
+        if spec.shared_expert_intermediate_size:
+            return "qwen2_moe", "Qwen2MoeForCausalLM"
+        if spec.qkv_bias or spec.dense_layers or not spec.moe_renormalize or spec.moe_intermediate_size not in \
+                (None, spec.intermediate_size) or spec.sliding_window_layers is not None:
+            raise ValueError("an MoE spec without a shared expert is written as Mixtral, which has no qkv_bias, "
+                             "dense_layers, per-layer windows, unnormalised routing or separate expert width")
+        return "mixtral", "MixtralForCausalLM"
     if spec.qk_norm:
         family = ("qwen3", "Qwen3ForCausalLM")
     elif spec.qkv_bias:
@@ -95,6 +114,25 @@ def _llama_family(spec: ModelSpec) -> tuple[str, str]:
     if family[0] == "mistral" and spec.sliding_window_layers is not None:
         raise ValueError("per-layer sliding windows cannot be expressed in a mistral config.json")
     return family
+
+
+def _moe_shapes(spec: ModelSpec, p: str) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """One MoE layer's tensors: Qwen2-MoE names with a shared expert, Mixtral's without (weights.py)."""
+    h, w = spec.hidden_size, spec.expert_size
+    if spec.shared_expert_intermediate_size:
+        root, names = f"{p}.mlp", ("gate_proj", "up_proj", "down_proj")
+    else:
+        root, names = f"{p}.block_sparse_moe", ("w1", "w3", "w2")
+    yield f"{root}.gate.weight", (spec.num_experts, h)
+    experts = [(f"{root}.experts.{e}", w) for e in range(spec.num_experts)]
+    if spec.shared_expert_intermediate_size:
+        experts.append((f"{root}.shared_expert", spec.shared_expert_intermediate_size))
+    for name, width in experts:
+        yield f"{name}.{names[0]}.weight", (width, h)
+        yield f"{name}.{names[1]}.weight", (width, h)
+        yield f"{name}.{names[2]}.weight", (h, width)
+    if spec.shared_expert_intermediate_size:
+        yield f"{root}.shared_expert_gate.weight", (1, h)
 
 
 def _shapes(spec: ModelSpec) -> Iterator[tuple[str, tuple[int, ...]]]:
@@ -119,9 +157,12 @@ def _shapes(spec: ModelSpec) -> Iterator[tuple[str, tuple[int, ...]]]:
             if spec.post_norms:
                 yield f"{p}.pre_feedforward_layernorm.weight", (h,)
                 yield f"{p}.post_feedforward_layernorm.weight", (h,)
-            yield f"{p}.mlp.gate_proj.weight", (f, h)
-            yield f"{p}.mlp.up_proj.weight", (f, h)
-            yield f"{p}.mlp.down_proj.weight", (h, f)
+            if spec.is_moe_layer(i):
+                yield from _moe_shapes(spec, p)
+            else:
+                yield f"{p}.mlp.gate_proj.weight", (f, h)
+                yield f"{p}.mlp.up_proj.weight", (f, h)
+                yield f"{p}.mlp.down_proj.weight", (h, f)
         yield "model.norm.weight", (h,)
         if not spec.tie_word_embeddings:
             yield "lm_head.weight", (v, h)

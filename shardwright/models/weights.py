@@ -70,13 +70,37 @@ def _llama_block(i: int, block: nn.Module, layer: int, reader: CheckpointReader,
         yield from _norm(f"{p}.mlp_post_norm", block.mlp_post_norm, f"{hf}.post_feedforward_layernorm")
     else:
         yield from _norm(f"{p}.mlp_norm", block.mlp_norm, f"{hf}.post_attention_layernorm")
-    if reader.has(f"{hf}.mlp.gate_up_proj.weight"):  # Phi-3: gate and up fused, gate first
+    if spec.is_moe_layer(layer):
+        yield from _moe(f"{p}.mlp", block.mlp, hf, spec)
+    elif reader.has(f"{hf}.mlp.gate_up_proj.weight"):  # Phi-3: gate and up fused, gate first
         yield from _linear(f"{p}.mlp.gate_up", block.mlp.gate_up, [f"{hf}.mlp.gate_up_proj.weight"], conv1d=False,
                            offsets=[0, spec.intermediate_size])
+        yield from _row(f"{p}.mlp.down", block.mlp.down, f"{hf}.mlp.down_proj.weight", conv1d=False)
     else:
-        gate_up = [f"{hf}.mlp.gate_proj.weight", f"{hf}.mlp.up_proj.weight"]
-        yield from _linear(f"{p}.mlp.gate_up", block.mlp.gate_up, gate_up, conv1d=False)
-    yield from _row(f"{p}.mlp.down", block.mlp.down, f"{hf}.mlp.down_proj.weight", conv1d=False)
+        yield from _gated(f"{p}.mlp", block.mlp, f"{hf}.mlp", ("gate_proj", "up_proj", "down_proj"))
+
+
+def _gated(prefix: str, mlp: nn.Module, hf: str, names: tuple[str, str, str]) -> Plan:
+    """A GatedMLP from separate gate, up and down tensors named `hf`.{gate,up,down}.weight."""
+    gate, up, down = (f"{hf}.{n}.weight" for n in names)
+    yield from _linear(f"{prefix}.gate_up", mlp.gate_up, [gate, up], conv1d=False)
+    yield from _row(f"{prefix}.down", mlp.down, down, conv1d=False)
+
+
+def _moe(prefix: str, moe: nn.Module, hf: str, spec) -> Plan:
+    """Mixtral names its experts block_sparse_moe.experts.E.w1 (gate), w3 (up), w2 (down); Qwen2-MoE
+    mlp.experts.E.{gate,up,down}_proj, plus its shared_expert and shared_expert_gate. A model with a
+    shared expert is read as Qwen2-MoE, one without as Mixtral (random_init writes them so)."""
+    if spec.shared_expert_intermediate_size:
+        root, names = f"{hf}.mlp", ("gate_proj", "up_proj", "down_proj")
+    else:
+        root, names = f"{hf}.block_sparse_moe", ("w1", "w3", "w2")
+    yield f"{prefix}.router.weight", moe.router.weight, [Read(f"{root}.gate.weight")]
+    for e, expert in enumerate(moe.experts):
+        yield from _gated(f"{prefix}.experts.{e}", expert, f"{root}.experts.{e}", names)
+    if moe.shared is not None:
+        yield from _gated(f"{prefix}.shared", moe.shared, f"{root}.shared_expert", names)
+        yield f"{prefix}.shared_gate.weight", moe.shared_gate.weight, [Read(f"{root}.shared_expert_gate.weight")]
 
 
 def _gpt2_block(i: int, block: nn.Module, layer: int, root: str, hidden: int) -> Plan:

@@ -1,4 +1,4 @@
-"""Qwen2 / Qwen2.5, Qwen3, Mistral, Phi-3 and Gemma 2 checkpoints saved by `transformers` reproduce its logits,
+"""Qwen2 / Qwen2.5, Qwen3, Mistral, Phi-3, Gemma 2, Mixtral and Qwen2-MoE checkpoints saved by `transformers` reproduce its logits,
 greedy tokens and gradients here: at tp = 1 (in process) and tp = 2 (two gloo ranks), over the
 paged serving path, and through the Ray engine (Mistral also at tp = 2 and pp = 2).
 
@@ -76,8 +76,24 @@ def _gemma2():
     return model
 
 
+def _mixtral():
+    # 4 experts, top 2 renormalised; the experts' width is intermediate_size
+    cfg = transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+    return transformers.MixtralForCausalLM(cfg)
+
+
+def _qwen2_moe():
+    # 4 experts of width 32, top 2 not renormalised, a shared expert of width 48 behind a sigmoid gate;
+    # layer 1 keeps a dense MLP (mlp_only_layers)
+    cfg = transformers.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                      shared_expert_intermediate_size=48, mlp_only_layers=[1],
+                                      tie_word_embeddings=False)
+    return transformers.Qwen2MoeForCausalLM(cfg)
+
+
 FAMILIES = {"qwen2": _qwen2, "qwen2_tied": _qwen2_tied, "qwen3": _qwen3, "mistral": _mistral, "phi3": _phi3,
-            "gemma2": _gemma2}
+            "gemma2": _gemma2, "mixtral": _mixtral, "qwen2_moe": _qwen2_moe}
+MOE = ("mixtral", "qwen2_moe")
 
 
 def _randomise_biases_and_norms(model) -> None:
@@ -132,6 +148,13 @@ def test_configs_parse_to_the_family_features(hf_models):
     assert gemma.activation == "gelu_pytorch_tanh"
     assert not any(getattr(specs[n], f) for n in specs if n != "gemma2"
                    for f in ("norm_unit_offset", "post_norms", "embedding_multiplier", "attn_logit_softcap"))
+    mixtral, qwen_moe = specs["mixtral"], specs["qwen2_moe"]
+    assert (mixtral.num_experts, mixtral.experts_per_token, mixtral.expert_size) == (4, 2, 96)
+    assert mixtral.moe_renormalize and not mixtral.shared_expert_intermediate_size and not mixtral.qkv_bias
+    assert (qwen_moe.expert_size, qwen_moe.shared_expert_intermediate_size, qwen_moe.dense_layers) == (32, 48, [1])
+    assert not qwen_moe.moe_renormalize and qwen_moe.qkv_bias
+    assert [qwen_moe.is_moe_layer(i) for i in range(2)] == [True, False]
+    assert not any(specs[n].num_experts for n in specs if n not in MOE)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -190,6 +213,56 @@ def test_each_gemma2_feature_changes_the_logits(hf_models, feature):
     assert (logits[0] - ref_logits).abs().max() > 100 * LOGIT_TOL, f"{feature} is not exercised"
 
 
+@pytest.mark.parametrize("name", MOE)
+def test_moe_routing_uses_every_expert_and_the_shared_one_matters(hf_models, name):
+    """The MoE parity can fail: the prompt's tokens reach every expert of every MoE layer (so each
+    expert's weights are read and used), routing to one fixed expert instead changes the logits, and
+    (Qwen2-MoE) so does dropping the shared expert."""
+    from shardwright.models.blocks import MoEMLP
+
+    directory, prompt, ref_logits, _ = hf_models[name]
+    _, model = load_model(directory, ParallelContext.single("cpu"))
+    chosen = []
+    hooks = [block.mlp.register_forward_pre_hook(lambda m, args: chosen.append(m.route(args[0].reshape(-1, 64))[1]))
+             for block in model.blocks if isinstance(block.mlp, MoEMLP)]
+    ids, positions = torch.tensor([prompt]), torch.arange(len(prompt))[None]
+    with torch.no_grad():
+        model(ids, positions)
+    for h in hooks:
+        h.remove()
+    assert chosen and all(set(c.reshape(-1).tolist()) == set(range(4)) for c in chosen), "an expert went unused"
+    moes = [b.mlp for b in model.blocks if isinstance(b.mlp, MoEMLP)]
+    for moe in moes:
+        moe.route = lambda x, k=moe.top_k: (torch.full((x.shape[0], k), 1.0 / k),
+                                            torch.arange(k).expand(x.shape[0], k))
+    with torch.no_grad():
+        fixed = model.full_logits(model(ids, positions))
+    assert (fixed[0] - ref_logits).abs().max() > 100 * LOGIT_TOL
+    if name == "qwen2_moe":
+        _, model = load_model(directory, ParallelContext.single("cpu"))
+        for block in model.blocks:
+            if isinstance(block.mlp, MoEMLP):
+                block.mlp.shared = None
+        with torch.no_grad():
+            unshared = model.full_logits(model(ids, positions))
+        assert (unshared[0] - ref_logits).abs().max() > 100 * LOGIT_TOL
+
+
+def test_moe_configs_refused_naming_the_key(hf_models):
+    with open(f"{hf_models['mixtral'][0]}/config.json") as f:
+        config = json.load(f)
+    with pytest.raises(ValueError, match="router_jitter_noise"):
+        ModelSpec.from_hf_config({**config, "router_jitter_noise": 0.1})
+    with pytest.raises(ValueError, match="experts_per_token=5 must be in 1..num_experts=4"):
+        ModelSpec.from_hf_config({**config, "num_experts_per_tok": 5})
+    from shardwright.config import ParallelLayout
+
+    spec = ModelSpec.from_hf_dir(hf_models["qwen2_moe"][0])
+    with pytest.raises(ValueError, match="tp=3 does not divide moe_intermediate_size=32"):
+        ParallelLayout(tp=3).validate_for(spec.model_copy(update={"num_heads": 6, "num_kv_heads": 3,
+                                                                   "intermediate_size": 96}))
+
+
 def test_gemma2_softcap_refused_with_context_parallelism(hf_models):
     from shardwright.config import ParallelLayout
     from shardwright.models import spec_layout_check
@@ -203,7 +276,7 @@ def test_gemma2_softcap_refused_with_context_parallelism(hf_models):
 
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen3", "gemma2"])
+@pytest.mark.parametrize("name", ["mistral", "qwen3", "gemma2", "mixtral", "qwen2_moe"])
 def test_paged_serving_path_matches_transformers(hf_models, name):
     """The engine's packed path (forward_packed over a paged cache): a 5-token chunked prefill
     over cached context, then batched decode, with two sequences of different lengths; Mistral's
@@ -230,13 +303,13 @@ def test_phi3_long_context_rope_is_refused_naming_it(hf_models):
 def test_unknown_architecture_is_refused_listing_the_supported(hf_models):
     with open(f"{hf_models['qwen2'][0]}/config.json") as f:
         config = json.load(f)
-    config["architectures"] = ["Qwen2MoeForCausalLM"]
-    config["model_type"] = "qwen2_moe"
+    config["architectures"] = ["DbrxForCausalLM"]
+    config["model_type"] = "dbrx"
     with pytest.raises(ValueError, match="Qwen3ForCausalLM") as err:
         ModelSpec.from_hf_config(config)
     assert "\n" not in str(err.value) and "MistralForCausalLM" in str(err.value)
     config["architectures"] = ["Qwen2ForCausalLM"]
-    with pytest.raises(ValueError, match="model_type='qwen2_moe'.*qwen3"):
+    with pytest.raises(ValueError, match="model_type='dbrx'.*qwen3"):
         ModelSpec.from_hf_config(config)
 
 
@@ -252,13 +325,33 @@ def hf_grads(hf_models):
     targets = torch.randint(0, VOCAB, (2, 24), generator=rng)
     targets[0, :3] = -100
     out = {}
-    for name in ("qwen2_tied", "qwen3", "mistral", "gemma2"):
+    for name in ("qwen2_tied", "qwen3", "mistral", "gemma2", *MOE):
         model = transformers.AutoModelForCausalLM.from_pretrained(hf_models[name][0]).float()
         logits = model(ids).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
         loss.backward()
-        out[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        grads = {}
+        for n, p in model.named_parameters():
+            grads.update(_checkpoint_named(n, p.grad.clone(), name))
+        out[name] = (loss.detach(), grads)
     return ids, targets, out
+
+
+def _checkpoint_named(name: str, grad: torch.Tensor, family: str) -> dict[str, torch.Tensor]:
+    """transformers 5 holds a layer's experts fused ([experts, 2 * width, hidden] gate then up, and
+    [experts, hidden, width] down) but saves them one tensor per expert: the gradient under the
+    checkpoint's names, which are the ones this runtime's gradients are assembled under."""
+    if family not in MOE or ".mlp.gate." not in name and ".mlp.experts." not in name:
+        return {name: grad}
+    root = name.split(".mlp.")[0] + (".block_sparse_moe" if family == "mixtral" else ".mlp")
+    gate, up, down = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    if name.endswith(".mlp.gate.weight"):
+        return {f"{root}.gate.weight": grad}
+    if name.endswith("gate_up_proj"):
+        width = grad.shape[1] // 2
+        return {**{f"{root}.experts.{e}.{gate}.weight": g[:width] for e, g in enumerate(grad)},
+                **{f"{root}.experts.{e}.{up}.weight": g[width:] for e, g in enumerate(grad)}}
+    return {f"{root}.experts.{e}.{down}.weight": g for e, g in enumerate(grad)}
 
 
 def test_gradients_at_tp2_match_transformers(hf_models, hf_grads):
@@ -294,7 +387,11 @@ def test_random_checkpoints_of_each_family_load_in_transformers(tmp_path):
                                        query_pre_attn_scalar=24.0, attn_logit_softcap=5.0,
                                        final_logit_softcap=10.0, activation="gelu_pytorch_tanh",
                                        tie_word_embeddings=True, sliding_window=WINDOW,
-                                       sliding_window_layers=[0])}
+                                       sliding_window_layers=[0]),
+             "MixtralForCausalLM": dict(num_experts=4, experts_per_token=2),
+             "Qwen2MoeForCausalLM": dict(num_experts=4, experts_per_token=2, moe_intermediate_size=32,
+                                         moe_renormalize=False, shared_expert_intermediate_size=48,
+                                         dense_layers=[1], qkv_bias=True)}
     ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(2))
     for cls, extra in specs.items():
         spec = ModelSpec(**{**base, **extra})
@@ -322,7 +419,9 @@ def test_sliding_window_refused_with_context_parallelism(hf_models):
 
 @pytest.mark.parametrize("name, tp, pp", [("qwen2", 1, 1), ("qwen2_tied", 1, 1), ("qwen3", 1, 1),
                                           ("mistral", 1, 1), ("mistral", 2, 1), ("mistral", 1, 2),
-                                          ("phi3", 2, 1), ("gemma2", 1, 1), ("gemma2", 2, 1)])
+                                          ("phi3", 2, 1), ("gemma2", 1, 1), ("gemma2", 2, 1),
+                                          ("mixtral", 2, 1), ("qwen2_moe", 1, 1), ("qwen2_moe", 2, 1),
+                                          ("qwen2_moe", 1, 2)])
 def test_engine_greedy_tokens_match_transformers(ray_cluster, hf_models, name, tp, pp):
     """32 greedy tokens through the Ray engine (paged cache, packed steps) equal transformers',
     for the 12-token prompt (longer than Mistral's window) batched with a 3-token one."""
