@@ -10,6 +10,7 @@ The tenants file (YAML or JSON, SHARDWRIGHT_TOKENS_FILE):
         max_priority: serving                  # low < batch < serving < high (default batch)
         quota_gpus: 8                          # the most GPUs one job may ask for (and, with
                                                # --policy fairshare, the tenant may hold at once)
+        max_jobs: 20                           # the most unfinished jobs (queued or holding GPUs)
 
 The old tokens format, `{token: tenant}`, is still read: its tenants have no roots (their paths
 are not confined, as before) and a max_priority of `serving`. `confine_paths` resolves and checks
@@ -48,6 +49,8 @@ class TenantPolicy(StrictModel):
     max_priority: PriorityClass = Field("batch", description="Highest priority class the tenant may submit.")
     quota_gpus: int | None = Field(None, ge=0, description="Most GPUs one job (and, with fairshare, the "
                                                            "tenant at once) may hold; None: no quota.")
+    max_jobs: int | None = Field(None, ge=1, description="Most unfinished jobs (waiting or holding GPUs) the "
+                                                         "tenant may have at once; None: no limit.")
 
     @field_validator("tokens")
     @classmethod
@@ -71,7 +74,7 @@ class TenantPolicy(StrictModel):
 
 # The open mode (no tokens file, loopback only): one tenant, unconfined, any priority.
 OPEN_POLICY = TenantPolicy.model_construct(name=OPEN_TENANT, tokens=[], roots=None, max_priority="high",
-                                           quota_gpus=None)
+                                           quota_gpus=None, max_jobs=None)
 
 
 class Tenants:

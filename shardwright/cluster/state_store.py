@@ -73,6 +73,10 @@ class JobState(str, Enum):
 
 WAITING = frozenset({JobState.QUEUED, JobState.PREEMPTED})  # in the queue
 HOLDING = frozenset({JobState.PLACED, JobState.RUNNING, JobState.PREEMPTING})  # hold GPUs
+class JobLimitError(RuntimeError):
+    """The tenant already has as many unfinished jobs as its tenants-file entry allows (max_jobs)."""
+
+
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 _ANY_END = {JobState.FAILED, JobState.CANCELLED}
 ALLOWED: dict[JobState, frozenset[JobState]] = {  # state -> states it may move to
@@ -287,11 +291,14 @@ class StateStore:
         return ":".join((self.ns, *parts))
 
     # ---- jobs -----------------------------------------------------------------------------
-    def create_job(self, record: JobRecord, events: list[tuple[JobState, str]]) -> tuple[JobRecord, bool]:
+    def create_job(self, record: JobRecord, events: list[tuple[JobState, str]],
+                   max_unfinished: int | None = None) -> tuple[JobRecord, bool]:
         """Store a new job with its first events, in the queue if its state waits.
 
         Returns (the job, True), or (the job the idempotency key already names, False). Raises
-        ValueError if the tenant has an unfinished job of the same name.
+        ValueError if the tenant has an unfinished job of the same name, JobLimitError if it already
+        has `max_unfinished` unfinished jobs (checked in the same transaction as the write, so
+        concurrent submissions never pass the limit together).
         """
         idem = self._key("idem", record.tenant, record.idempotency_key or "")
         names = self._key("names", record.tenant)
@@ -307,6 +314,10 @@ class StateStore:
                     if holder:
                         raise ValueError(f"tenant {record.tenant!r} already has an unfinished job named "
                                          f"{record.name!r} ({holder}); cancel it or choose another name")
+                    unfinished = pipe.hlen(names)
+                    if max_unfinished is not None and unfinished >= max_unfinished:
+                        raise JobLimitError(f"tenant {record.tenant!r} has {unfinished} unfinished jobs, its "
+                                            f"max_jobs of {max_unfinished}; wait for one to finish or cancel one")
                     record = record.model_copy(update={"order": int(self.client.incr(self._key("counter")))})
                     pipe.multi()
                     if record.idempotency_key:

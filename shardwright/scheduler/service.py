@@ -141,7 +141,8 @@ class SchedulerService:
 
         Before anything is stored: the tenant's priority maximum (PermissionError), its roots
         (paths resolved against its first root, PermissionError outside them), that the paths exist,
-        the stored spec's size, the tenant's GPU quota and that the gang could ever be placed."""
+        the stored spec's size, the tenant's GPU quota and that the gang could ever be placed; while
+        storing it, the tenant's max_jobs (JobLimitError)."""
         policy = self.tenants.policy(tenant)
         policy.check_priority(spec.priority)
         spec = confine_paths(spec.model_copy(update={"tenant": tenant}), base=None, policy=policy)
@@ -155,7 +156,7 @@ class SchedulerService:
                            idempotency_key=idempotency_key, queued_since_s=now)
         gpus = spec.layout.world_size
         record, _ = self.store.create_job(record, [(S.SUBMITTED, f"submitted by tenant {tenant}: {gpus} GPUs"),
-                                                   (S.QUEUED, "queued")])
+                                                   (S.QUEUED, "queued")], max_unfinished=policy.max_jobs)
         self._wake.set()
         return record.model_dump(mode="json")
 

@@ -27,7 +27,8 @@ from shardwright.models.random_init import write_random_checkpoint
 from shardwright.scheduler.service import SchedulerConfig, SchedulerService
 
 MAX_OF = {"lou": "low", "bea": "batch", "sam": "serving", "hal": "high"}
-TOKEN = {name: f"{name}-token-0001" for name in ("alice", "bob", *MAX_OF)}
+TOKEN = {name: f"{name}-token-0001" for name in ("alice", "bob", "carl", *MAX_OF)}
+MAX_JOBS = {"carl": 3}
 # Like the 469-byte job file of issue 16: nine levels of anchors, each nine aliases of the one below.
 ALIAS_BOMB = ("kind: training\nname: bomb\nmodel: {preset: tiny-llama}\ntrain:\n  data: {path: corpus, seq_len: 8, "
               "global_batch_size: 1}\n  x: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n"
@@ -47,7 +48,8 @@ def front(ray_cluster, tmp_path_factory):
         (root / "corpus" / "a.txt").write_text("the quick brown fox " * 50)
     (roots["alice"] / "to-bob").symlink_to(roots["bob"])  # a symlink escaping alice's root
     tenants = {"tenants": {name: {"tokens": [token], "roots": [str(roots[name])],
-                                  "max_priority": MAX_OF.get(name, "serving"), "quota_gpus": 4}
+                                  "max_priority": MAX_OF.get(name, "serving"), "quota_gpus": 4,
+                                  **({"max_jobs": MAX_JOBS[name]} if name in MAX_JOBS else {})}
                            for name, token in TOKEN.items()}}
     tenants_file = tmp / "tenants.yaml"
     tenants_file.write_text(yaml.safe_dump(tenants))
@@ -164,6 +166,32 @@ def test_quota_is_checked_at_submission(front):
     with client(front, "alice") as alice:
         err = refused(lambda: alice.submit(inference("big", "model", layout={"tp": 8})))
     assert err.code == grpc.StatusCode.PERMISSION_DENIED and "quota of 4 GPUs" in str(err)
+
+
+def test_max_jobs_holds_under_concurrent_submissions(front):
+    """8 submissions at once from a tenant with max_jobs 3: exactly 3 are stored, the others get
+    RESOURCE_EXHAUSTED naming the limit; once one is cancelled, a new one fits again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def submit(i):
+        with client(front, "carl") as c:
+            try:
+                return c.submit(inference(f"carl-{i}", "model"))
+            except ShardwrightError as err:
+                return err
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(submit, range(8)))
+    accepted = [r for r in results if isinstance(r, dict)]
+    refusals = [r for r in results if isinstance(r, ShardwrightError)]
+    assert len(accepted) == 3 and len(refusals) == 5, results
+    assert all(r.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_jobs of 3" in str(r) for r in refusals)
+    with client(front, "carl") as c:
+        assert len(c.list()[0]) == 3
+        c.cancel(accepted[0]["job_id"])
+        assert c.submit(inference("carl-after-cancel", "model"))["tenant"] == "carl"
+        err = refused(lambda: c.submit(inference("carl-one-too-many", "model")))
+    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_cluster_shows_other_tenants_nothing_of_their_jobs(front):

@@ -3,7 +3,7 @@
 The control plane (shardwright.scheduler.service) owns every decision and all state; this module
 only converts messages, resolves the caller's tenant and maps errors to status codes:
 ValueError -> INVALID_ARGUMENT, LookupError -> NOT_FOUND, PermissionError -> PERMISSION_DENIED,
-CapacityError-like (RuntimeError) -> RESOURCE_EXHAUSTED / UNAVAILABLE.
+JobLimitError (the tenant's max_jobs) -> RESOURCE_EXHAUSTED, other RuntimeErrors -> UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from shardwright.api.auth import Authenticator, tenant_of
 from shardwright.api.gen.shardwright.v1 import cluster_pb2, cluster_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from shardwright.api.errors import one_line as _one_line
 from shardwright.api.limits import FLAGS, RESUME_KEY
+from shardwright.cluster.state_store import JobLimitError
 
 MAX_PAGE = 500
 
@@ -28,6 +29,8 @@ def _abort_for(context: grpc.ServicerContext, err: Exception) -> None:
         context.abort(grpc.StatusCode.PERMISSION_DENIED, _one_line(err))
     if isinstance(err, LookupError):
         context.abort(grpc.StatusCode.NOT_FOUND, _one_line(err))
+    if isinstance(err, JobLimitError):
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _one_line(err))
     context.abort(grpc.StatusCode.UNAVAILABLE, _one_line(err))
 
 
