@@ -238,10 +238,28 @@ def test_gpu_values_make_two_gpu_groups_on_their_nodes(renders):
     assert head_pod(renders["gpu"])["spec"]["nodeSelector"] == {"node-pool": "system"}
 
 
-def test_tokens_secret_maps_token_to_tenant(renders):
+def test_tenants_secret_is_the_tenants_format_the_server_reads(renders, tmp_path):
+    """auth.tenants as given (roots, priority, quotas), auth.tokens as tokens of an unconfined
+    tenant with max_priority serving; the server's own loader reads the file to those policies."""
+    from shardwright.tenants import load_tenants
+
     secret = renders["external-redis"].one("Secret", f"{RELEASE}-shardwright-auth")
-    assert yaml.safe_load(secret["stringData"]["tokens.yaml"]) == {
-        "team-a-token-0123456789abcdef": "team-a", "team-b-token-fedcba9876543210": "team-b"}
+    path = tmp_path / "tokens.yaml"
+    path.write_text(secret["stringData"]["tokens.yaml"])
+    policies = {p.name: p for p in load_tenants(path)}
+    a, b = policies["team-a"], policies["team-b"]
+    assert (a.tokens, [str(r) for r in a.roots], a.max_priority, a.quota_gpus, a.max_jobs) == (
+        ["team-a-token-0123456789abcdef"], ["/models/team-a", "/models/shared"], "serving", 8, 20)
+    assert (b.tokens, b.roots, b.max_priority, b.quota_gpus) == (["team-b-token-fedcba9876543210"], None,
+                                                                  "serving", None)
+
+
+def test_a_token_listed_under_two_tenants_is_refused(helm):
+    token = "shared-token-0123456789"
+    values = {"auth": {"enabled": True, "tenants": {"a": {"tokens": [token]}},
+                       "tokens": [{"tenant": "b", "token": token}]}, "insecure": True}
+    done = helm.template(values)
+    assert done.returncode != 0 and "a token is listed twice" in done.stderr
 
 
 def test_tls_from_values_creates_the_secrets(helm):

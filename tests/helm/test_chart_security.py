@@ -146,6 +146,7 @@ def test_no_password_or_token_appears_in_any_container_arguments(renders, case):
     r = renders[case]
     secrets = {v for s in r.all("Secret") for v in s.get("stringData", {}).values()}
     secrets |= {t["token"] for t in r.values.get("auth", {}).get("tokens", [])}
+    secrets |= {t for e in r.values.get("auth", {}).get("tenants", {}).values() for t in e["tokens"]}
     secrets |= {v for v in (r.values.get("redis", {}).get("bundled", {}).get("password"),) if v}
     words = {w for s in secrets for w in s.replace(":", " ").replace("@", " ").split() if len(w) >= 12}
     for name, pod in pod_templates(r).items():

@@ -212,8 +212,8 @@ grpc:
 {{- if and (eq .Values.redis.mode "external") (not .Values.redis.external.url) (not .Values.redis.external.existingSecret.name) }}
 {{- fail "redis.mode=external needs redis.external.url (redis://HOST:6379/0) or redis.external.existingSecret.name" }}
 {{- end }}
-{{- if and .Values.auth.enabled (not .Values.auth.tokens) (not .Values.auth.existingSecret) }}
-{{- fail "auth.enabled=true needs auth.tokens ([{tenant: NAME, token: SECRET}]) or auth.existingSecret (a Secret with a tokens.yaml key)" }}
+{{- if and .Values.auth.enabled (not .Values.auth.tokens) (not .Values.auth.tenants) (not .Values.auth.existingSecret) }}
+{{- fail "auth.enabled=true needs auth.tenants ({NAME: {tokens: [SECRET], roots: [...]}}), auth.tokens ([{tenant: NAME, token: SECRET}]) or auth.existingSecret (a Secret with a tokens.yaml key)" }}
 {{- end }}
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) (or (not .Values.tls.cert) (not .Values.tls.key)) }}
 {{- fail "tls.enabled=true needs tls.existingSecret (a kubernetes.io/tls Secret) or both tls.cert and tls.key (PEM)" }}
