@@ -105,9 +105,11 @@ class DeploymentActor:
     @ray.method(concurrency_group=CONTROL)
     def progress(self) -> dict:
         health = self.engine.health(probe=False)
+        stats = {key: health[key] for key in ("running", "waiting", "blocks_in_use", "blocks_total", "steps")
+                 if key in health}
         return {"state": "failed" if health["failed"] else "running", "step": int(health["steps"]),
                 "error": health["failed"] or health["last_error"],
-                "checkpoint": None, "loss": None, "healthy": bool(health["healthy"])}
+                "checkpoint": None, "loss": None, "healthy": bool(health["healthy"]), "stats": stats}
 
     @ray.method(concurrency_group=CONTROL)
     def health(self, probe: bool = True) -> dict:

@@ -329,6 +329,8 @@ class InferenceEngine:
                 status.update(healthy=False, last_error=f"{type(err).__name__}: {err}")
         if self._scheduler is not None:
             status["blocks_in_use"] = self._scheduler.blocks.num_used
+            status["blocks_total"] = self._scheduler.blocks.num_blocks
+            status["running"], status["waiting"] = self._scheduler.num_running, self._scheduler.num_waiting
         if self._gang is not None:
             status["workers"] = [self._gang.describe(r) for r in range(len(self._gang.nodes))]
         if self.pool_plan is not None:

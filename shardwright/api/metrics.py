@@ -13,7 +13,19 @@ Each server has its own registry, so that several servers in one process do not 
   tokens of one request), `shardwright_request_latency_seconds` (queueing to the end; label
   `finish_reason`), `shardwright_prompt_tokens_total`, `shardwright_generation_tokens_total`,
   `shardwright_requests_total{deployment, finish_reason}` (`failed` when the request failed),
-  `shardwright_requests_in_flight{deployment}`.
+  `shardwright_requests_in_flight{deployment}`;
+- per deployment this server's scheduler runs, as its engine last reported it (every reconcile
+  pass): `shardwright_engine_requests{tenant, deployment, state=running|waiting}` and
+  `shardwright_kv_blocks{tenant, deployment, state=used|total}`. Requests are never preempted
+  (admission reserves every KV block a request can need), so there is no request-preemption series;
+  jobs are, see below;
+- the control plane: `shardwright_jobs{state, priority, kind}` (unfinished jobs, from the store),
+  `shardwright_gpus{state=total|free|held}`, `shardwright_state_store_up`,
+  `shardwright_job_transitions_total{state, kind}` (the transitions this server wrote: preemptions
+  are `state="preempting"`) and `shardwright_placement_wait_seconds` (queued to placed);
+- per training job this server's scheduler runs, its last step: `shardwright_training_step`,
+  `shardwright_training_loss`, `shardwright_training_step_seconds`,
+  `shardwright_training_tokens_per_second`, `shardwright_training_mfu` (labels tenant, job).
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import threading
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from shardwright.serving.requests import RequestFailed
 from shardwright.api.auth import Authenticator
@@ -31,6 +44,13 @@ from shardwright.api.auth import Authenticator
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+PLACEMENT_BUCKETS_S = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+# A training step's metric -> its series (name, help).
+TRAINING_SERIES = {"step": ("shardwright_training_step", "The training job's last step"),
+                   "loss": ("shardwright_training_loss", "Mean loss of the last step"),
+                   "step_time_s": ("shardwright_training_step_seconds", "Seconds the last step took"),
+                   "tokens_per_s": ("shardwright_training_tokens_per_second", "Tokens per second of the last step"),
+                   "mfu": ("shardwright_training_mfu", "Model FLOPs utilisation of the last step (0-1)")}
 request_log = logging.getLogger("shardwright.requests")
 
 
@@ -39,7 +59,9 @@ class ServiceMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, control_plane=None) -> None:
+        """`control_plane`: an object with `metrics_snapshot()` (scheduler.service.SchedulerService);
+        its jobs, GPUs, engines and training jobs are read at each scrape."""
         self.registry = r = CollectorRegistry()
         self.requests = Counter("shardwright_http_requests", "HTTP API requests by tenant, endpoint and status code",
                                 ["tenant", "endpoint", "code"], registry=r)
@@ -58,6 +80,21 @@ class ServiceMetrics:
                                 ["deployment", "finish_reason"], registry=r)
         self.in_flight = Gauge("shardwright_requests_in_flight", "Generations queued or running, through this server",
                                ["deployment"], registry=r)
+        self.transitions = Counter("shardwright_job_transitions", "Job state transitions this server wrote",
+                                   ["state", "kind"], registry=r)
+        self.placement_wait = Histogram("shardwright_placement_wait_seconds", "Seconds from queued to placed",
+                                        buckets=PLACEMENT_BUCKETS_S, registry=r)
+        self._transition_handler = _TransitionCounter(self)
+        jobs_log = logging.getLogger("shardwright.jobs")
+        if jobs_log.getEffectiveLevel() > logging.INFO:  # the counter needs the INFO lines, logged or not
+            jobs_log.setLevel(logging.INFO)
+        jobs_log.addHandler(self._transition_handler)
+        if control_plane is not None:
+            r.register(ControlPlaneCollector(control_plane))
+
+    def close(self) -> None:
+        """Stop counting job transitions (they are counted from the transition log)."""
+        logging.getLogger("shardwright.jobs").removeHandler(self._transition_handler)
 
     def request_done(self, tenant: str | None, endpoint: str, code: int) -> None:
         self.requests.labels(tenant or "unauthenticated", endpoint, str(code)).inc()
@@ -215,3 +252,70 @@ def configure_logging(style: str, level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+class _TransitionCounter(logging.Handler):
+    """Counts the transition log's lines (cluster.state_store writes one per job state change)."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        super().__init__(level=logging.INFO)
+        self.metrics = metrics
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", None) or {}
+        if "state" in fields:
+            self.metrics.transitions.labels(fields["state"], fields.get("kind", "")).inc()
+        if fields.get("waited_s") is not None:
+            self.metrics.placement_wait.observe(float(fields["waited_s"]))
+
+
+class ControlPlaneCollector:
+    """Gauges read from the control plane at scrape time (`metrics_snapshot()`, no Ray calls)."""
+
+    def __init__(self, control_plane) -> None:
+        self.control_plane = control_plane
+
+    def describe(self):
+        return []  # the series depend on what runs: collected at scrape only
+
+    def collect(self):
+        try:
+            snap = self.control_plane.metrics_snapshot()
+        except Exception as err:  # a scrape must not fail the server; say why the gauges are missing
+            logging.getLogger(__name__).warning("control-plane metrics unavailable: %s", err)
+            return
+        up = GaugeMetricFamily("shardwright_state_store_up", "1 while the state store (Redis) answers")
+        up.add_metric([], 1.0 if snap.get("store_up") else 0.0)
+        yield up
+        if "jobs" in snap:
+            jobs = GaugeMetricFamily("shardwright_jobs", "Unfinished jobs by state, priority class and kind",
+                                     labels=["state", "priority", "kind"])
+            for (state, priority, kind), n in sorted(snap["jobs"].items()):
+                jobs.add_metric([state, priority, kind], n)
+            yield jobs
+        gpus = GaugeMetricFamily("shardwright_gpus", "GPUs of the live nodes (total, free) and held by jobs",
+                                 labels=["state"])
+        for state in ("total", "free", "held"):
+            if f"gpus_{state}" in snap:
+                gpus.add_metric([state], float(snap[f"gpus_{state}"]))
+        yield gpus
+        requests = GaugeMetricFamily("shardwright_engine_requests", "Requests in the engine, by state",
+                                     labels=["tenant", "deployment", "state"])
+        blocks = GaugeMetricFamily("shardwright_kv_blocks", "KV cache blocks of the engine, used and total",
+                                   labels=["tenant", "deployment", "state"])
+        for tenant, name, stats in snap.get("deployments", []):
+            for state in ("running", "waiting"):
+                if state in stats:
+                    requests.add_metric([tenant, name, state], float(stats[state]))
+            for state, key in (("used", "blocks_in_use"), ("total", "blocks_total")):
+                if key in stats:
+                    blocks.add_metric([tenant, name, state], float(stats[key]))
+        yield requests
+        yield blocks
+        families = {key: GaugeMetricFamily(name, text, labels=["tenant", "job"])
+                    for key, (name, text) in TRAINING_SERIES.items()}
+        for tenant, name, stats in snap.get("training", []):
+            for key, family in families.items():
+                if stats.get(key) is not None:
+                    family.add_metric([tenant, name], float(stats[key]))
+        yield from families.values()

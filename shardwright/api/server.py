@@ -107,7 +107,8 @@ class ShardwrightServer:
         check_listen(options.host, authenticated=tokens is not None,
                      tls=settings.tls_cert is not None or settings.tls_key is not None, insecure=options.insecure)
         self.auth = Authenticator(tokens)
-        self.metrics = ServiceMetrics()  # shared with the HTTP API (api/http.py) and --metrics-port
+        # shared with the HTTP API (api/http.py) and --metrics-port
+        self.metrics = ServiceMetrics(control if hasattr(control, "metrics_snapshot") else None)
         self.stopping = threading.Event()
         self.health = health.HealthServicer()
         self.server = self._build()
@@ -178,6 +179,7 @@ class ShardwrightServer:
         self.server.stop(self.options.grace_s).wait()
         if self.health_server is not None:
             self.health_server.stop(0)
+        self.metrics.close()
 
     def wait(self) -> None:
         self.server.wait_for_termination()

@@ -47,9 +47,11 @@ transition_log = logging.getLogger("shardwright.jobs")
 def _log_transitions(record: JobRecord, changes: list[tuple[JobState, str]]) -> None:
     """One structured log line per job state change (serve --log-format shapes it)."""
     for state, message in changes:
-        transition_log.info("job %s", state.value, extra={"fields": {
-            "job_id": record.job_id, "tenant": record.tenant, "name": record.name, "kind": record.kind,
-            "state": state.value, "detail": message}})
+        fields = {"job_id": record.job_id, "tenant": record.tenant, "name": record.name, "kind": record.kind,
+                  "state": state.value, "detail": message}
+        if state is JobState.PLACED and record.queued_since_s:  # the wait for GPUs (metrics: placement time)
+            fields["waited_s"] = round(max(0.0, time.time() - record.queued_since_s), 3)
+        transition_log.info("job %s", state.value, extra={"fields": fields})
 
 EMBEDDED_DB_NAME = "shardwright.rdb"
 SOCKET_TIMEOUT_S = 3.0  # a Redis call that gets no answer for this long fails (Redis unreachable)

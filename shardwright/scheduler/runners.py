@@ -66,6 +66,7 @@ class ControllerRunner:
         self._last: Progress = Progress(state="running", step=0, error=None, checkpoint=None, loss=None)
         self._client: DeploymentClient | None = None
         self._stopped = False
+        self.stats: dict[str, float] = {}
 
     @classmethod
     def adopt(cls, job_id: str, spec: TrainingJob | InferenceDeployment, *, name: str,
@@ -114,6 +115,8 @@ class ControllerRunner:
             return Progress(state="failed", step=self._last["step"], error=f"progress() failed: {cause_of(err)}",
                             checkpoint=self._last["checkpoint"], loss=None)
         state = raw.get("state", "running")
+        # the engine's load (running, waiting, KV blocks) or the last training step's metrics, for /metrics
+        self.stats = dict(raw.get("stats") or raw.get("metrics") or {})
         self._last = Progress(state=state if state in ("succeeded", "failed") else "running",
                               step=int(raw.get("step") or 0), error=raw.get("error"),
                               checkpoint=_path_or_none(raw.get("checkpoint")), loss=raw.get("loss"))

@@ -236,6 +236,34 @@ class SchedulerService:
                  for r in self.store.get_jobs(self.store.active_ids()) if tenant in (None, r.tenant)]
         return {"nodes": [asdict(n) for n in nodes], "gangs": gangs}
 
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """The control plane as /metrics reports it (api/metrics.py), read without any Ray call:
+        `store_up`; `jobs` {(state, priority, kind): count} of unfinished jobs and `gpus_held`
+        (absent while Redis is down); `gpus_total`/`gpus_free` of the live nodes; and, for the jobs
+        this scheduler runs, `deployments` [(tenant, name, the engine's last reported load)] and
+        `training` [(tenant, name, the last step's metrics)], as of the last reconcile pass."""
+        out: dict[str, Any] = {"store_up": not self._store_down.is_set()}
+        try:
+            records = self.store.get_jobs([*self.store.queued_ids(), *self.store.active_ids()])
+        except redis.RedisError:
+            out["store_up"] = False
+        else:
+            out["jobs"] = Counter((r.state.value, r.priority, r.kind) for r in records)
+            out["gpus_held"] = sum(r.layout.get("tp", 1) * r.layout.get("pp", 1) * r.layout.get("cp", 1)
+                                   * r.layout.get("dp", 1) for r in records if r.state in HOLDING)
+        try:
+            nodes = [n for n in inventory.list_nodes() if n.alive]
+            out["gpus_total"] = sum(n.gpus_total for n in nodes)
+            out["gpus_free"] = sum(n.gpus_free for n in nodes)
+        except Exception:  # Ray unreachable: leave the node gauges out rather than fail the scrape
+            pass
+        out["deployments"], out["training"] = [], []
+        for runner in list(self._runners.values()):
+            if isinstance(runner, ControllerRunner) and runner.stats:
+                key = "deployments" if isinstance(runner.spec, InferenceDeployment) else "training"
+                out[key].append((runner.spec.tenant or "", runner.spec.name, dict(runner.stats)))
+        return out
+
     def _memory(self, record: JobRecord) -> dict:
         """An inference gang's memory budget and peers (from its spec) and pooling plan (if run here)."""
         pool = (record.spec.get("engine") or {}).get("pool") or {}

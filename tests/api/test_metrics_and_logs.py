@@ -5,6 +5,7 @@ sent, and the log has one JSON line per finished request and per job transition.
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -67,3 +68,40 @@ def test_one_json_log_line_per_finished_request_and_per_transition(served):
     assert last["latency_s"] > 0 and last["level"] == "info" and last["logger"] == "shardwright.requests"
     states = [entry["state"] for entry in lines if entry.get("logger") == "shardwright.jobs" and entry["job_id"] == job_id]
     assert states[0] in ("submitted", "queued") and "running" in states
+
+
+def test_control_plane_engine_and_training_series_move_when_jobs_run(served):
+    """The scheduler's and the engine's gauges (jobs by state, GPUs, KV blocks, requests in the engine)
+    and a running training job's step series, from the same /metrics."""
+    from test_server_e2e import CORPUS, TRAIN_JOB
+
+    alice, url, _, _ = served
+    job = alice.submit(TRAIN_JOB.format(corpus=CORPUS).replace("steps: 6", "steps: 400")
+                       .replace("tiny-train", "metrics-train"))
+    try:
+        deadline, seen = time.monotonic() + 180, {}
+        train = (("job", "metrics-train"), ("tenant", "alice"))
+        while time.monotonic() < deadline:
+            seen = _samples(url)
+            if seen.get(("shardwright_training_step", train), 0) >= 2:
+                break
+            time.sleep(0.5)
+        assert seen.get(("shardwright_training_step", train), 0) >= 2, "no training step reached /metrics"
+        assert seen[("shardwright_training_loss", train)] > 0
+        assert seen[("shardwright_training_tokens_per_second", train)] > 0
+        assert seen[("shardwright_training_step_seconds", train)] > 0
+        assert seen[("shardwright_jobs", (("kind", "training"), ("priority", "batch"), ("state", "running")))] == 1
+        assert seen[("shardwright_jobs", (("kind", "inference"), ("priority", "serving"), ("state", "running")))] == 1
+        assert seen[("shardwright_state_store_up", ())] == 1
+        assert seen[("shardwright_gpus", (("state", "held"),))] == 2  # tp=1 deployment + tp=1 training job
+        assert seen[("shardwright_gpus", (("state", "total"),))] >= 2
+        def chat(state):
+            return (("deployment", "chat"), ("state", state), ("tenant", "alice"))
+        assert seen[("shardwright_kv_blocks", chat("total"))] == 64
+        assert seen[("shardwright_kv_blocks", chat("used"))] == 0  # idle: every block back
+        assert seen[("shardwright_engine_requests", chat("running"))] == 0
+        assert seen[("shardwright_engine_requests", chat("waiting"))] == 0
+        assert seen[("shardwright_job_transitions_total", (("kind", "training"), ("state", "running")))] == 1
+        assert seen[("shardwright_placement_wait_seconds_count", ())] >= 2
+    finally:
+        alice.cancel(job["job_id"])
