@@ -272,6 +272,9 @@ class _TransitionCounter(logging.Handler):
 class ControlPlaneCollector:
     """Gauges read from the control plane at scrape time (`metrics_snapshot()`, no Ray calls)."""
 
+    SERIES = ("shardwright_state_store_up", "shardwright_jobs", "shardwright_gpus", "shardwright_engine_requests",
+              "shardwright_kv_blocks", *(name for name, _ in TRAINING_SERIES.values()))
+
     def __init__(self, control_plane) -> None:
         self.control_plane = control_plane
 

@@ -14,12 +14,16 @@ from test_chart import head_pod, server
 
 def _metric_names() -> set[str]:
     """Every series name the server's registry exposes (counters as NAME_total, histograms as
-    NAME_bucket/_count/_sum)."""
-    from shardwright.api.metrics import ServiceMetrics
+    NAME_bucket/_count/_sum), and the gauges its control-plane collector adds at scrape time."""
+    from shardwright.api.metrics import ControlPlaneCollector, ServiceMetrics
 
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
-    return {family.name + suffix for family in ServiceMetrics().registry.collect()
-            for suffix in suffixes[family.type]}
+    metrics = ServiceMetrics()
+    try:
+        return {family.name + suffix for family in metrics.registry.collect()
+                for suffix in suffixes[family.type]} | set(ControlPlaneCollector.SERIES)
+    finally:
+        metrics.close()
 
 
 def test_serve_gets_the_metrics_port_and_the_pod_is_annotated(renders):
