@@ -20,6 +20,13 @@ Quantization = Literal["none", "int8", "rtn4"]
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel takes
 
 
+# The file that makes a directory a training checkpoint (training/checkpoint_root.py writes it last).
+CHECKPOINT_MANIFEST = "manifest.json"
+# A training checkpoint's step folder, and the Hugging Face export a deployment serves it from
+# (beside it: `step-00000020.hf`; training/reshard.py `served_model_dir`).
+CHECKPOINT_STEP_PATTERN = r"step-\d{8}"
+SERVED_EXPORT_SUFFIX = ".hf"
+
 class StrictModel(BaseModel):
     """Base for every config: unknown fields rejected, instances immutable."""
 
@@ -368,7 +375,10 @@ class InferenceDeployment(StrictModel):
 
     kind: Literal["inference"] = Field("inference", description="Job kind discriminator.")
     name: str = Field(pattern=JOB_NAME_PATTERN, description="DNS-style name, unique per tenant.")
-    model: Path = Field(description="Hugging Face directory (config.json + safetensors) on every node.")
+    model: Path = Field(description="Hugging Face directory (config.json + safetensors) on every node, or a "
+                                    "training checkpoint (a step-N folder, or a run's checkpoint folder: its "
+                                    "newest complete checkpoint), served from its export written beside it "
+                                    "(step-N.hf) on first start.")
     layout: ParallelLayout = Field(default_factory=ParallelLayout, description="tp, pp and cp (dp = 1); cp shards the KV cache.")
     tenant: str = Field("default", min_length=1, description="Owner; set by the server from the token.")
     priority: PriorityClass = Field("serving", description="Serving is never preempted by training.")

@@ -26,7 +26,8 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from shardwright.config import InferenceDeployment, JobFileError, PriorityClass, StrictModel, TrainingJob
+from shardwright.config import (CHECKPOINT_MANIFEST, CHECKPOINT_STEP_PATTERN, SERVED_EXPORT_SUFFIX, InferenceDeployment,
+                                JobFileError, PriorityClass, StrictModel, TrainingJob)
 from shardwright.field_errors import describe_validation_error
 
 # No ':' (the Redis key separator), '/', whitespace or '*': two tenants' keys can never collide.
@@ -194,8 +195,9 @@ def confine_paths(spec: TrainingJob | InferenceDeployment, *, base: Path | None,
       tenant's first root on a server); without a base it is refused (INVALID_ARGUMENT).
     - With a confined `policy` (roots set), a path with `..` or whose resolved form lies outside every
       root raises PermissionError with one message per field that never says whether it exists.
-    - Then the path must exist: a model is a directory with config.json, a corpus a .txt/.jsonl file
-      or a directory (JobFileError naming the field otherwise).
+    - Then the path must exist: a model is a directory with config.json (a deployment's may also be a
+      training checkpoint or a run's checkpoint folder), a corpus a .txt/.jsonl file or a directory
+      (JobFileError naming the field otherwise).
     """
     roots = None if policy is None else policy.roots
     if roots is not None and base is None and roots:
@@ -239,14 +241,33 @@ def _resolve_one(field: str, path: Path, kind: PathKind, base: Path | None, root
 
 def _check_exists(field: str, path: Path, kind: PathKind) -> None:
     if kind == "model":
-        if not (path / "config.json").is_file():
-            raise JobFileError(f"{field}: {path} is not a Hugging Face model directory (no config.json there)")
+        if not (path / "config.json").is_file() and not _is_training_checkpoint(path, field):
+            raise JobFileError(f"{field}: {path} is neither a Hugging Face model directory (no config.json there) "
+                               f"nor a training checkpoint (no {CHECKPOINT_MANIFEST} in it or in a step-N folder)")
     elif path.is_dir():
         return
     elif not path.is_file():
         raise JobFileError(f"{field}: {path} does not exist; give a {'/'.join(CORPUS_SUFFIXES)} file or a directory")
     elif path.suffix not in CORPUS_SUFFIXES:
         raise JobFileError(f"{field}: {path} is not a {' or '.join(CORPUS_SUFFIXES)} file")
+
+
+def _is_training_checkpoint(path: Path, field: str) -> bool:
+    """A deployment's model may be a training checkpoint (a step-N folder) or a run's checkpoint
+    folder (step-N folders below it), or the export a submission resolved such a model to (a
+    `step-N.hf` beside a checkpoint, written on the deployment's first start); a training job's
+    model.path may not."""
+    if field != "model":
+        return False
+    step_dir = path.name.removesuffix(SERVED_EXPORT_SUFFIX)
+    if step_dir != path.name and re.fullmatch(CHECKPOINT_STEP_PATTERN, step_dir):
+        return (path.with_name(step_dir) / CHECKPOINT_MANIFEST).is_file()
+    if not path.is_dir():
+        return False
+    if (path / CHECKPOINT_MANIFEST).is_file():
+        return True
+    return any(re.fullmatch(CHECKPOINT_STEP_PATTERN, p.name) and (p / CHECKPOINT_MANIFEST).is_file()
+               for p in path.iterdir())
 
 
 def _with_paths(spec, updates: dict[str, Path]):

@@ -93,8 +93,11 @@ class DeploymentActor:
 
     def __init__(self, job_id: str, config: dict) -> None:
         from shardwright.actors.engine import EngineConfig, InferenceEngine
+        from shardwright.training.reshard import ensure_served_model_dir
 
         self.job_id = job_id
+        # a deployment of a training checkpoint: its export is written here, once (a step-N.hf folder)
+        config = {**config, "model_dir": str(ensure_served_model_dir(config["model_dir"]))}
         self.engine = InferenceEngine(EngineConfig(**config))
 
     @ray.method(concurrency_group=CONTROL)

@@ -65,6 +65,7 @@ from shardwright.scheduler.placement import Placement
 from shardwright.scheduler.policies import PreemptJob, StartJob, make_policy
 from shardwright.scheduler.runners import ControllerRunner, JobRunner, Progress, make_runner
 from shardwright.tenants import Tenants, confine_paths
+from shardwright.training.reshard import served_model_dir, served_model_spec
 
 log = logging.getLogger(__name__)
 S = JobState
@@ -146,6 +147,8 @@ class SchedulerService:
         policy = self.tenants.policy(tenant)
         policy.check_priority(spec.priority)
         spec = confine_paths(spec.model_copy(update={"tenant": tenant}), base=None, policy=policy)
+        if isinstance(spec, InferenceDeployment):  # a training checkpoint is served from its export
+            spec = spec.model_copy(update={"model": served_model_dir(spec.model)})
         check_spec_size(spec)
         policy.check_quota(spec.layout.world_size)
         self.check_submission(spec)
@@ -167,14 +170,15 @@ class SchedulerService:
     def check_submission(self, spec: TrainingJob | InferenceDeployment) -> None:
         """Raise ValueError (UnplaceableJobError) for a job that could never run on this cluster."""
         model_dir = spec.model if isinstance(spec, InferenceDeployment) else spec.model.path
-        if model_dir is not None and (Path(model_dir) / "config.json").is_file():
+        if model_dir is not None:
             field = "model" if isinstance(spec, InferenceDeployment) else "model.path"
             try:
-                model = ModelSpec.from_hf_dir(model_dir)
+                model = served_model_spec(model_dir)
             except (OSError, ValueError) as err:  # the directory's own config.json is unreadable or wrong
-                raise JobFileError(f"{field}: {model_dir}/config.json cannot be read as a model: "
+                raise JobFileError(f"{field}: {model_dir} cannot be read as a model: "
                                    f"{' '.join(str(err).split())[:300]}") from None
-            spec.layout.validate_for(model)
+            if model is not None:
+                spec.layout.validate_for(model)
         shape = GangShape(*(getattr(spec.layout, a) for a in ("tp", "pp", "cp", "dp")),
                           peers=_memory_peers(spec.model_dump(mode="json")))
         job = Job(spec.name, spec.tenant, spec.kind, shape, time.time(),

@@ -36,9 +36,11 @@ import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from shardwright.config import CHECKPOINT_MANIFEST
+
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
+MANIFEST = CHECKPOINT_MANIFEST
 POINTER = "latest"
 _STEP_DIR = re.compile(r"step-(\d{8})")
 

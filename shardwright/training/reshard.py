@@ -8,10 +8,13 @@ moment, which has the parameters' shapes) from every shard file, using each save
 reads this rank's slices with the ordinary slice-wise loader, so a checkpoint saved at one
 (tp, pp) continues at another: parameters and both moments move, the step count is shared.
 Peak memory is the unsharded model (one tensor kind at a time) plus the shard files read.
+`served_model_dir`/`ensure_served_model_dir`: a deployment may name a training checkpoint; it is
+served from its export beside it (`step-N.hf`), written once, on the deployment's first start.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,13 +22,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from shardwright.config import SERVED_EXPORT_SUFFIX, ModelSpec
 from shardwright.models.checkpoint import CheckpointReader
 from shardwright.models.checkpoint import save_checkpoint as save_hf_checkpoint
 from shardwright.models.decoder import DecoderModel
 from shardwright.models.random_init import hf_config_from_spec
 from shardwright.models.tokenizer import write_default_chat_template
 from shardwright.models.weights import load_weights, weight_plan
-from shardwright.training.checkpoint import Manifest, read_manifest, shard_files
+from shardwright.training.checkpoint import (MANIFEST, Manifest, latest_checkpoint, read_manifest, shard_files,
+                                             verify_checkpoint)
 from shardwright.training.sharding import FullTensors, param_pieces, stage_model
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -97,3 +102,59 @@ def load_resharded(checkpoint: Path, manifest: Manifest, *, model: DecoderModel,
     for name, param in model.named_parameters():
         state = {kind: moments[kind][name].to(param.device).contiguous() for kind in MOMENTS}
         optimizer.state[param] = {"step": step.clone(), **state}
+
+
+def served_model_dir(path: str | Path) -> Path:
+    """The Hugging Face directory a deployment of `path` serves: `path` itself when it holds
+    config.json; for a training checkpoint (a step-N folder, or a run's checkpoint folder: its newest
+    complete checkpoint, chosen now) the export beside it, `step-N.hf`, which `ensure_served_model_dir`
+    writes once. ValueError when `path` is neither."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    checkpoint = path if (path / MANIFEST).is_file() else latest_checkpoint(path)
+    if checkpoint is None:
+        raise ValueError(f"model: {path} is neither a Hugging Face model directory (no config.json) nor a "
+                         f"training checkpoint (no complete {MANIFEST} in it or in a step-N folder below it)")
+    return checkpoint.parent / f"{checkpoint.name}{SERVED_EXPORT_SUFFIX}"
+
+
+def served_model_spec(path: str | Path) -> ModelSpec | None:
+    """The model a deployment of `path` (a `served_model_dir`) will serve, without exporting it."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return ModelSpec.from_hf_dir(path)
+    checkpoint = _checkpoint_of_export(path)
+    return read_manifest(checkpoint).model if checkpoint is not None else None
+
+
+def ensure_served_model_dir(path: str | Path) -> Path:
+    """`path` (a `served_model_dir`), its export written first if it is a checkpoint's and missing.
+    Written into a staging folder and renamed into place, so a reader never sees half an export (two
+    writers at once: the first rename wins, the other's copy is dropped)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    checkpoint = _checkpoint_of_export(path)
+    if checkpoint is None:
+        raise ValueError(f"model: {path} is not a Hugging Face model directory, and no training checkpoint "
+                         f"{path.name.removesuffix(SERVED_EXPORT_SUFFIX)} is beside it to export from")
+    verify_checkpoint(checkpoint)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        export_hf(checkpoint, staging)
+        try:
+            os.rename(staging, path)
+        except OSError:
+            if not (path / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _checkpoint_of_export(path: Path) -> Path | None:
+    if not path.name.endswith(SERVED_EXPORT_SUFFIX):
+        return None
+    checkpoint = path.with_name(path.name.removesuffix(SERVED_EXPORT_SUFFIX))
+    return checkpoint if (checkpoint / MANIFEST).is_file() else None

@@ -431,3 +431,46 @@ def test_a_scheduler_whose_lease_was_taken_cannot_write_and_stops_acting(make_se
     service.store.client.delete(lease)  # the other replica is gone: this one takes the lease back
     wait_state(service, waiting, "running")
     assert service.runner(running).worker_pids() == pids and Counter(states(service, running))["placed"] == 1
+
+
+def test_a_deployment_of_a_training_run_serves_its_newest_checkpoint(make_service, model_dir, tmp_path):
+    """Train 4 steps through the scheduler, then deploy the run's checkpoint folder itself: the
+    deployment is recorded as serving `step-N.hf` beside the newest checkpoint, its controller writes
+    that export on start, and the served logits equal the export loaded in this process (fp32, 1e-5:
+    the same weights, kernels differing only in reduction order) and differ from the untrained model's."""
+    pytest.importorskip("shardwright.actors.training")
+    import torch
+
+    from shardwright.models import load_model
+    from shardwright.parallel.context import ParallelContext
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    service = make_service("priority")
+    train = TrainingJob(name="train", model=ModelSource(path=model_dir), layout=ParallelLayout(tp=1),
+                        train={"data": {"path": str(corpus), "seq_len": 32, "global_batch_size": 2},
+                               "steps": 4, "num_micro_batches": 1, "optim": {"lr": 1e-2}})
+    trained = wait_state(service, service.submit(train, "t1")["job_id"], "succeeded", timeout_s=180)
+    run_root = Path(trained["checkpoint"]).parent
+    job = service.submit(deployment("from-run", run_root), "t1")
+    served_dir = Path(job["spec"]["model"])
+    assert served_dir == run_root / "step-00000004.hf" and not served_dir.exists()
+    wait_state(service, job["job_id"], "running", timeout_s=180)
+    assert (served_dir / "config.json").is_file() and (served_dir / "model.safetensors").is_file()
+    prompt = [3, 14, 15, 92, 65, 35]
+    served = service.engine("t1", "from-run").prompt_logits(prompt)
+    with torch.no_grad():
+        _, reference = load_model(served_dir, ParallelContext.single("cpu"))
+        ids, positions = torch.tensor([prompt]), torch.arange(len(prompt))[None]
+        expected = reference.full_logits(reference(ids, positions))[0]
+        _, untrained = load_model(model_dir, ParallelContext.single("cpu"))
+        before = untrained.full_logits(untrained(ids, positions))[0]
+    assert (served - expected).abs().max() <= 1e-5
+    assert (expected - before).abs().max() > 1e-3, "4 steps at lr 1e-2 should move the logits"
+
+
+def test_a_deployment_of_a_folder_that_is_neither_model_nor_checkpoint_is_refused(make_service, tmp_path):
+    service = make_service("priority", start=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a Hugging Face model directory.*nor a training checkpoint"):
+        service.submit(deployment("nothing", tmp_path / "empty"), "t1")
