@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from model_helpers import expected_prefill_saved, shared_prefix_prompts
 from shardwright.serving.batching import Request, StepPlan, StepScheduler, TokenEvent
 from shardwright.serving.kv_blocks import BlockManager
 from shardwright.serving.prefix_cache import PrefixCache, block_hashes
@@ -260,31 +261,7 @@ class ContentEngine:
 
 
 def shared_prompts(rng: random.Random, count: int, longest: int) -> dict[str, list[int]]:
-    """Prompts sharing prefixes of 0..longest tokens of one document, then their own tokens."""
-    doc = [rng.randint(1, 999) for _ in range(longest)]
-    prompts = {}
-    for i in range(count):
-        own = [rng.randint(1, 999) for _ in range(rng.randint(1, 20))] if i % 7 else []
-        prompts[f"r{i}"] = doc[: rng.randint(0, longest)] + own or doc[:1]
-    return prompts
-
-
-def expected_saved(prompts: dict[str, list[int]], block_size: int) -> int:
-    """Prefill tokens saved when each prompt finds every earlier prompt's full blocks (no
-    eviction; at admission every earlier prompt is scheduled): its longest full-block prefix
-    shared with an earlier prompt, short of its last token."""
-    seen: set[bytes] = set()
-    saved = 0
-    for prompt in prompts.values():
-        keys = block_hashes(prompt, block_size)
-        hits = 0
-        for key in keys[: (len(prompt) - 1) // block_size]:
-            if key not in seen:
-                break
-            hits += 1
-        saved += hits * block_size
-        seen.update(keys)
-    return saved
+    return {f"r{i}": p for i, p in enumerate(shared_prefix_prompts(rng, count, longest))}
 
 
 def make(num_blocks=256, block_size=4, budget=64, max_running=8, caching=True, **kw) -> StepScheduler:
@@ -304,7 +281,7 @@ def test_32_requests_sharing_prefixes_prefill_only_uncached_tokens(caching):
     engine.loop()
     for rid, m in max_tokens.items():
         assert engine.outputs[rid] == [1 + hash((rid, s)) % 997 for s in range(m)]
-    saved = expected_saved(prompts, 4) if caching else 0
+    saved = expected_prefill_saved(prompts.values(), 4) if caching else 0
     assert saved > 1000 or not caching, "prompts should share much"
     assert sched.blocks.num_prefill_tokens_saved == saved
     assert engine.prompt_tokens_run == sum(map(len, prompts.values())) - saved
