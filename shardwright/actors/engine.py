@@ -12,6 +12,9 @@ Guarantees:
   When every attempt fails the engine is `failed` (health says why), its loop ends and every
   request is refused with the cause: no request is accepted that can never finish.
 - Admission refuses what can never fit (clear error) and queues what does not fit yet.
+- Prefix caching (`prefix_caching`, on by default): requests whose prompts start with the same
+  full KV blocks share them and prefill from their first uncached token; outputs are those of
+  prefix caching off (serving.kv_blocks states the rules; tests/engine/test_engine_prefix.py).
 """
 
 from __future__ import annotations
