@@ -352,6 +352,10 @@ class EngineOptions(StrictModel):
     num_blocks: int = Field(1024, ge=1, description="KV-cache blocks per worker.")
     max_running: int = Field(64, ge=1, description="Most sequences in the running batch.")
     max_tokens_per_step: int = Field(512, ge=1, description="Token budget of one step.")
+    prefix_caching: bool = Field(True, description="Share the KV blocks of identical prompt prefixes between "
+                                                   "requests (hash of each full block's tokens and its "
+                                                   "predecessors'; LRU eviction); false computes every "
+                                                   "prompt in full.")
     pool: PoolOptions = Field(default_factory=PoolOptions, description="Memory budget and peer pooling.")
     quant: Quantization = Field("none", description="Weight-only quantization of the linears while loading: "
                                                    "none, int8 (per output row) or rtn4 (4-bit groups of "

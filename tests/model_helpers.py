@@ -68,3 +68,36 @@ def paged_greedy(model, prompts: list[list[int]], n: int, chunk: int, block: int
                     out[s].append(int(row.argmax()))
                     seqs[s].append(out[s][-1])
     return [o[:n] for o in out], all_logits  # a shorter prompt's sequence ran on while others finished
+
+
+def shared_prefix_prompts(rng, count: int, longest: int, vocab: int = 999) -> list[list[int]]:
+    """`count` prompts sharing prefixes of 0..longest tokens of one random document, each then
+    its own 1-20 random tokens (every 7th none: a pure document prefix); ids in [1, vocab]."""
+    doc = [rng.randint(1, vocab) for _ in range(longest)]
+    prompts = []
+    for i in range(count):
+        own = [rng.randint(1, vocab) for _ in range(rng.randint(1, 20))] if i % 7 else []
+        prompts.append(doc[: rng.randint(0, longest)] + own or doc[:1])
+    return prompts
+
+
+def expected_prefill_saved(prompts, block_size: int, seen: set | None = None) -> int:
+    """Prefill tokens prefix caching saves when each prompt, in order, finds the full blocks of
+    every earlier prompt (and of `seen`'s keys, updated in place): its longest full-block prefix
+    shared with them, short of its last token. Exact for the engine and StepScheduler when
+    nothing is evicted and there is one plan in flight (a prompt is admitted only after every
+    earlier one is scheduled in full)."""
+    from shardwright.serving.prefix_cache import block_hashes
+
+    seen = set() if seen is None else seen
+    saved = 0
+    for prompt in prompts:
+        keys = block_hashes(prompt, block_size)
+        hits = 0
+        for key in keys[: (len(prompt) - 1) // block_size]:
+            if key not in seen:
+                break
+            hits += 1
+        saved += hits * block_size
+        seen.update(keys)
+    return saved

@@ -12,6 +12,9 @@ Guarantees:
   When every attempt fails the engine is `failed` (health says why), its loop ends and every
   request is refused with the cause: no request is accepted that can never finish.
 - Admission refuses what can never fit (clear error) and queues what does not fit yet.
+- Prefix caching (`prefix_caching`, on by default): requests whose prompts start with the same
+  full KV blocks share them and prefill from their first uncached token; outputs are those of
+  prefix caching off (serving.kv_blocks states the rules; tests/engine/test_engine_prefix.py).
 """
 
 from __future__ import annotations
@@ -55,6 +58,12 @@ class EngineConfig(StrictModel):
     num_blocks: int = Field(1024, ge=1, description="KV-cache blocks per worker.")
     max_tokens_per_step: int = Field(512, ge=1, description="Token budget of one step.")
     max_running: int = Field(64, ge=1, description="Most sequences in the running batch.")
+    prefix_caching: bool = Field(
+        True, description="Share the KV blocks of identical prompt prefixes between requests: a full "
+                          "prompt block is found again by the hash of its tokens and its predecessors', "
+                          "reference-counted, kept after its requests finish and evicted least recently "
+                          "used when free blocks run out (serving.kv_blocks). A request's prefill starts "
+                          "at its first uncached token. Off: every prompt is computed in full.")
     collective_timeout_s: float = Field(30.0, gt=0, description="Worker collective/step timeout.")
     threads_per_worker: int | None = Field(None, ge=1, description="CPU threads per worker (CPU only).")
     pack_weights: bool = Field(
@@ -184,7 +193,7 @@ class InferenceEngine:
             raise
         self._gang = gang
         self._scheduler = StepScheduler(
-            BlockManager(c.num_blocks, c.block_size), max_tokens_per_step=c.max_tokens_per_step,
+            BlockManager(c.num_blocks, c.block_size, prefix_caching=c.prefix_caching), max_tokens_per_step=c.max_tokens_per_step,
             max_running=c.max_running, eos_ids=self.spec.eos_token_id,
             max_model_len=self.spec.max_position_embeddings, decode=self.tokenizer.decode,
             micro_batches=c.layout.pp, lookahead=self._lookahead)
@@ -317,7 +326,9 @@ class InferenceEngine:
 
     # ---- health ----------------------------------------------------------------------------
     def health(self, probe: bool = True) -> dict:
-        """Engine state; with probe=True, a real all-reduce through the gang."""
+        """Engine state; with probe=True, a real all-reduce through the gang. `prefix_cache` holds
+        the prefix cache's counters (BlockManager.prefix_stats: cached blocks, hits, prefill
+        tokens saved, evictions) since the gang was last built."""
         status = {"healthy": self._healthy, "last_error": self._last_error, "failed": self.failed,
                   "steps": self.steps,
                   "layout": self.config.layout.model_dump(),
@@ -331,6 +342,7 @@ class InferenceEngine:
             status["blocks_in_use"] = self._scheduler.blocks.num_used
             status["blocks_total"] = self._scheduler.blocks.num_blocks
             status["running"], status["waiting"] = self._scheduler.num_running, self._scheduler.num_waiting
+            status["prefix_cache"] = self._scheduler.blocks.prefix_stats()
         if self._gang is not None:
             status["workers"] = [self._gang.describe(r) for r in range(len(self._gang.nodes))]
         if self.pool_plan is not None:

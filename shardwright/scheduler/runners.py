@@ -176,7 +176,7 @@ def _engine_config(spec: InferenceDeployment, bundle_nodes: tuple[str, ...] | No
     e = spec.engine
     return {"model_dir": str(spec.model), "layout": spec.layout.model_dump(), "dtype": spec.dtype,
             "block_size": e.block_size, "num_blocks": e.num_blocks, "max_running": e.max_running,
-            "max_tokens_per_step": e.max_tokens_per_step,
+            "max_tokens_per_step": e.max_tokens_per_step, "prefix_caching": e.prefix_caching,
             "bundle_nodes": list(bundle_nodes) if bundle_nodes is not None else None,
             "pool": e.pool.model_dump(mode="json"), "quant": e.quant, "group_size": e.group_size}
 

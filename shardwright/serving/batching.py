@@ -19,6 +19,10 @@ Guarantees:
   (`SeqChunk.feedback`: the workers put in the token they sampled for it in the previous step).
   Only when that token will not be the last (max_tokens); if it turns out to stop the sequence,
   the extra chunk's work is dropped on update like a cancelled one's;
+- with prefix caching (BlockManager(prefix_caching=True)) a sequence is admitted with its
+  prompt's cached full blocks and prefilled from its first uncached token (at least its last
+  prompt token is computed, so its first step samples); its full prompt blocks join the cache
+  when the plan writing them is scheduled;
 - plans are updated in the order they were scheduled; a cancelled sequence's blocks are freed at
   once and its chunks in plans still in flight are dropped on update. Slots a cancelled chunk
   still writes are rewritten by their new owner in a later plan before they are read, provided
@@ -307,18 +311,20 @@ class StepScheduler:
     def _admit(self, chunks: list[SeqChunk], budget: int) -> None:
         while budget > 0 and self._waiting and len(self._running) < self.max_running:
             seq = next(iter(self._waiting.values()))
-            if not self.blocks.reserve(seq.seq_id, seq.num_kv_tokens):
+            if not self.blocks.reserve(seq.seq_id, seq.num_kv_tokens, seq.request.prompt_ids):
                 return  # first come, first served: later requests wait behind this one
             del self._waiting[seq.seq_id]
             self._running[seq.seq_id] = seq
             seq.status = "running"
-            n = min(budget, len(seq.tokens))
+            _skip_cached_prefix(seq, self.blocks)
+            n = min(budget, len(seq.tokens) - seq.num_scheduled)
             chunks.append(self._chunk(seq, n))
             budget -= n
 
     def _chunk(self, seq: SequenceState, n: int) -> SeqChunk:
         start, end = seq.num_scheduled, seq.num_scheduled + n
         table = self.blocks.ensure(seq.seq_id, end)
+        self.blocks.cache_full_blocks(seq.seq_id, end)  # this plan writes them (prefix caching)
         sample = end == len(seq.tokens)
         seq.num_scheduled, seq.in_flight, seq.last_chunk_samples = end, seq.in_flight + 1, sample
         params = seq.request.params
@@ -393,6 +399,12 @@ class StepScheduler:
         self._running.pop(seq.seq_id, None)
         del self._by_request[seq.request.request_id]
         self.blocks.free(seq.seq_id)
+
+
+def _skip_cached_prefix(seq: SequenceState, blocks: BlockManager) -> None:
+    """A just-admitted sequence starts at its first uncached prompt token: its reservation put
+    the prefix-cache hits (always fewer than its prompt's tokens) at the head of its table."""
+    seq.num_scheduled = seq.num_computed = len(blocks.block_table(seq.seq_id)) * blocks.block_size
 
 
 def _check_limits(max_tokens_per_step: int, max_running: int, max_model_len: int) -> None:
