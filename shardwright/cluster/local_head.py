@@ -17,9 +17,10 @@ Guarantees:
 - The head uses Ray's token authentication (`Settings.ray_auth_mode`, RAY_AUTH_MODE, default
   token; the token in Ray's own place, `~/.ray/auth_token`, made by `ray get-auth-token --generate`
   when missing): Ray binds the node's address, not loopback, and an open head runs anyone's code.
-- `stop_head` ends exactly the processes of that head: SIGTERM to the `ray start` process (Ray's
-  own teardown of all it started, without a drain wait), then SIGKILL to whatever of its process
-  tree (as seen before the signal) still runs after `timeout_s`. It is idempotent.
+- `stop_head` ends exactly the processes of that head, its session (every process Ray starts for the
+  head, workers included, is in the session of the `ray start` process, whose id is that process's
+  pid): SIGTERM to the `ray start` process (Ray's own teardown of all it started, without a drain
+  wait), then SIGKILL to whatever of the session still runs after `timeout_s`. It is idempotent.
 """
 
 from __future__ import annotations
@@ -183,11 +184,11 @@ def _start(state_dir: Path, num_gpus: int, num_cpus: int | None, auth_mode: str,
             raise RuntimeError(f"the local Ray head exited with status {proc.returncode} while starting; see "
                                f"{log_path}: {_tail(log_path)}")
         if time.monotonic() - started > START_TIMEOUT_S:
-            _end([psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)], 10.0)
+            _end(_session(record), 10.0)
             raise TimeoutError(f"the local Ray head did not open its port within {START_TIMEOUT_S:.0f} s; see "
                                f"{log_path}")
         time.sleep(0.2)
-    progress(f"local Ray head up after {time.monotonic() - started:.1f} s (pid {proc.pid})")
+    progress(f"local Ray head answering after {time.monotonic() - started:.1f} s (pid {proc.pid})")
     return record
 
 
@@ -196,6 +197,18 @@ def _tail(path: Path, num_chars: int = 400) -> str:
         return " ".join(path.read_text(errors="replace")[-num_chars:].split())
     except OSError:
         return "(no log)"
+
+
+def _session(record: HeadRecord) -> list[psutil.Process]:
+    """The processes of the head's session (started no earlier than the head: no reused ids)."""
+    members = []
+    for proc in psutil.process_iter(["create_time"]):
+        try:
+            if os.getsid(proc.pid) == record.pid and proc.info["create_time"] >= record.create_time - 0.05:
+                members.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return members
 
 
 def _running(proc: psutil.Process) -> bool:
@@ -228,12 +241,14 @@ def stop_head(state_dir: Path, timeout_s: float = 30.0) -> HeadRecord | None:
         head_file(state_dir).unlink(missing_ok=True)
         if proc is None:
             return None
+        members = _session(record)
         try:
-            tree = [proc, *proc.children(recursive=True)]
             proc.send_signal(signal.SIGTERM)
         except psutil.Error:
-            return record
-        killed = _end(tree, timeout_s)
+            pass  # it ended meanwhile; the rest of its session is still ended below
+        killed = _end(members, timeout_s)
+        for child in _started:  # reap it if this process started it
+            child.poll()
         if killed:
             log.warning("the Ray head's processes %s did not end within %.0f s of SIGTERM; killed them",
                         [p.pid for p in killed], timeout_s)
