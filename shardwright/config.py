@@ -238,6 +238,9 @@ class Settings(StrictModel):
             values["redis_url"] = env["SHARDWRIGHT_REDIS_URL"]
         if env.get("RAY_AUTH_MODE"):
             values["ray_auth_mode"] = env["RAY_AUTH_MODE"].lower()
+            if values["ray_auth_mode"] not in ("token", "disabled"):
+                raise ValueError(f"RAY_AUTH_MODE={env['RAY_AUTH_MODE']!r}: Ray knows 'token' and 'disabled'; unset "
+                                 "it for token authentication")
         for field, var in (("tokens_file", "SHARDWRIGHT_TOKENS_FILE"), ("tls_cert", "SHARDWRIGHT_TLS_CERT"),
                            ("tls_key", "SHARDWRIGHT_TLS_KEY"), ("tls_client_ca", "SHARDWRIGHT_TLS_CLIENT_CA"),
                            ("token", "SHARDWRIGHT_TOKEN")):
