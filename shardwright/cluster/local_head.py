@@ -106,6 +106,7 @@ def _process(record: HeadRecord) -> psutil.Process | None:
 
 
 def _port_open(port: int, timeout_s: float = 1.0) -> bool:
+    """Whether the port takes connections on loopback (Ray's GCS listens on every address)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout_s):
             return True
