@@ -293,6 +293,10 @@ class Settings(StrictModel):
     tls_client_ca: Path | None = Field(None, description="CA for client certificates: mutual TLS "
                                                           "(SHARDWRIGHT_TLS_CLIENT_CA).")
     token: str | None = Field(None, description="The client's bearer token (SHARDWRIGHT_TOKEN).")
+    ray_auth_mode: Literal["token", "disabled"] = Field(
+        "token", description="Ray's token authentication (RAY_AUTH_MODE) of the local Ray head `serve` "
+                             "starts and of its drivers; 'disabled' leaves that head open to anyone who "
+                             "reaches its ports.")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -307,6 +311,11 @@ class Settings(StrictModel):
             values["state_dir"] = Path(env["SHARDWRIGHT_STATE_DIR"])
         if env.get("SHARDWRIGHT_REDIS_URL"):
             values["redis_url"] = env["SHARDWRIGHT_REDIS_URL"]
+        if env.get("RAY_AUTH_MODE"):
+            values["ray_auth_mode"] = env["RAY_AUTH_MODE"].lower()
+            if values["ray_auth_mode"] not in ("token", "disabled"):
+                raise ValueError(f"RAY_AUTH_MODE={env['RAY_AUTH_MODE']!r}: Ray knows 'token' and 'disabled'; unset "
+                                 "it for token authentication")
         for field, var in (("tokens_file", "SHARDWRIGHT_TOKENS_FILE"), ("tls_cert", "SHARDWRIGHT_TLS_CERT"),
                            ("tls_key", "SHARDWRIGHT_TLS_KEY"), ("tls_client_ca", "SHARDWRIGHT_TLS_CLIENT_CA"),
                            ("token", "SHARDWRIGHT_TOKEN")):

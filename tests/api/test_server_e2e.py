@@ -1,7 +1,8 @@
 """End to end: `shardwright serve` as a subprocess on a free port, driven through the client.
 
-Real parts only: the server starts its own local Ray cluster and embedded Redis (in a temporary
-state directory); deployments run InferenceEngines on Ray workers.
+Real parts only: the server starts its own local Ray head (a process of its own, which
+`stop_server` ends) and embedded Redis (in a temporary state directory); deployments run
+InferenceEngines on Ray workers.
 """
 
 from __future__ import annotations
@@ -48,15 +49,21 @@ def start_server_info(state_dir: Path, tokens_file: Path, *args: str, stderr=sub
     env.pop("SHARDWRIGHT_REDIS_URL", None)
     proc = subprocess.Popen([sys.executable, "-m", "shardwright.api.cli", "serve", "--port", "0", "--grace-s", "5", *args],
                             stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    proc.state_dir = Path(state_dir)  # for stop_server: the local Ray head serve starts there outlives it
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("{"):
-            return proc, json.loads(line)
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-    proc.kill()
-    raise TimeoutError("server did not report its address within 120 s")
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if line.startswith("{"):
+                return proc, json.loads(line)
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+        proc.kill()
+        raise TimeoutError("server did not report its address within 120 s")
+    except Exception:
+        proc.wait()
+        stop_state_dir(state_dir)  # a head it started before failing (none if it joined one by address)
+        raise
 
 
 @contextlib.contextmanager
@@ -82,12 +89,29 @@ def serving_chat(root: Path, *serve_args: str, max_positions: int = 512, num_blo
         stop_server(proc)
 
 
-def stop_server(proc: subprocess.Popen) -> None:
+def stop_server(proc: subprocess.Popen, *, keep_head: bool = False) -> None:
+    """SIGTERM the server and wait for it; unless `keep_head`, then end the local Ray head it started
+    (or joined) in its state dir, its jobs with it, and the embedded Redis if no one else uses it."""
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=90)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
+    if not keep_head:
+        stop_state_dir(proc.state_dir)
+
+
+def stop_state_dir(state_dir: Path) -> None:
+    """What `shardwright stop` ends, once no server uses the state dir: the local Ray head and a
+    leftover embedded Redis (a no-op for a server that joined a Ray cluster by address)."""
+    from shardwright.cluster.local_head import stop_head
+    from shardwright.cluster.state_store import embedded_server, stop_embedded
+
+    stop_head(state_dir)
+    running = embedded_server(state_dir)
+    if running is not None and running[1] == 0:
+        stop_embedded(state_dir)
 
 
 def wait_state(client: Client, job_id: str, states: set[str], timeout_s: float = 120) -> dict:
@@ -134,7 +158,7 @@ def test_serve_submit_stream_watch_cancel_auth_and_restart(tmp_path, deployment_
             cluster = alice.cluster()
             assert sum(n["gpus_total"] for n in cluster["nodes"]) >= 2
             assert any(g["job_id"] == job["job_id"] for g in cluster["gangs"])
-        stop_server(proc)
+        stop_server(proc, keep_head=True)  # the jobs outlive the server on its Ray head
         proc, address = start_server(tmp_path / "state", tokens_file)
         with Client(address, token="alice-token-123") as alice:
             jobs, _ = alice.list()

@@ -83,3 +83,12 @@ def test_missing_weights_say_how_to_save(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         CheckpointReader(tmp_path)
+
+
+def test_settings_ray_auth_mode_from_the_environment():
+    from shardwright.config import Settings
+
+    assert Settings.from_env({}).ray_auth_mode == "token"  # the local head serve starts is authenticated
+    assert Settings.from_env({"RAY_AUTH_MODE": "DISABLED"}).ray_auth_mode == "disabled"
+    with pytest.raises(ValueError, match="RAY_AUTH_MODE='tokn': Ray knows 'token' and 'disabled'"):
+        Settings.from_env({"RAY_AUTH_MODE": "tokn"})
