@@ -110,6 +110,10 @@ class DeploymentActor:
         health = self.engine.health(probe=False)
         stats = {key: health[key] for key in ("running", "waiting", "blocks_in_use", "blocks_total", "steps")
                  if key in health}
+        prefix = health.get("prefix_cache") or {}
+        if prefix.get("enabled"):
+            stats.update({f"prefix_{key}": prefix[key] for key in ("cached_blocks", "prefill_tokens_saved",
+                                                                   "hit_sequences", "evictions")})
         return {"state": "failed" if health["failed"] else "running", "step": int(health["steps"]),
                 "error": health["failed"] or health["last_error"],
                 "checkpoint": None, "loss": None, "healthy": bool(health["healthy"]), "stats": stats}

@@ -16,7 +16,9 @@ Each server has its own registry, so that several servers in one process do not 
   `shardwright_requests_in_flight{deployment}`;
 - per deployment this server's scheduler runs, as its engine last reported it (every reconcile
   pass): `shardwright_engine_requests{tenant, deployment, state=running|waiting}` and
-  `shardwright_kv_blocks{tenant, deployment, state=used|total}`. Requests are never preempted
+  `shardwright_kv_blocks{tenant, deployment, state=used|total}`,
+  `shardwright_prefix_cache{tenant, deployment, quantity=cached_blocks|prefill_tokens_saved|
+  hit_sequences|evictions}` (the last three counted since the engine started). Requests are never preempted
   (admission reserves every KV block a request can need), so there is no request-preemption series;
   jobs are, see below;
 - the control plane: `shardwright_jobs{state, priority, kind}` (unfinished jobs, from the store),
@@ -273,7 +275,7 @@ class ControlPlaneCollector:
     """Gauges read from the control plane at scrape time (`metrics_snapshot()`, no Ray calls)."""
 
     SERIES = ("shardwright_state_store_up", "shardwright_jobs", "shardwright_gpus", "shardwright_engine_requests",
-              "shardwright_kv_blocks", *(name for name, _ in TRAINING_SERIES.values()))
+              "shardwright_kv_blocks", "shardwright_prefix_cache", *(name for name, _ in TRAINING_SERIES.values()))
 
     def __init__(self, control_plane) -> None:
         self.control_plane = control_plane
@@ -313,8 +315,16 @@ class ControlPlaneCollector:
             for state, key in (("used", "blocks_in_use"), ("total", "blocks_total")):
                 if key in stats:
                     blocks.add_metric([tenant, name, state], float(stats[key]))
+        prefix = GaugeMetricFamily("shardwright_prefix_cache", "The engine's prefix cache: blocks cached, and since "
+                                   "start prefill tokens saved, requests that hit, blocks evicted",
+                                   labels=["tenant", "deployment", "quantity"])
+        for tenant, name, stats in snap.get("deployments", []):
+            for quantity in ("cached_blocks", "prefill_tokens_saved", "hit_sequences", "evictions"):
+                if f"prefix_{quantity}" in stats:
+                    prefix.add_metric([tenant, name, quantity], float(stats[f"prefix_{quantity}"]))
         yield requests
         yield blocks
+        yield prefix
         families = {key: GaugeMetricFamily(name, text, labels=["tenant", "job"])
                     for key, (name, text) in TRAINING_SERIES.items()}
         for tenant, name, stats in snap.get("training", []):

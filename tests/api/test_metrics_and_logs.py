@@ -101,6 +101,8 @@ def test_control_plane_engine_and_training_series_move_when_jobs_run(served):
         assert seen[("shardwright_kv_blocks", chat("used"))] == 0  # idle: every block back
         assert seen[("shardwright_engine_requests", chat("running"))] == 0
         assert seen[("shardwright_engine_requests", chat("waiting"))] == 0
+        saved = (("deployment", "chat"), ("quantity", "prefill_tokens_saved"), ("tenant", "alice"))
+        assert seen[("shardwright_prefix_cache", saved)] >= 0  # prefix caching is on by default: reported
         assert seen[("shardwright_job_transitions_total", (("kind", "training"), ("state", "running")))] == 1
         assert seen[("shardwright_placement_wait_seconds_count", ())] >= 2
     finally:
