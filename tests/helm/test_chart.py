@@ -100,8 +100,9 @@ def test_service_routes_to_the_server_and_nothing_else(renders, case):
     r = renders[case]
     selector = r.one("Service", SERVER_SVC)["spec"]["selector"].items()
     assert selector <= head_pod(r)["metadata"]["labels"].items()
-    for group in r.one("RayCluster")["spec"]["workerGroupSpecs"]:
-        assert not selector <= group["template"]["metadata"]["labels"].items(), group["groupName"]
+    for group in r.one("RayCluster")["spec"]["workerGroupSpecs"]:  # API pods (server.replicas > 1) only
+        selected = selector <= group["template"]["metadata"]["labels"].items()
+        assert selected == (group["groupName"] == "api"), group["groupName"]
     container_ports = {p["name"] for p in server(r)["ports"]}
     service_ports = r.one("Service", SERVER_SVC)["spec"]["ports"]
     assert {p["targetPort"] for p in service_ports} == container_ports

@@ -109,6 +109,7 @@ def test_network_policies_select_the_release_pods_and_admit_only_the_api_from_ou
     policies = {p["metadata"]["name"]: p["spec"] for p in r.all("NetworkPolicy")}
     bundled = bool(r.all("StatefulSet"))
     assert len(policies) == (3 if bundled else 2)
+    servers = {"head"} | ({"worker:api"} & set(labels))  # the pods that run an API replica
     covered, open_ports = set(), set()
     for name, spec in policies.items():
         assert spec["policyTypes"] == ["Ingress"], name
@@ -118,8 +119,8 @@ def test_network_policies_select_the_release_pods_and_admit_only_the_api_from_ou
         covered |= chosen
         for rule in spec["ingress"]:
             peers = rule.get("from")
-            if peers is None:  # open to anyone: only the head's API (and metrics) ports
-                assert chosen == {"head"}, name
+            if peers is None:  # open to anyone: only the API servers' API (and metrics) ports
+                assert chosen == servers, name
                 open_ports |= {p["port"] for p in rule["ports"]}
                 continue
             for peer in peers:
@@ -127,7 +128,7 @@ def test_network_policies_select_the_release_pods_and_admit_only_the_api_from_ou
                 admitted = {pod for pod, lab in labels.items() if selects(peer["podSelector"], lab)}
                 assert admitted and all(p == "head" or p.startswith("worker:") for p in admitted), (name, admitted)
                 if chosen == {f"statefulset:{RELEASE}-shardwright-redis"}:
-                    assert admitted == {"head"} and [p["port"] for p in rule["ports"]] == [6379]
+                    assert admitted == servers and [p["port"] for p in rule["ports"]] == [6379]
     assert open_ports == {p["containerPort"] for p in _server(r)["ports"]}
     # Every pod of the release but the `helm test` pod is behind a policy.
     assert covered == {p for p in pods if not p.startswith("pod:")}

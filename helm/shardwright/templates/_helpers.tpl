@@ -212,6 +212,9 @@ grpc:
 {{- if and (eq .Values.redis.mode "external") (not .Values.redis.external.url) (not .Values.redis.external.existingSecret.name) }}
 {{- fail "redis.mode=external needs redis.external.url (redis://HOST:6379/0) or redis.external.existingSecret.name" }}
 {{- end }}
+{{- if and .Values.ray.gcsFaultTolerance.enabled (eq .Values.redis.mode "external") (not .Values.ray.gcsFaultTolerance.redisAddress) }}
+{{- fail "ray.gcsFaultTolerance.enabled=true with redis.mode=external needs ray.gcsFaultTolerance.redisAddress (HOST:PORT of that Redis, and redisPasswordSecret if it has a password), or ray.gcsFaultTolerance.enabled=false" }}
+{{- end }}
 {{- if and .Values.auth.enabled (not .Values.auth.tokens) (not .Values.auth.tenants) (not .Values.auth.existingSecret) }}
 {{- fail "auth.enabled=true needs auth.tenants ({NAME: {tokens: [SECRET], roots: [...]}}), auth.tokens ([{tenant: NAME, token: SECRET}]) or auth.existingSecret (a Secret with a tokens.yaml key)" }}
 {{- end }}
@@ -292,7 +295,7 @@ securityContext:
   value: {{ .Values.state.mountPath | quote }}
 {{- end }}
 
-{{/* A NetworkPolicy peer: this release's Ray pods (head and workers). */}}
+{{/* A NetworkPolicy peer: this release's Ray pods (head, workers and API pods). */}}
 {{- define "shardwright.rayPodsPeer" -}}
 - podSelector:
     matchLabels:
@@ -300,5 +303,17 @@ securityContext:
     matchExpressions:
       - key: app.kubernetes.io/component
         operator: In
-        values: [ray-head, ray-worker]
+        values: [ray-head, ray-worker, api-server]
+{{- end }}
+
+{{/* The label of every pod that runs an API replica (the head and the API pods): the API Service
+and the head NetworkPolicy select by it. */}}
+{{- define "shardwright.apiServerLabel" -}}
+shardwright.io/api-server: "true"
+{{- end }}
+
+{{/* The selector of the pods that run an API replica. */}}
+{{- define "shardwright.apiServerSelectorLabels" -}}
+{{ include "shardwright.selectorLabels" . }}
+{{ include "shardwright.apiServerLabel" . }}
 {{- end }}

@@ -26,7 +26,7 @@ volumeMounts:
   - name: tmp
     mountPath: /tmp
   {{- end }}
-  {{- if eq .name "ray-head" }}
+  {{- if has .name (list "ray-head" "ray-api") }}
   - name: ray-tmp
     mountPath: /tmp/ray
   {{- end }}
