@@ -14,10 +14,11 @@ import signal
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from model_helpers import tiny_spec
-from shardwright.api.client import Client
+from shardwright.api.client import Client, ShardwrightError
 from shardwright.models.random_init import write_random_checkpoint
 from test_server_e2e import CORPUS, start_server_info, stop_server, wait_state
 
@@ -117,7 +118,7 @@ def embedded_redis_pid(state: Path) -> int:
     return int(Path(settings["pidfile"]).read_text().strip())
 
 
-def test_redis_unreachable_while_clients_stream_fails_no_generation(cluster, tmp_path, monkeypatch):
+def test_redis_unreachable_30s_while_8_clients_stream_fails_no_generation(cluster, tmp_path, monkeypatch):
     import threading
 
     model = write_random_checkpoint(tmp_path / "model", tiny_spec("llama", max_position_embeddings=512), seed=5,
@@ -146,13 +147,20 @@ def test_redis_unreachable_while_clients_stream_fails_no_generation(cluster, tmp
                         except Exception as err:  # counted as a failed generation
                             results.append(err)
 
-            clients = [threading.Thread(target=stream, daemon=True) for _ in range(4)]
+            acknowledged = {j["job_id"] for j in alice.list(page_size=500)[0]}
+            assert alice.health() == "SERVING"
+            clients = [threading.Thread(target=stream, daemon=True) for _ in range(8)]
             for t in clients:
                 t.start()
             os.kill(redis_pid, signal.SIGSTOP)  # Redis unreachable (a process this test's server started)
-            outage_until = time.monotonic() + 15
+            outage_until = time.monotonic() + 30
+            refused = None
             while time.monotonic() < outage_until:
                 health.append(alice.health())
+                if refused is None and health[-1] == "NOT_SERVING":
+                    with pytest.raises(ShardwrightError) as err:  # a job that cannot be stored is refused
+                        alice.submit(f"kind: inference\nname: during\nmodel: {model}\n")
+                    refused = err.value
                 time.sleep(0.5)
             os.kill(redis_pid, signal.SIGCONT)
             deadline = time.monotonic() + 30
@@ -163,12 +171,20 @@ def test_redis_unreachable_while_clients_stream_fails_no_generation(cluster, tmp
             for t in clients:
                 t.join(timeout=60)
             failures = [r for r in results if not isinstance(r, list) or r != expected]
-            assert results and not failures, failures[:3]  # 0 failed generations during the outage
+            assert len(results) >= 8 and not failures, failures[:3]  # 0 failed generations during the outage
             assert "NOT_SERVING" in health, health  # reported while Redis was unreachable
+            assert refused is not None and refused.code == grpc.StatusCode.UNAVAILABLE, refused
+            after = {j["job_id"]: j for j in alice.list(page_size=500)[0]}
+            assert acknowledged <= set(after)  # no acknowledged job lost
+            assert not any(j["name"] == "during" for j in after.values())  # nor a refused one half-stored
             assert alice.get(chat)["state"] == "running"
             later = alice.submit(f"kind: inference\nname: later\nmodel: {model}\n"
                                  "engine: {num_blocks: 64, block_size: 8}\n")["job_id"]
-            wait_state(alice, later, {"running"})  # scheduling resumed
+            submitted = time.monotonic()
+            wait_state(alice, later, {"placed", "running"})  # scheduling resumed ...
+            placed_after_s = time.monotonic() - submitted
+            assert placed_after_s < 5, f"scheduled {placed_after_s:.1f} s after submission"  # ... the bound
+            wait_state(alice, later, {"running"})
             for job_id in (chat, later):
                 alice.cancel(job_id)
                 wait_state(alice, job_id, {"cancelled"})
