@@ -325,6 +325,8 @@ class Settings(StrictModel):
 
 
 PriorityClass = Literal["serving", "high", "batch", "low"]
+# The one order of the priority classes, lowest first (the scheduler's PriorityClass ranks them so).
+PRIORITY_ORDER: tuple[PriorityClass, ...] = ("low", "batch", "serving", "high")
 JOB_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 
 

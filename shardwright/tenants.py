@@ -26,13 +26,12 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from shardwright.config import (CHECKPOINT_MANIFEST, CHECKPOINT_STEP_PATTERN, SERVED_EXPORT_SUFFIX, InferenceDeployment,
-                                JobFileError, PriorityClass, StrictModel, TrainingJob)
+from shardwright.config import (CHECKPOINT_MANIFEST, CHECKPOINT_STEP_PATTERN, PRIORITY_ORDER, SERVED_EXPORT_SUFFIX,
+                                InferenceDeployment, JobFileError, PriorityClass, StrictModel, TrainingJob)
 from shardwright.field_errors import describe_validation_error
 
 # No ':' (the Redis key separator), '/', whitespace or '*': two tenants' keys can never collide.
 TENANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-PRIORITY_ORDER: tuple[PriorityClass, ...] = ("low", "batch", "serving", "high")
 OPEN_TENANT = "default"
 CORPUS_SUFFIXES = (".txt", ".jsonl")
 MAX_TENANTS_FILE_BYTES = 1 << 20

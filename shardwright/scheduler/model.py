@@ -21,12 +21,17 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Literal
 
+from shardwright.config import PRIORITY_ORDER
+
 JobKind = Literal["training", "inference"]
 JOB_KINDS: tuple[JobKind, ...] = ("training", "inference")
 
 
 class PriorityClass(IntEnum):
-    """Priority classes, higher value = more important.
+    """The job files' priority classes (`config.PRIORITY_ORDER`: low, batch, serving, high) as the
+    policies rank them, higher value = more important; `PriorityClass[name.upper()]` of a job file's
+    class. BEST_EFFORT, TRAINING, INFERENCE and CRITICAL are the older names of the same four, still
+    read in simulator traces.
 
     Guarantee kept by every policy: only `training` jobs are ever preempted (so training never
     preempts inference, whatever the classes), and never by a job of a lower class. `priority`
@@ -34,15 +39,22 @@ class PriorityClass(IntEnum):
     received more service.
     """
 
-    BEST_EFFORT = 0
+    LOW = 0
+    BATCH = 1
+    SERVING = 2
+    HIGH = 3
+    BEST_EFFORT = 0  # aliases: the names traces used before
     TRAINING = 1
     INFERENCE = 2
     CRITICAL = 3
 
 
+if tuple(p.name.lower() for p in PriorityClass) != PRIORITY_ORDER:  # one order of the priority classes
+    raise ImportError(f"PriorityClass {list(PriorityClass)} does not follow config.PRIORITY_ORDER {PRIORITY_ORDER}")
+
 DEFAULT_PRIORITY: dict[str, PriorityClass] = {
-    "training": PriorityClass.TRAINING,
-    "inference": PriorityClass.INFERENCE,
+    "training": PriorityClass.BATCH,
+    "inference": PriorityClass.SERVING,
 }
 
 

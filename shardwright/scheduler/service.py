@@ -69,10 +69,7 @@ from shardwright.training.reshard import served_model_dir, served_model_spec
 
 log = logging.getLogger(__name__)
 S = JobState
-PRIORITY_CLASSES: dict[str, PriorityClass] = {  # the spec's class name -> the policies' class
-    "low": PriorityClass.BEST_EFFORT, "batch": PriorityClass.TRAINING,
-    "serving": PriorityClass.INFERENCE, "high": PriorityClass.CRITICAL,
-}
+
 _SPEC = TypeAdapter(JobSpec)
 
 
@@ -182,7 +179,7 @@ class SchedulerService:
         shape = GangShape(*(getattr(spec.layout, a) for a in ("tp", "pp", "cp", "dp")),
                           peers=_memory_peers(spec.model_dump(mode="json")))
         job = Job(spec.name, spec.tenant, spec.kind, shape, time.time(),
-                  priority=int(PRIORITY_CLASSES[spec.priority]))
+                  priority=int(PriorityClass[spec.priority.upper()]))
         empty = inventory.gpu_counts(inventory.list_nodes())
         self.policy.check_submission(job, ClusterInventory.from_nodes(empty.total_by_node))
 
@@ -686,7 +683,7 @@ def _scheduler_job(record: JobRecord) -> Job:
     deadline = record.spec.get("deadline_s")
     shape = GangShape(**record.layout, peers=_memory_peers(record.spec))
     return Job(record.job_id, record.tenant, record.kind, shape, record.submitted_at_s,
-               priority=int(PRIORITY_CLASSES[record.priority]),
+               priority=int(PriorityClass[record.priority.upper()]),
                deadline_s=record.submitted_at_s + deadline if deadline else None,
                attained_service_gpu_s=record.attained_service_gpu_s, queued_since_s=record.queued_since_s)
 
