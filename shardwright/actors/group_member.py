@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from shardwright.config import ParallelLayout
-from shardwright.parallel.context import ParallelContext, default_backend, default_device
+from shardwright.parallel.context import ParallelContext, StartupError, default_backend, default_device
 
 
 def bind_cores(rank: int, world_size: int, threads: int) -> tuple[int, ...] | None:
@@ -41,10 +41,6 @@ def bind_cores(rank: int, world_size: int, threads: int) -> tuple[int, ...] | No
         except OSError:  # a thread that ended meanwhile
             pass
     return cores
-
-
-class StartupError(RuntimeError):
-    """A worker failed in a named start-up phase."""
 
 
 class GroupMember:

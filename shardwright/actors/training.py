@@ -38,7 +38,8 @@ class TrainingRank(GroupMember):
 
     def setup(self, source: dict, resume_from: str | None) -> tuple[int, str | None]:
         """Build context, model, optimizer and data; load `resume_from`; (step, checkpoint loaded)."""
-        self._phase("setup", self.trainer.start, ModelSource(**source), self.ctx.device)
+        # the gang's process groups (built once, in init_group) are the trainer's too
+        self._phase("setup", self.trainer.start, ModelSource(**source), self.ctx.device, self.ctx)
         if not resume_from:
             return 0, None
         step = self._phase("load_checkpoint", self.trainer.load, resume_from)

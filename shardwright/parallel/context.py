@@ -24,6 +24,11 @@ from shardwright.config import ParallelLayout
 AXES = ("dp", "pp", "cp", "tp")  # mesh order, slowest to fastest
 
 
+class StartupError(RuntimeError):
+    """A rank failed in a named start-up phase (a gang worker's or a trainer's); the message names
+    the rank and the phase."""
+
+
 def default_device(local_rank: int = 0) -> torch.device:
     """CUDA device `local_rank` when CUDA is present, else the CPU."""
     if torch.cuda.is_available():

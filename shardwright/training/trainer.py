@@ -28,7 +28,7 @@ from shardwright.config import ModelSource, ModelSpec, ParallelLayout, TrainConf
 from shardwright.models import load_model
 from shardwright.models.tokenizer import ByteTokenizer, load_tokenizer
 from shardwright.parallel.attention.plan import make_shard_plan
-from shardwright.parallel.context import ParallelContext
+from shardwright.parallel.context import ParallelContext, StartupError
 from shardwright.parallel.loss import IGNORE_INDEX, vocab_parallel_cross_entropy
 from shardwright.parallel.pipeline import MicroBatch, PipelineSchedule, PipelineStats
 from shardwright.training.checkpoint import (choose_checkpoint, load_checkpoint, read_manifest, restore_rng,
@@ -38,10 +38,6 @@ from shardwright.training.grad_sync import DataParallelGrads, TiedEmbeddings
 from shardwright.training.offload import OffloadedAdamW, adamw_state_bytes
 from shardwright.training.optim import (OwnedRows, build_optimizer, clip_grads_, global_grad_norm,
                                        lr_at, owned_rows, set_lr)
-
-class StartupError(RuntimeError):
-    """A trainer rank failed in a named start-up phase."""
-
 
 class TrainerRank:
     """One rank of a training job: context, model shard, optimizer, data, step counter."""
@@ -70,17 +66,23 @@ class TrainerRank:
             rank = self.ctx.rank if self.ctx is not None else "?"
             raise StartupError(f"trainer rank {rank} failed in start-up phase '{name}': {err}") from err
 
-    def start(self, source: ModelSource, device: torch.device | str | None = None) -> TrainerRank:
-        """Every start-up phase in order; returns self."""
-        self.init_context(device)
+    def start(self, source: ModelSource, device: torch.device | str | None = None,
+              ctx: ParallelContext | None = None) -> TrainerRank:
+        """Every start-up phase in order; returns self. `ctx`: the process groups the caller already
+        built for this world (a gang worker's), used as they are instead of building them again."""
+        self.init_context(device, ctx)
         self.build_model(source)
         self.build_optimizer()
         self.build_data()
         return self
 
-    def init_context(self, device: torch.device | str | None = None) -> ParallelContext:
-        """Phase 1: the ParallelContext of the initialised world (one process: no groups)."""
-        self.ctx = self._phase("init_context", _make_context, self.layout, device)
+    def init_context(self, device: torch.device | str | None = None,
+                     ctx: ParallelContext | None = None) -> ParallelContext:
+        """Phase 1: the ParallelContext of the initialised world (one process: no groups); `ctx`
+        when given (its layout must be this trainer's)."""
+        if ctx is not None and ctx.layout != self.layout:
+            raise StartupError(f"trainer: the given context's layout {ctx.layout} is not this job's {self.layout}")
+        self.ctx = ctx if ctx is not None else self._phase("init_context", _make_context, self.layout, device)
         return self.ctx
 
     def build_model(self, source: ModelSource) -> int:
