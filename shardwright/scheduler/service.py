@@ -123,6 +123,7 @@ class SchedulerService:
         self._progress_event_at: dict[str, float] = {}
         self._wake, self._stopping, self._lease_lost = threading.Event(), threading.Event(), threading.Event()
         self._threads: list[threading.Thread] = []
+        self.passes = 0  # loop iterations completed (each a reconcile pass, or a skipped one)
 
     def _policy_options(self) -> dict[str, Any]:
         """The policy's options; fairshare also gets the tenants file's GPU quotas."""
@@ -523,6 +524,7 @@ class SchedulerService:
                     self._lease_lost.set()
                 except Exception:  # Redis or Ray hiccup: log it and try again next pass
                     log.exception("scheduler pass failed; retrying in %.1f s", self.config.reconcile_interval_s)
+            self.passes += 1  # (acted or not): lets a caller wait for "a pass has happened since"
             self._wake.wait(self.config.reconcile_interval_s)
             self._wake.clear()
 

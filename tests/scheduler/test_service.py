@@ -123,6 +123,13 @@ def eventually(check, message: str, timeout_s: float = 30.0, interval_s: float =
         time.sleep(interval_s)
 
 
+def passes_done(service: SchedulerService, n: int) -> None:
+    """Wait until the scheduler's loop has completed `n` more passes (what a test of "it did not act"
+    needs: passes that could have acted, not a guessed sleep)."""
+    target = service.passes + n + 1  # + 1: the pass in progress may have read the state before the change
+    eventually(lambda: service.passes >= target, f"the scheduler did not complete {n} passes", timeout_s=60)
+
+
 def worker_pids(service: SchedulerService, job_id: str) -> list[int]:
     """The worker processes of a job's gang, asked of its controller actor (whoever runs the scheduler)."""
     workers = ray.get(find_controller(controller_name(service.store_id, job_id)).describe.remote())["workers"]
@@ -223,7 +230,7 @@ def test_tenant_over_quota_waits_while_others_run(make_service, model_dir):
     b1 = service.submit(deployment("b1", model_dir), "team-b")["job_id"]
     wait_state(service, a1, "running")
     wait_state(service, b1, "running")
-    time.sleep(1.0)
+    passes_done(service, 2)  # two whole passes have looked at a2 since
     assert service.get(a2)["state"] == "queued"  # 10 GPUs free, but team-a holds its quota
     with pytest.raises(UnplaceableJobError, match="quota of 1 GPUs"):
         service.submit(deployment("a3", model_dir, tp=2), "team-a")
@@ -424,7 +431,7 @@ def test_a_scheduler_whose_lease_was_taken_cannot_write_and_stops_acting(make_se
         service.store.annotate(running, "step 1", fields={"step": 1}, fence=service.owner)
     eventually(lambda: service._lease_lost.is_set(), "the scheduler did not notice that it lost the lease")
     waiting = service.submit(deployment("waiting", model_dir), "t1")["job_id"]  # the API still takes jobs
-    time.sleep(2 * FAST["reconcile_interval_s"] + FAST["lease_ttl_s"] / 3)
+    passes_done(service, 2)  # two passes of the fenced-out loop since the submission
     assert service.get(waiting)["state"] == "queued"  # no scheduling by a fenced-out scheduler
     assert find_controller(controller_name(service.store_id, waiting)) is None
     assert worker_pids(service, running) == pids  # and it stopped nothing: the holder adopts the jobs
