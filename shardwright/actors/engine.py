@@ -34,7 +34,9 @@ from shardwright.serving.kv_blocks import BlockManager
 from shardwright.serving.requests import RequestOutput, RequestStream
 from shardwright.serving.sampling import SamplingParams
 from shardwright.actors.shard_runner import StepMessage
-from shardwright.config import DType, ModelSpec, ParallelLayout, PoolOptions, Quantization, StrictModel, check_group_size
+from shardwright.config import (DType, ModelSpec, ParallelLayout, PoolOptions, Quantization, SpeculativeOptions,
+                                StrictModel, check_group_size)
+from shardwright.serving.speculative import NgramProposer
 from shardwright.models.checkpoint import CheckpointReader
 from shardwright.models.quant import check_group_layout
 from shardwright.models.tokenizer import load_tokenizer
@@ -83,10 +85,16 @@ class EngineConfig(StrictModel):
     pool: PoolOptions = Field(default_factory=PoolOptions, description="Memory budget and peer pooling.")
     quant: Quantization = Field("none", description="Weight-only quantization while loading (EngineOptions.quant).")
     group_size: int = Field(128, description="Input features per rtn4 group (EngineOptions.group_size).")
+    speculative: SpeculativeOptions = Field(default_factory=SpeculativeOptions,
+                                            description="Speculative decoding (EngineOptions.speculative).")
 
     @model_validator(mode="after")
     def _group_size(self) -> EngineConfig:
         check_group_size(self.quant, self.group_size)
+        if self.speculative.method != "none" and self.async_scheduling:
+            raise ValueError(f"speculative.method={self.speculative.method} needs async_scheduling off "
+                             "(a verified chunk's length is known only when its step returns); "
+                             "set async_scheduling: null or false")
         return self
 
 
@@ -187,7 +195,7 @@ class InferenceEngine:
             BlockManager(c.num_blocks, c.block_size), max_tokens_per_step=c.max_tokens_per_step,
             max_running=c.max_running, eos_ids=self.spec.eos_token_id,
             max_model_len=self.spec.max_position_embeddings, decode=self.tokenizer.decode,
-            micro_batches=c.layout.pp, lookahead=self._lookahead)
+            micro_batches=c.layout.pp, lookahead=self._lookahead, proposer=self._proposer())
         self._healthy, self._last_error = True, None
 
     def _place_pooled_layers(self, gang: WorkerGang) -> dict[int, dict]:
@@ -408,8 +416,20 @@ class InferenceEngine:
         while self._incoming:
             self._scheduler.add(self._incoming.popleft())
 
+    def _proposer(self):
+        spec = self.config.speculative
+        if spec.method == "ngram":
+            return NgramProposer(spec.num_draft_tokens, spec.ngram_max, spec.ngram_min)
+        return None
+
+    def speculative_counts(self) -> dict:
+        """Draft tokens proposed and accepted, and chunks verified, since the engine started."""
+        return dict(self._scheduler.spec_counts) if self._scheduler is not None else {}
+
     @property
     def _lookahead(self) -> bool:
+        if self.config.speculative.method != "none":
+            return False
         wanted = self.config.async_scheduling
         if wanted is None:
             import torch
@@ -435,7 +455,8 @@ class InferenceEngine:
         by_request = {} if logprobs is None else {
             c.request_id: lp for c, lp in zip(plan.sampled_chunks(), logprobs) if lp is not None}
         self.steps += 1
-        self.step_log.append((time.perf_counter(), len(tokens), all(n == 1 for n in plan.query_lens)))
+        self.step_log.append((time.perf_counter(), sum(len(t) if isinstance(t, list) else 1 for t in tokens),
+                              all(len(c.token_ids) == 1 + c.num_draft for c in plan.chunks)))
         for event in self._scheduler.update(plan, sampled):
             stream = self._streams.get(event.request_id)
             if stream is None:
@@ -456,7 +477,9 @@ class InferenceEngine:
             query_lens=plan.query_lens, block_tables=[c.block_table for c in plan.chunks],
             sample_index=plan.sample_indices(), sampling=[c.params for c in sampled],
             seeds=[c.seed for c in sampled], steps=[c.step for c in sampled],
-            contexts=[list(c.context) for c in sampled] if any(c.params.penalized for c in sampled) else [])
+            contexts=[list(c.context) for c in sampled] if any(c.params.penalized for c in sampled) else [],
+            draft_lens=[c.num_draft for c in sampled] if any(c.num_draft for c in sampled) else [],
+            rollback_threshold=self.config.speculative.rollback_threshold)
 
     def _on_gang_failure(self, err: GangError, inflight: deque) -> None:
         log.error("gang failure: %s", err)

@@ -8,6 +8,7 @@ over the packed tokens, passes hidden states to the next pipeline stage worker t
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ import torch.distributed as dist
 from shardwright.actors.compute_thread import any_thread
 from shardwright.actors.group_member import GroupMember
 from shardwright.serving.sampling import SamplingParams, sample_tokens, token_logprobs
+from shardwright.serving.speculative import verify_rows
 from shardwright.config import ParallelLayout
 from shardwright.models import load_model
 from shardwright.models.packed import pack_model
@@ -47,6 +49,21 @@ class StepMessage:
     # Penalties: per sampled row, the sequence's tokens before its chunk (empty when the row has
     # none); the whole list is empty when no row has penalties. See `histories()`.
     contexts: list[list[int]] = field(default_factory=list)
+    # Speculative decoding: per sampled row, how many of its chunk's last tokens are drafts to
+    # verify (serving/speculative.py); empty when the step has none. BiLD's rollback threshold.
+    draft_lens: list[int] = field(default_factory=list)
+    rollback_threshold: float | None = None
+
+    def logit_rows(self) -> list[int]:
+        """Packed indices whose logits the step needs: each sampled row's, and with drafts the
+        k positions before it too (a verified chunk's k + 1 rows, in order)."""
+        if not self.draft_lens:
+            return self.sample_index
+        return [j for i, k in zip(self.sample_index, self.draft_lens) for j in range(i - k, i + 1)]
+
+    def drafts(self) -> list[list[int]]:
+        """Per sampled row, its draft tokens (the chunk's last draft_lens tokens)."""
+        return [self.token_ids[i - k + 1:i + 1] if k else [] for i, k in zip(self.sample_index, self.draft_lens)]
 
     def histories(self) -> list[list[int]] | None:
         """Per sampled row, the request's tokens so far: its context, then its chunk's tokens
@@ -196,7 +213,7 @@ class ShardRunner(GroupMember):
                 token_ids[i] = self._last_sampled[seq]
             msg.token_ids = token_ids
         batch = PagedBatch.build(msg.token_ids, msg.positions, msg.slot_mapping, msg.query_lens,
-                                 msg.block_tables, self.block_size, msg.sample_index, ctx.device)
+                                 msg.block_tables, self.block_size, msg.logit_rows(), ctx.device)
         activations = self._activation_bytes(batch, msg)
         self.ledger.reserve("activations", activations)
         try:
@@ -217,6 +234,8 @@ class ShardRunner(GroupMember):
             dist.send(out.contiguous(), dst=ctx.group_ranks["pp"][ctx.pp_rank + 1])
             return None
         logits = self.model.full_logits(out).float()
+        if msg.draft_lens:
+            return self._verify(logits, msg) if ctx.tp_rank == 0 else None
         if msg.sampled_seq:  # async scheduling: every rank samples (identical logits, same seeds)
             tokens = sample_tokens(logits, msg.sampling, msg.seeds, msg.steps, msg.histories())
             self._last_sampled = dict(zip(msg.sampled_seq, tokens))
@@ -224,6 +243,17 @@ class ShardRunner(GroupMember):
         if ctx.tp_rank != 0:
             return None
         return _with_logprobs(logits, sample_tokens(logits, msg.sampling, msg.seeds, msg.steps, msg.histories()), msg)
+
+    def _verify(self, logits: torch.Tensor, msg: StepMessage):
+        """Sampling of a step with drafts: per sampled row a token, or (rows with drafts) the
+        accepted drafts and the next token (speculative.verify_rows)."""
+        histories = msg.histories()
+        if histories is not None:  # verify_rows wants the history up to each chunk's first token
+            histories = [h[:len(h) - k] if h else h for h, k in zip(histories, msg.draft_lens)]
+        tokens = verify_rows(logits, msg.sampling, msg.seeds, msg.steps, msg.drafts(), histories,
+                             rollback_threshold=msg.rollback_threshold)
+        ends = list(itertools.accumulate(k + 1 for k in msg.draft_lens))
+        return _with_logprobs(logits[[e - 1 for e in ends]], tokens, msg)  # logprobs: rows without drafts
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor | None:
