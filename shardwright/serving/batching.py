@@ -421,7 +421,9 @@ class StepScheduler:
         stop; the sequence's length rolls back to them (K/V of rejected drafts get overwritten)."""
         tokens = [int(t) for t in (tokens if isinstance(tokens, (list, tuple)) else [tokens])]
         accepted = len(tokens) - 1
-        if not 0 <= accepted <= c.num_draft or tokens[:accepted] != list(c.token_ids[1:1 + accepted]):
+        placeholders = c.token_ids[1] < 0  # drafts made on the workers (draft model): not known here
+        if not 0 <= accepted <= c.num_draft or (
+                not placeholders and tokens[:accepted] != list(c.token_ids[1:1 + accepted])):
             raise ValueError(f"step: seq {c.seq_id} got tokens {tokens} for drafts {list(c.token_ids[1:])}; "
                              "a verified chunk returns its accepted drafts (a prefix) and one more token")
         seq.num_computed = seq.num_scheduled = c.start_pos + 1 + accepted
