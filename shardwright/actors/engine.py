@@ -440,8 +440,14 @@ class InferenceEngine:
         return None
 
     def speculative_counts(self) -> dict:
-        """Draft tokens proposed and accepted, and chunks verified, since the engine started."""
-        return dict(self._scheduler.spec_counts) if self._scheduler is not None else {}
+        """Draft tokens proposed and accepted, and chunks verified, since the gang was (re)built;
+        with a draft model `proposed` counts the drafts it made (fallback stops some early)."""
+        if self._scheduler is None:
+            return {}
+        counts = dict(self._scheduler.spec_counts)
+        if self._drafts is not None:
+            counts["proposed"] = self._drafts.num_drafted
+        return counts
 
     @property
     def _lookahead(self) -> bool:
@@ -489,19 +495,9 @@ class InferenceEngine:
                 self._streams.pop(event.request_id, None)
 
     def _message(self, plan) -> StepMessage:
-        sampled = plan.sampled_chunks()
-        feedback_index, feedback_seq = plan.feedback()
-        return StepMessage(
-            feedback_index=feedback_index, feedback_seq=feedback_seq,
-            sampled_seq=[c.seq_id for c in sampled] if self._lookahead else [],
-            token_ids=plan.token_ids(), positions=plan.positions(), slot_mapping=plan.slot_mapping(),
-            query_lens=plan.query_lens, block_tables=[c.block_table for c in plan.chunks],
-            sample_index=plan.sample_indices(), sampling=[c.params for c in sampled],
-            seeds=[c.seed for c in sampled], steps=[c.step for c in sampled],
-            contexts=[list(c.context) for c in sampled] if any(c.params.penalized for c in sampled) else [],
-            draft_lens=[c.num_draft for c in sampled] if any(c.num_draft for c in sampled) else [],
-            rollback_threshold=self.config.speculative.rollback_threshold,
-            draft=self._drafts.plan(plan, lambda rid: self._scheduler.sequence(rid).tokens) if self._drafts else None)
+        draft = self._drafts.plan(plan, lambda rid: self._scheduler.sequence(rid).tokens) if self._drafts else None
+        return StepMessage.from_plan(plan, lookahead=self._lookahead,
+                                     rollback_threshold=self.config.speculative.rollback_threshold, draft=draft)
 
     def _on_gang_failure(self, err: GangError, inflight: deque) -> None:
         log.error("gang failure: %s", err)

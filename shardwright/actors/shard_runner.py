@@ -58,6 +58,24 @@ class StepMessage:
     # their chunks hold placeholder drafts, replaced (and trimmed) by the drafts made this step.
     draft: DraftStep | None = None
 
+    @classmethod
+    def from_plan(cls, plan, *, lookahead: bool = False, rollback_threshold: float | None = None,
+                  draft: DraftStep | None = None) -> StepMessage:
+        """The message of one StepPlan (serving.batching): `lookahead` names each sampled row's
+        sequence for the workers' feedback; `draft` is the draft model's part (DraftTracker.plan)."""
+        sampled = plan.sampled_chunks()
+        feedback_index, feedback_seq = plan.feedback()
+        return cls(
+            feedback_index=feedback_index, feedback_seq=feedback_seq,
+            sampled_seq=[c.seq_id for c in sampled] if lookahead else [],
+            token_ids=plan.token_ids(), positions=plan.positions(), slot_mapping=plan.slot_mapping(),
+            query_lens=plan.query_lens, block_tables=[c.block_table for c in plan.chunks],
+            sample_index=plan.sample_indices(), sampling=[c.params for c in sampled],
+            seeds=[c.seed for c in sampled], steps=[c.step for c in sampled],
+            contexts=[list(c.context) for c in sampled] if any(c.params.penalized for c in sampled) else [],
+            draft_lens=[c.num_draft for c in sampled] if any(c.num_draft for c in sampled) else [],
+            rollback_threshold=rollback_threshold, draft=draft)
+
     def logit_rows(self) -> list[int]:
         """Packed indices whose logits the step needs: each sampled row's, and with drafts the
         k positions before it too (a verified chunk's k + 1 rows, in order)."""

@@ -196,6 +196,7 @@ class StepScheduler:
             raise ValueError("speculative decoding needs lookahead (async scheduling) off: a verified chunk's "
                              "length is known only when its step returns")
         self.proposer = proposer
+        # drafts verified (placeholders of a worker-side draft model counted as made), accepted, chunks
         self.spec_counts = {"proposed": 0, "accepted": 0, "verified_chunks": 0}
         self.micro_batches = micro_batches
         self.lookahead = lookahead

@@ -75,6 +75,7 @@ class DraftTracker:
     block_size: int
     fallback_threshold: float = 0.0
     cached: dict[str, int] = field(default_factory=dict)  # request_id -> tokens in the draft's cache
+    num_drafted: int = 0  # drafts the worker made (after fallbacks), since construction
 
     def plan(self, plan, tokens_of) -> DraftStep | None:
         """The DraftStep of `plan` (None when the draft has nothing to cache or draft);
@@ -104,6 +105,7 @@ class DraftTracker:
         step's tokens): a drafted request's draft cache holds its verified tokens, at most the ones
         it was fed (the last token and every draft but the last, or after a fallback all of
         them); requests no longer `live(request_id)` are forgotten."""
+        self.num_drafted += sum(drafted)
         for i, n in zip(step.rows, drafted):
             c = plan.chunks[i]
             got = sampled.get(c.seq_id)
