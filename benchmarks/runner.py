@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-NAMES = ("decode", "step", "scheduler", "attention", "train", "pool", "api", "quant")
+NAMES = ("decode", "step", "scheduler", "attention", "train", "pool", "api", "quant", "speculative")
 FAIL_POINT_ENV = "SHARDWRIGHT_BENCH_FAIL_POINT"
 
 

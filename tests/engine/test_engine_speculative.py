@@ -26,6 +26,10 @@ def engine(model_dir, tp: int, speculative: SpeculativeOptions | None = None, **
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_ngram_speculation_greedy_equals_plain_decoding_and_sampling_is_unchanged(ray_cluster, served_models, tp):
+    """Greedy equals the reference with drafts accepted; seeded sampling, with and without
+    penalties, equals the engine without speculation token for token (n-gram drafts are verified
+    by the target's own seeded draw); a stop id inside accepted drafts ends the request there;
+    a request asking for logprobs (never drafted) still gets one per token."""
     model_dir = served_models["llama"]
     _, model = load_model(model_dir, ParallelContext.single("cpu"))
     refs = [greedy_generate(model, p, NEW_TOKENS) for p in PROMPTS]
@@ -47,8 +51,24 @@ def test_ngram_speculation_greedy_equals_plain_decoding_and_sampling_is_unchange
         assert [o.token_ids for o in eng.generate(PROMPTS, penalised, timeout_s=300)] == plain_penalised
         out = eng.generate([PROMPTS[0]], stopping, timeout_s=300)[0]
         assert out.token_ids == refs[0][: refs[0].index(stop_at) + 1] and out.finish_reason == "stop"
+        logged = eng.submit(PROMPTS[0], SamplingParams(max_tokens=16, logprobs=2, ignore_eos=True))
+        drafted = eng.submit(PROMPTS[1], greedy)  # in the same steps as the logprobs request
+        assert drafted.result(300).token_ids == refs[1]
+        assert logged.result(300).token_ids == refs[0][:16] and len(logged.result(300).logprobs) == 16
         assert eng.blocks_in_use == 0
-    print(f"tp={tp} speculative counts {counts}")
+
+
+def test_ngram_speculation_with_pipeline_stages(ray_cluster, served_models):
+    """pp = 2 (two plans in flight, a verified chunk's sequence in one of them): greedy equals the reference."""
+    model_dir = served_models["gpt2"]
+    _, model = load_model(model_dir, ParallelContext.single("cpu"))
+    refs = [greedy_generate(model, p, 32) for p in PROMPTS]
+    cfg = EngineConfig(model_dir=model_dir, layout=ParallelLayout(pp=2), block_size=8, num_blocks=128,
+                       speculative=SpeculativeOptions(method="ngram", num_draft_tokens=3))
+    with InferenceEngine(cfg).start() as eng:
+        outs = eng.generate(PROMPTS, SamplingParams(max_tokens=32, ignore_eos=True), timeout_s=300)
+        assert [o.token_ids for o in outs] == refs
+        assert eng.speculative_counts()["verified_chunks"] > 0
 
 
 def test_speculative_options_are_checked():

@@ -1,0 +1,102 @@
+"""Speculative decoding at batch 1: tokens/s beside plain decoding, and the acceptance rate, for
+n-gram prompt lookup and a trained draft model (BiLD-style), on a trained byte-level pair.
+
+Run: `shardwright bench speculative [--quick] [--json]` from a source checkout.
+
+Models (trained here with the project's trainer on the bundled corpus minus the held-out files,
+cached under SHARDWRIGHT_BENCH_DIR like `bench quant`'s): the target is `bench quant`'s ~0.9M
+byte-level quality model (width 128, 4 layers, GQA 4/2 heads, MLP 384), the draft a ~0.1M one
+(width 64, 2 layers, 2/1 heads, MLP 192), same byte vocabulary, corpus and recipe. (Larger pairs
+did not train in the time a 2-core run allows; both are small enough that a step costs mostly
+its fixed overheads, which is where a draft model gains least.)
+
+Measure: the Ray engine at tp = 1 (one worker), greedy, batch 1: each prompt (the first 64 bytes
+of held-out windows) generates `new` tokens alone; tokens/s = tokens / wall time over all prompts,
+after a warm-up request. `vs_plain` = tokens/s / plain decoding's, same run, same prompts.
+`acceptance` = accepted drafts / drafts proposed; `tokens_per_step` = new tokens per verified step
+(plain decoding: 1). `identical`: the outputs equal plain decoding's (greedy must).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from benchmarks.quant import CORPUS, HELD_OUT, trained_model, windows
+from benchmarks.runner import measure_point
+
+COLUMNS = ["method", "k", "tokens_per_s", "vs_plain", "acceptance", "tokens_per_step", "identical"]
+DRAFT = dict(architecture="llama", vocab_size=256, hidden_size=64, intermediate_size=192, num_layers=2,
+             num_heads=2, num_kv_heads=1, head_dim=32, max_position_embeddings=512, norm_eps=1e-5)
+PROMPT_BYTES = 64
+
+
+def prompts(count: int) -> list[list[int]]:
+    held = windows([CORPUS / f for f in HELD_OUT], 128)
+    return [row[:PROMPT_BYTES].tolist() for row in held[:count]]
+
+
+def decode(target: Path, speculative: dict, prompt_ids: list[list[int]], new: int) -> dict:
+    from shardwright.actors.engine import EngineConfig, InferenceEngine
+    from shardwright.config import ParallelLayout, SpeculativeOptions
+    from shardwright.serving.sampling import SamplingParams
+
+    cfg = EngineConfig(model_dir=target, layout=ParallelLayout(), block_size=16, num_blocks=256, max_running=4,
+                       speculative=SpeculativeOptions(**speculative))
+    greedy = SamplingParams(max_tokens=new, ignore_eos=True)
+    with InferenceEngine(cfg).start() as eng:
+        eng.generate([prompt_ids[0]], SamplingParams(max_tokens=8, ignore_eos=True), timeout_s=600)  # warm-up
+        before = eng.speculative_counts()
+        outputs, start = [], time.perf_counter()
+        for p in prompt_ids:
+            outputs.append(eng.generate([p], greedy, timeout_s=600)[0].token_ids)
+        elapsed = time.perf_counter() - start
+        counts = {k: v - before.get(k, 0) for k, v in eng.speculative_counts().items()}
+    tokens = sum(len(o) for o in outputs)
+    return {"tokens_per_s": tokens / elapsed, "outputs": outputs,
+            "acceptance": counts["accepted"] / counts["proposed"] if counts.get("proposed") else None,
+            "tokens_per_step": tokens / counts["verified_chunks"] if counts.get("verified_chunks") else 1.0}
+
+
+def run(quick: bool) -> dict:
+    import ray
+
+    target_steps, draft_steps = (200, 200) if quick else (400, 400)
+    target, losses = measure_point({"phase": "train target"}, trained_model, target_steps) or (None, [])
+    draft, _ = measure_point({"phase": "train draft"}, trained_model, draft_steps, DRAFT,
+                             "spec-draft-0.1m") or (None, [])
+    if target is None:
+        return {"results": [], "notes": ["training the target failed"]}
+    if not ray.is_initialized():
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ids, new = prompts(2 if quick else 4), 64 if quick else 128
+    k = 4
+    methods = [("plain", {}), ("ngram", {"method": "ngram", "num_draft_tokens": k})]
+    if draft is not None:
+        methods += [("draft", {"method": "draft", "draft_model": draft, "num_draft_tokens": k}),
+                    ("draft+fallback", {"method": "draft", "draft_model": draft, "num_draft_tokens": k,
+                                        "fallback_threshold": 0.5})]
+    got = {name: measure_point({"method": name}, decode, target, options, ids, new) for name, options in methods}
+    plain = got.get("plain")
+    results = []
+    for (name, options) in methods:
+        r = got.get(name)
+        if r is None:
+            continue
+        results.append({"method": name, "k": options.get("num_draft_tokens"), "tokens_per_s": r["tokens_per_s"],
+                        "vs_plain": r["tokens_per_s"] / plain["tokens_per_s"] if plain else None,
+                        "acceptance": r["acceptance"], "tokens_per_step": r["tokens_per_step"],
+                        "identical": r["outputs"] == plain["outputs"] if plain else None})
+    notes = [f"target: bench quant's byte-level llama (0.9M) trained {target_steps} steps"
+             + (f" (loss {losses[0]:.2f} -> {losses[-1]:.2f})" if losses else " (cached)")
+             + f"; draft: byte-level llama {sum_params(DRAFT) / 1e6:.2f}M trained {draft_steps} steps",
+             f"batch 1, greedy, tp=1 on the Ray engine; {len(ids)} held-out prompts of {PROMPT_BYTES} bytes, "
+             f"{new} new tokens each; draft+fallback: BiLD fallback threshold 0.5"]
+    return {"results": results, "notes": notes, "target_steps": target_steps, "draft_steps": draft_steps,
+            "new_tokens": new, "prompts": len(ids)}
+
+
+def sum_params(spec: dict) -> int:
+    from shardwright.config import ModelSpec
+
+    return ModelSpec(**spec).num_parameters
