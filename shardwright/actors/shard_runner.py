@@ -128,6 +128,7 @@ class ShardRunner(GroupMember):
         self._last_sampled: dict[int, int] = {}  # seq_id -> token sampled in the previous step
         self.draft_model = None  # speculative decoding's draft (serving/draft_model.py), sampler rank only
         self.draft_cache = None
+        self._drafted: list[int] = []  # drafts made per drafted chunk in the current step
 
     def load(self, model_dir: str, dtype: str | None, pooled: dict | None = None, depth: int = 2,
              quant: tuple[str, int] | None = None) -> int:

@@ -48,7 +48,8 @@ from dataclasses import dataclass
 
 import torch
 
-from shardwright.serving.sampling import SamplingParams, _kept_ids, apply_penalties, sample_tokens, splitmix64, uniform
+from shardwright.serving.sampling import (SamplingParams, apply_penalties, filtered_probs, sample_tokens, splitmix64,
+                                          uniform)
 
 ACCEPT_STREAM = 0xACCE97  # uniform(seed ^ splitmix64(ACCEPT_STREAM), step): accept / reject draws
 DRAFT_STREAM = 0xD4AF7  # the draft model's own sampling draws
@@ -97,24 +98,6 @@ class NgramProposer:
 
 
 # ------------------------------------------------------------------------------ distributions
-def filtered_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """The distribution `sample_tokens` draws from for one (penalised) row [vocab], float64:
-    temperature, then top-k and top-p, renormalised; a one-hot at the argmax for greedy params."""
-    row = row.to("cpu", torch.float64)
-    if p.greedy:
-        out = torch.zeros_like(row)
-        out[int(row.max(dim=0).indices)] = 1.0
-        return out
-    scaled = (row - row.max()) / p.temperature
-    weights = torch.exp(scaled)
-    if p.top_k or p.top_p < 1.0:
-        ids = _kept_ids(scaled, weights, p)
-        kept = torch.zeros_like(weights)
-        kept[ids] = weights[ids]
-        weights = kept
-    return weights / weights.sum()
-
-
 def draw(probs: torch.Tensor, u: float) -> int:
     """Inverse-CDF draw from `probs` [vocab] (need not sum to 1) at u in [0, 1); never a zero."""
     cdf = torch.cumsum(probs, dim=0)

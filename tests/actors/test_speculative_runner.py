@@ -22,8 +22,7 @@ from shardwright.parallel.context import ParallelContext
 from shardwright.serving.batching import Request, StepScheduler
 from shardwright.serving.draft_model import DraftPlaceholders, DraftTracker
 from shardwright.serving.kv_blocks import BlockManager
-from shardwright.serving.sampling import SamplingParams
-from shardwright.serving.speculative import filtered_probs
+from shardwright.serving.sampling import SamplingParams, filtered_probs
 
 PROMPTS = [[3, 14, 15, 92, 3, 14, 15, 92, 3, 14], [7, 8, 9, 7, 8, 9, 7], [5]]
 

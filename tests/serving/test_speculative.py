@@ -10,9 +10,9 @@ import torch
 
 from shardwright.serving.batching import Request, StepScheduler
 from shardwright.serving.kv_blocks import BlockManager
-from shardwright.serving.sampling import SamplingParams, apply_penalties, sample_tokens, uniform
+from shardwright.serving.sampling import SamplingParams, apply_penalties, filtered_probs, sample_tokens, uniform
 from shardwright.serving.speculative import (
-    DRAFT_STREAM, NgramProposer, draw, filtered_probs, propose_ngram, rejection_step, stream_seed, verify_chunk,
+    DRAFT_STREAM, NgramProposer, draw, propose_ngram, rejection_step, stream_seed, verify_chunk,
 )
 
 
@@ -126,6 +126,18 @@ def test_chi_square_rejects_a_sampler_that_returns_the_draft_distribution():
     assert chi_square_p(rejection_sampled(P, Q, N, accept_all=True), P) < 1e-6
 
 
+def test_filtered_probs_is_the_distribution_sample_tokens_draws_from():
+    params = SamplingParams(max_tokens=8, temperature=0.7, top_k=5, top_p=0.95)
+    row = torch.log(P * 3).float()
+    probs = filtered_probs(row, params)
+    counts = torch.zeros(6, dtype=torch.float64)
+    for seed in range(N // 2):
+        counts[sample_tokens(row[None], [params], [seed], [0])[0]] += 1
+    kept = probs > 0
+    assert counts[~kept].sum() == 0
+    assert chi_square_p(counts[kept], probs[kept]) > 0.01
+
+
 def test_soft_draft_verification_follows_the_filtered_target_distribution():
     """verify_chunk with a draft distribution (a sampled draft model): the first token it returns
     follows the target's temperature / top-k filtered p, whatever q proposes."""
@@ -234,3 +246,14 @@ def test_a_verified_chunk_must_return_a_prefix_of_its_drafts():
 def test_lookahead_and_a_proposer_are_refused_together():
     with pytest.raises(ValueError, match="lookahead"):
         StepScheduler(BlockManager(16, 4), 16, 2, [0], 128, lookahead=True, proposer=NgramProposer(k=3))
+
+
+def test_fill_drafts_puts_the_drafts_in_and_drops_unused_placeholders():
+    """A prompt chunk, then two decode chunks with 3 and 2 placeholders that got 1 and 0 drafts."""
+    from shardwright.serving.draft_model import fill_drafts
+
+    ids = [1, 2, 3, 9, -1, -1, -1, 4, -1, -1]
+    pos = [0, 1, 2, 5, 6, 7, 8, 3, 4, 5]
+    slots = [10, 11, 12, 25, 26, 27, 28, 33, 34, 35]
+    out = fill_drafts(ids, pos, slots, [3, 4, 3], [2, 6, 9], [1, 2], [[7], []])
+    assert out == ([1, 2, 3, 9, 7, 4], [0, 1, 2, 5, 6, 3], [10, 11, 12, 25, 26, 33], [3, 2, 1], [2, 4, 5], [0, 1, 0])
