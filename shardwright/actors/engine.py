@@ -12,6 +12,9 @@ Guarantees:
   When every attempt fails the engine is `failed` (health says why), its loop ends and every
   request is refused with the cause: no request is accepted that can never finish.
 - Admission refuses what can never fit (clear error) and queues what does not fit yet.
+- Speculative decoding (`speculative`, off by default; serving/speculative.py, draft_model.py):
+  drafts are verified in the same one message per step; greedy output is plain decoding's, and
+  sampled output keeps the target's distribution (n-gram drafts: the very same tokens).
 """
 
 from __future__ import annotations
