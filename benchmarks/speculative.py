@@ -10,15 +10,20 @@ byte-level quality model (width 128, 4 layers, GQA 4/2 heads, MLP 384), the draf
 did not train in the time a 2-core run allows; both are small enough that a step costs mostly
 its fixed overheads, which is where a draft model gains least.)
 
-Measure: the Ray engine at tp = 1 (one worker), greedy, batch 1: each prompt (the first 64 bytes
-of held-out windows) generates `new` tokens alone; tokens/s = tokens / wall time over all prompts,
-after a warm-up request. `vs_plain` = tokens/s / plain decoding's, same run, same prompts.
-`acceptance` = accepted drafts / drafts proposed; `tokens_per_step` = new tokens per verified step
-(plain decoding: 1). `identical`: the outputs equal plain decoding's (greedy must).
+Measure: one Ray engine per method at tp = 1 (one worker each), all started first; greedy, batch
+1: each prompt (the first 64 bytes of held-out windows) generates `new` tokens alone, the methods
+taking turns prompt by prompt (so load drifting on a shared machine hits each alike); tokens/s =
+the median over a method's requests of tokens / wall time, after a warm-up request; one compute
+thread per worker (batch 1 of a model this small gains nothing from a second, and on a loaded
+machine an OpenMP team waiting at its barriers only adds noise). `vs_plain` = tokens/s / plain
+decoding's, same run, same prompts. `acceptance` = accepted drafts / drafts proposed (the draft
+model: drafts it made); `tokens_per_step` = new tokens per engine step (plain decoding: 1).
+`identical`: the outputs equal plain decoding's (greedy must).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -36,47 +41,65 @@ def prompts(count: int) -> list[list[int]]:
     return [row[:PROMPT_BYTES].tolist() for row in held[:count]]
 
 
-def decode(target: Path, speculative: dict, prompt_ids: list[list[int]], new: int) -> dict:
+def measure(target: Path, methods: list[tuple[str, dict]], prompt_ids: list[list[int]], new: int,
+            rounds: int) -> dict[str, dict]:
+    """Every method's engine started at once (one logical GPU each), then `rounds` rounds in which
+    each method decodes each prompt alone, the methods interleaved (load that drifts on a shared
+    machine hits all alike)."""
+    from contextlib import ExitStack
+
     from shardwright.actors.engine import EngineConfig, InferenceEngine
     from shardwright.config import ParallelLayout, SpeculativeOptions
     from shardwright.serving.sampling import SamplingParams
 
-    cfg = EngineConfig(model_dir=target, layout=ParallelLayout(), block_size=16, num_blocks=256, max_running=4,
-                       speculative=SpeculativeOptions(**speculative))
     greedy = SamplingParams(max_tokens=new, ignore_eos=True)
-    with InferenceEngine(cfg).start() as eng:
-        eng.generate([prompt_ids[0]], SamplingParams(max_tokens=8, ignore_eos=True), timeout_s=600)  # warm-up
-        before = eng.speculative_counts()
-        outputs, start = [], time.perf_counter()
-        for p in prompt_ids:
-            outputs.append(eng.generate([p], greedy, timeout_s=600)[0].token_ids)
-        elapsed = time.perf_counter() - start
-        counts = {k: v - before.get(k, 0) for k, v in eng.speculative_counts().items()}
-    tokens = sum(len(o) for o in outputs)
-    return {"tokens_per_s": tokens / elapsed, "outputs": outputs,
-            "acceptance": counts["accepted"] / counts["proposed"] if counts.get("proposed") else None,
-            "tokens_per_step": tokens / counts["verified_chunks"] if counts.get("verified_chunks") else 1.0}
+    with ExitStack() as stack:
+        engines = {}
+        for name, options in methods:
+            cfg = EngineConfig(model_dir=target, layout=ParallelLayout(), block_size=16, num_blocks=256,
+                               max_running=4, threads_per_worker=1, speculative=SpeculativeOptions(**options))
+            engines[name] = stack.enter_context(InferenceEngine(cfg).start())
+            engines[name].generate([prompt_ids[0]], SamplingParams(max_tokens=8, ignore_eos=True), timeout_s=600)
+        stats = {name: {"rates": [], "tokens": 0, "outputs": [], "steps": -eng.steps, "counts": eng.speculative_counts()}
+                 for name, eng in engines.items()}
+        for r in range(rounds):
+            for p in prompt_ids:
+                for name, eng in engines.items():
+                    start = time.perf_counter()
+                    out = eng.generate([p], greedy, timeout_s=600)[0].token_ids
+                    stats[name]["rates"].append(len(out) / (time.perf_counter() - start))
+                    stats[name]["tokens"] += len(out)
+                    if r == 0:
+                        stats[name]["outputs"].append(out)
+        for name, eng in engines.items():
+            st, before = stats[name], stats[name]["counts"]
+            counts = {k: v - before.get(k, 0) for k, v in eng.speculative_counts().items()}
+            st.update(tokens_per_s=statistics.median(st["rates"]), tokens_per_step=st["tokens"] / (eng.steps + st["steps"]),
+                      acceptance=counts["accepted"] / counts["proposed"] if counts.get("proposed") else None,
+                      proposed=counts.get("proposed", 0))
+    return stats
 
 
 def run(quick: bool) -> dict:
     import ray
 
-    target_steps, draft_steps = (200, 200) if quick else (400, 400)
+    target_steps = draft_steps = 400  # quick too: the same cached pair (bench quant trains the same target)
     target, losses = measure_point({"phase": "train target"}, trained_model, target_steps) or (None, [])
     draft, _ = measure_point({"phase": "train draft"}, trained_model, draft_steps, DRAFT,
                              "spec-draft-0.1m") or (None, [])
     if target is None:
         return {"results": [], "notes": ["training the target failed"]}
-    if not ray.is_initialized():
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     ids, new = prompts(2 if quick else 4), 64 if quick else 128
-    k = 4
-    methods = [("plain", {}), ("ngram", {"method": "ngram", "num_draft_tokens": k})]
+    methods = [("plain", {}), ("ngram", {"method": "ngram", "num_draft_tokens": 4})]
     if draft is not None:
-        methods += [("draft", {"method": "draft", "draft_model": draft, "num_draft_tokens": k}),
-                    ("draft+fallback", {"method": "draft", "draft_model": draft, "num_draft_tokens": k,
+        methods += [(f"draft k={k}", {"method": "draft", "draft_model": draft, "num_draft_tokens": k}) for k in (2, 4)]
+        methods += [("draft+fallback", {"method": "draft", "draft_model": draft, "num_draft_tokens": 4,
                                         "fallback_threshold": 0.5})]
-    got = {name: measure_point({"method": name}, decode, target, options, ids, new) for name, options in methods}
+    if not ray.is_initialized():  # one logical GPU per engine: they are all alive at once
+        ray.init(address="local", num_gpus=len(methods), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    got = measure_point({"phase": "decode", "methods": len(methods)}, measure, target, methods, ids, new,
+                        1 if quick else 2) or {}
     plain = got.get("plain")
     results = []
     for (name, options) in methods:
