@@ -60,7 +60,8 @@ def measure(target: Path, methods: list[tuple[str, dict]], prompt_ids: list[list
                                max_running=4, threads_per_worker=1, speculative=SpeculativeOptions(**options))
             engines[name] = stack.enter_context(InferenceEngine(cfg).start())
             engines[name].generate([prompt_ids[0]], SamplingParams(max_tokens=8, ignore_eos=True), timeout_s=600)
-        stats = {name: {"rates": [], "tokens": 0, "outputs": [], "steps": -eng.steps, "counts": eng.speculative_counts()}
+        stats = {name: {"rates": [], "tokens": 0, "outputs": [], "steps": -eng.steps,
+                        "counts": eng.speculative_counts()}
                  for name, eng in engines.items()}
         for r in range(rounds):
             for p in prompt_ids:
@@ -74,7 +75,8 @@ def measure(target: Path, methods: list[tuple[str, dict]], prompt_ids: list[list
         for name, eng in engines.items():
             st, before = stats[name], stats[name]["counts"]
             counts = {k: v - before.get(k, 0) for k, v in eng.speculative_counts().items()}
-            st.update(tokens_per_s=statistics.median(st["rates"]), tokens_per_step=st["tokens"] / (eng.steps + st["steps"]),
+            st.update(tokens_per_s=statistics.median(st["rates"]),
+                      tokens_per_step=st["tokens"] / (eng.steps + st["steps"]),
                       acceptance=counts["accepted"] / counts["proposed"] if counts.get("proposed") else None,
                       proposed=counts.get("proposed", 0))
     return stats
