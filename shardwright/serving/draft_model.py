@@ -137,9 +137,9 @@ def run_draft(model, cache, step: DraftStep, block_size: int, params: list[Sampl
     for j in range(max(step.ks)):
         keep = []
         for row_at, r in enumerate(active):
-            conf = torch.softmax(logits[row_at].double(), dim=-1).max()
-            if float(conf) < step.fallback_threshold:  # BiLD fallback: the target takes over here
-                continue
+            if step.fallback_threshold > 0 and float(
+                    torch.softmax(logits[row_at].double(), dim=-1).max()) < step.fallback_threshold:
+                continue  # BiLD fallback: the draft is unsure, the target takes over here
             p = params[r]
             if p.greedy:
                 token = int(logits[row_at].max(dim=0).indices)
