@@ -46,7 +46,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("SHARDWRIGHT_BENCH_DIR", Path.home() / ".cache" / "shardwright" / "bench"))
 
 
-def train_rank(rank: int, world_size: int, train_dir: str, steps: int, out: str) -> list[float]:
+def train_rank(rank: int, world_size: int, train_dir: str, steps: int, out: str, spec: dict | None = None) -> list[float]:
     from shardwright.training.data import DataConfig
     from shardwright.training.optim import OptimConfig
     from shardwright.training.reshard import export_hf
@@ -55,27 +55,28 @@ def train_rank(rank: int, world_size: int, train_dir: str, steps: int, out: str)
     cfg = TrainConfig(data=DataConfig(path=Path(train_dir), seq_len=SEQ, global_batch_size=8),
                       optim=OptimConfig(lr=3e-3, warmup_steps=10, decay_steps=steps, min_lr=3e-4),
                       steps=steps, num_micro_batches=1)
-    trainer = TrainerRank(cfg, ParallelLayout()).start(_source(out))
+    trainer = TrainerRank(cfg, ParallelLayout()).start(_source(out, spec or SPEC))
     losses = [trainer.train_step()["loss"] for _ in range(steps)]
     checkpoint = trainer.save(Path(out) / "ckpt")
     export_hf(checkpoint, Path(out) / "model")
     return losses
 
 
-def _source(out: str) -> ModelSource:
+def _source(out: str, spec: dict) -> ModelSource:
     from shardwright.models.random_init import write_random_checkpoint
 
     init = Path(out) / "init"
     if not (init / "model.safetensors").is_file():
-        write_random_checkpoint(init, ModelSpec(**SPEC), seed=0, std=0.02)
+        write_random_checkpoint(init, ModelSpec(**spec), seed=0, std=0.02)
     return ModelSource(path=init)
 
 
-def trained_model(steps: int) -> tuple[Path, list[float]]:
-    """The quality model, trained once per step count and cached."""
+def trained_model(steps: int, spec: dict | None = None, name: str = "quant-llama-1m") -> tuple[Path, list[float]]:
+    """The quality model (or another byte-level `spec`), trained once per step count and cached
+    under `name`."""
     from shardwright.parallel.launch import run_ranks
 
-    root = cache_root() / f"quant-llama-1m-{steps}"
+    root = cache_root() / f"{name}-{steps}"
     if (root / "model" / "model.safetensors").is_file():
         return root / "model", []
     train_dir = root / "train-corpus"
@@ -83,7 +84,7 @@ def trained_model(steps: int) -> tuple[Path, list[float]]:
     for f in CORPUS.iterdir():
         if f.suffix in (".txt", ".jsonl") and f.name not in HELD_OUT:
             shutil.copy2(f, train_dir / f.name)
-    losses = run_ranks(train_rank, 1, args=(str(train_dir), steps, str(root)))[0]
+    losses = run_ranks(train_rank, 1, args=(str(train_dir), steps, str(root), spec))[0]
     return root / "model", losses
 
 

@@ -356,6 +356,38 @@ class PoolOptions(StrictModel):
         return self
 
 
+class SpeculativeOptions(StrictModel):
+    """Speculative decoding of one deployment (serving/speculative.py): drafts verified by the
+    target in one step; greedy output is exactly plain decoding's, sampling keeps the target's
+    distribution (unless rollback_threshold relaxes it, as BiLD does)."""
+
+    method: Literal["none", "ngram", "draft"] = Field(
+        "none", description="none: plain decoding; ngram: prompt lookup in the sequence's own tokens; "
+                            "draft: a small draft model (BiLD) in the same gang's workers.")
+    num_draft_tokens: int = Field(4, ge=1, le=16, description="Most draft tokens verified per step (k).")
+    ngram_max: int = Field(3, ge=1, description="ngram: longest suffix looked up (tried first).")
+    ngram_min: int = Field(1, ge=1, description="ngram: shortest suffix looked up.")
+    draft_model: Path | None = Field(
+        None, description="draft: Hugging Face directory of the draft model (same vocabulary as the target).")
+    fallback_threshold: float = Field(
+        0.0, ge=0, le=1, description="draft (BiLD fallback): stop drafting once the draft's most likely token "
+                                     "has a probability below this; 0 always drafts k tokens.")
+    rollback_threshold: float | None = Field(
+        None, gt=0, description="BiLD rollback: keep a draft while the target's cross-entropy at it is at "
+                                "most this (nats); outputs then differ from plain decoding. None: exact.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SpeculativeOptions:
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"speculative: ngram_min={self.ngram_min} > ngram_max={self.ngram_max}; "
+                             "choose ngram_min <= ngram_max")
+        if self.method == "draft" and self.draft_model is None:
+            raise ValueError("speculative: method=draft needs draft_model (a Hugging Face directory)")
+        if self.method != "draft" and self.draft_model is not None:
+            raise ValueError(f"speculative: draft_model is only used with method=draft, not {self.method}")
+        return self
+
+
 class EngineOptions(StrictModel):
     """Serving limits of one inference deployment (see actors.engine.EngineConfig)."""
 
@@ -373,6 +405,8 @@ class EngineOptions(StrictModel):
                                                    "group_size input features). A GPTQ-format checkpoint "
                                                    "(shardwright quantize) loads quantized with none.")
     group_size: int = Field(128, description="Input features per rtn4 group; one of 32, 64, 128, 256.")
+    speculative: SpeculativeOptions = Field(default_factory=SpeculativeOptions,
+                                            description="Speculative decoding (off by default).")
 
     @model_validator(mode="after")
     def _group_size(self) -> EngineOptions:

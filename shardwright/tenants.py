@@ -173,12 +173,14 @@ def _tokens_format(path: Path, data) -> list[TenantPolicy]:
 # ---- job paths ------------------------------------------------------------------------------------
 
 PathKind = Literal["model", "corpus"]
+DRAFT_FIELD = "engine.speculative.draft_model"
 
 
 def job_paths(spec: TrainingJob | InferenceDeployment) -> list[tuple[str, Path, PathKind]]:
     """(field, path, kind) of every filesystem path a job reads."""
     if isinstance(spec, InferenceDeployment):
-        return [("model", spec.model, "model")]
+        draft = spec.engine.speculative.draft_model
+        return [("model", spec.model, "model")] + ([(DRAFT_FIELD, draft, "model")] if draft is not None else [])
     found: list[tuple[str, Path, PathKind]] = []
     if spec.model.path is not None:
         found.append(("model.path", spec.model.path, "model"))
@@ -271,7 +273,11 @@ def _is_training_checkpoint(path: Path, field: str) -> bool:
 
 def _with_paths(spec, updates: dict[str, Path]):
     if isinstance(spec, InferenceDeployment):
-        return spec.model_copy(update={"model": updates["model"]})
+        update = {"model": updates["model"]}
+        if DRAFT_FIELD in updates:  # engine.speculative.draft_model
+            speculative = spec.engine.speculative.model_copy(update={"draft_model": updates[DRAFT_FIELD]})
+            update["engine"] = spec.engine.model_copy(update={"speculative": speculative})
+        return spec.model_copy(update=update)
     changes = {}
     if "model.path" in updates:
         changes["model"] = spec.model.model_copy(update={"path": updates["model.path"]})

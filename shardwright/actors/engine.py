@@ -15,6 +15,9 @@ Guarantees:
 - Prefix caching (`prefix_caching`, on by default): requests whose prompts start with the same
   full KV blocks share them and prefill from their first uncached token; outputs are those of
   prefix caching off (serving.kv_blocks states the rules; tests/engine/test_engine_prefix.py).
+- Speculative decoding (`speculative`, off by default; serving/speculative.py, draft_model.py):
+  drafts are verified in the same one message per step; greedy output is plain decoding's, and
+  sampled output keeps the target's distribution (n-gram drafts: the very same tokens).
 """
 
 from __future__ import annotations
@@ -37,7 +40,10 @@ from shardwright.serving.kv_blocks import BlockManager
 from shardwright.serving.requests import RequestOutput, RequestStream
 from shardwright.serving.sampling import SamplingParams
 from shardwright.actors.shard_runner import StepMessage
-from shardwright.config import DType, ModelSpec, ParallelLayout, PoolOptions, Quantization, StrictModel, check_group_size
+from shardwright.config import (DType, ModelSpec, ParallelLayout, PoolOptions, Quantization, SpeculativeOptions,
+                                StrictModel, check_group_size)
+from shardwright.serving.draft_model import DraftPlaceholders, DraftTracker
+from shardwright.serving.speculative import NgramProposer
 from shardwright.models.checkpoint import CheckpointReader
 from shardwright.models.quant import check_group_layout
 from shardwright.models.tokenizer import load_tokenizer
@@ -92,10 +98,16 @@ class EngineConfig(StrictModel):
     pool: PoolOptions = Field(default_factory=PoolOptions, description="Memory budget and peer pooling.")
     quant: Quantization = Field("none", description="Weight-only quantization while loading (EngineOptions.quant).")
     group_size: int = Field(128, description="Input features per rtn4 group (EngineOptions.group_size).")
+    speculative: SpeculativeOptions = Field(default_factory=SpeculativeOptions,
+                                            description="Speculative decoding (EngineOptions.speculative).")
 
     @model_validator(mode="after")
     def _group_size(self) -> EngineConfig:
         check_group_size(self.quant, self.group_size)
+        if self.speculative.method != "none" and self.async_scheduling:
+            raise ValueError(f"speculative.method={self.speculative.method} needs async_scheduling off "
+                             "(a verified chunk's length is known only when its step returns); "
+                             "set async_scheduling: null or false")
         return self
 
 
@@ -110,9 +122,12 @@ def resident_need(spec: ModelSpec, config: EngineConfig, rank: int) -> tuple[int
     return fixed, sizes.layer_bytes
 
 
-def _split_reply(reply) -> tuple[list[int], list | None]:
-    """A worker's step reply: tokens, or (tokens, logprobs) when a request asked for them."""
-    return reply if isinstance(reply, tuple) else (reply, None)
+def _split_reply(reply) -> tuple[list, list | None, list[int] | None]:
+    """A worker's step reply: tokens, (tokens, logprobs) when a request asked for them, or with
+    a draft model (tokens, logprobs or None, drafts made per drafted chunk)."""
+    if not isinstance(reply, tuple):
+        return reply, None, None
+    return reply if len(reply) == 3 else (*reply, None)
 
 
 class InferenceEngine:
@@ -130,6 +145,12 @@ class InferenceEngine:
         if config.layout.dp != 1:
             raise ValueError(f"layout: the inference engine runs tp, pp and cp; dp={config.layout.dp} must be 1 "
                              "(deploy several copies for replicas)")
+        if config.speculative.method == "draft" and (config.layout.pp, config.layout.cp) != (1, 1):
+            raise ValueError(f"speculative.method=draft runs the draft model in the sampler worker and needs pp=1 "
+                             f"and cp=1 (got pp={config.layout.pp}, cp={config.layout.cp}); use method=ngram there")
+        if config.speculative.method == "draft" and config.pool.budget_bytes is not None:
+            raise ValueError("speculative.method=draft with a memory budget (peer pooling) is not supported; "
+                             "drop pool.budget_bytes or use method=ngram")
         if config.num_blocks < config.layout.cp:
             raise ValueError(f"num_blocks={config.num_blocks}: the KV cache is sharded over cp={config.layout.cp} "
                              "ranks, so it needs at least cp blocks")
@@ -147,6 +168,7 @@ class InferenceEngine:
         self._gang: WorkerGang | None = None
         self.pool_plan = None
         self._scheduler: StepScheduler | None = None
+        self._drafts: DraftTracker | None = None  # method=draft: what the draft model has cached
         self._thread: threading.Thread | None = None
         self.steps = 0
         # (completion time, tokens sampled, decode-only step) of recent steps, for benchmarks.
@@ -180,6 +202,8 @@ class InferenceEngine:
             refs = [gang.workers[r].call.remote("load", str(c.model_dir), c.dtype, pooled.get(r),
                                                 c.pool.prefetch_depth, quant) for r in gang.compute_ranks]
             gang.get(refs, gang.compute_ranks)
+            if c.speculative.method == "draft":
+                gang.call_rank(gang.sampler_rank(), "load_draft", str(c.speculative.draft_model), c.dtype)
             for r in gang.peer_ranks:  # every owner has mapped its segments: drop their names
                 gang.call_rank(r, "unlink")
             gang.call_compute("allocate_cache", c.num_blocks, c.block_size)
@@ -193,10 +217,13 @@ class InferenceEngine:
             raise
         self._gang = gang
         self._scheduler = StepScheduler(
-            BlockManager(c.num_blocks, c.block_size, prefix_caching=c.prefix_caching), max_tokens_per_step=c.max_tokens_per_step,
+            BlockManager(c.num_blocks, c.block_size, prefix_caching=c.prefix_caching),
+            max_tokens_per_step=c.max_tokens_per_step,
             max_running=c.max_running, eos_ids=self.spec.eos_token_id,
             max_model_len=self.spec.max_position_embeddings, decode=self.tokenizer.decode,
-            micro_batches=c.layout.pp, lookahead=self._lookahead)
+            micro_batches=c.layout.pp, lookahead=self._lookahead, proposer=self._proposer())
+        self._drafts = (DraftTracker(c.block_size, c.speculative.fallback_threshold)
+                        if c.speculative.method == "draft" else None)
         self._healthy, self._last_error = True, None
 
     def _place_pooled_layers(self, gang: WorkerGang) -> dict[int, dict]:
@@ -422,8 +449,28 @@ class InferenceEngine:
         while self._incoming:
             self._scheduler.add(self._incoming.popleft())
 
+    def _proposer(self):
+        spec = self.config.speculative
+        if spec.method == "ngram":
+            return NgramProposer(spec.num_draft_tokens, spec.ngram_max, spec.ngram_min)
+        if spec.method == "draft":
+            return DraftPlaceholders(spec.num_draft_tokens)
+        return None
+
+    def speculative_counts(self) -> dict:
+        """Draft tokens proposed and accepted, and chunks verified, since the gang was (re)built;
+        with a draft model `proposed` counts the drafts it made (fallback stops some early)."""
+        if self._scheduler is None:
+            return {}
+        counts = dict(self._scheduler.spec_counts)
+        if self._drafts is not None:
+            counts["proposed"] = self._drafts.num_drafted
+        return counts
+
     @property
     def _lookahead(self) -> bool:
+        if self.config.speculative.method != "none":
+            return False
         wanted = self.config.async_scheduling
         if wanted is None:
             import torch
@@ -437,20 +484,25 @@ class InferenceEngine:
             plan = self._scheduler.schedule()
             if plan is None:
                 return
-            refs = self._gang.dispatch(self._message(plan))
-            inflight.append((plan, refs))
+            msg = self._message(plan)
+            refs = self._gang.dispatch(msg)
+            inflight.append((plan, refs, msg.draft))
 
     def _finish_oldest(self, inflight: deque) -> None:
-        plan, refs = inflight.popleft()
+        plan, refs, draft = inflight.popleft()
         results = self._gang.get(refs, list(range(len(self._gang.workers))),
                                  timeout_s=self.config.collective_timeout_s + 30)
-        tokens, logprobs = _split_reply(results[self._gang.sampler_rank()])
+        tokens, logprobs, drafted = _split_reply(results[self._gang.sampler_rank()])
         sampled = dict(zip(plan.sampled_seq_ids(), tokens))
         by_request = {} if logprobs is None else {
             c.request_id: lp for c, lp in zip(plan.sampled_chunks(), logprobs) if lp is not None}
         self.steps += 1
-        self.step_log.append((time.perf_counter(), len(tokens), all(n == 1 for n in plan.query_lens)))
-        for event in self._scheduler.update(plan, sampled):
+        self.step_log.append((time.perf_counter(), sum(len(t) if isinstance(t, list) else 1 for t in tokens),
+                              all(len(c.token_ids) == 1 + c.num_draft for c in plan.chunks)))
+        events = self._scheduler.update(plan, sampled)
+        if draft is not None:
+            self._drafts.update(plan, draft, drafted, sampled, lambda rid: self._scheduler.sequence(rid) is not None)
+        for event in events:
             stream = self._streams.get(event.request_id)
             if stream is None:
                 continue
@@ -461,16 +513,9 @@ class InferenceEngine:
                 self._streams.pop(event.request_id, None)
 
     def _message(self, plan) -> StepMessage:
-        sampled = plan.sampled_chunks()
-        feedback_index, feedback_seq = plan.feedback()
-        return StepMessage(
-            feedback_index=feedback_index, feedback_seq=feedback_seq,
-            sampled_seq=[c.seq_id for c in sampled] if self._lookahead else [],
-            token_ids=plan.token_ids(), positions=plan.positions(), slot_mapping=plan.slot_mapping(),
-            query_lens=plan.query_lens, block_tables=[c.block_table for c in plan.chunks],
-            sample_index=plan.sample_indices(), sampling=[c.params for c in sampled],
-            seeds=[c.seed for c in sampled], steps=[c.step for c in sampled],
-            contexts=[list(c.context) for c in sampled] if any(c.params.penalized for c in sampled) else [])
+        draft = self._drafts.plan(plan, lambda rid: self._scheduler.sequence(rid).tokens) if self._drafts else None
+        return StepMessage.from_plan(plan, lookahead=self._lookahead,
+                                     rollback_threshold=self.config.speculative.rollback_threshold, draft=draft)
 
     def _on_gang_failure(self, err: GangError, inflight: deque) -> None:
         log.error("gang failure: %s", err)

@@ -8,6 +8,7 @@ over the packed tokens, passes hidden states to the next pipeline stage worker t
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,8 @@ import torch.distributed as dist
 from shardwright.actors.compute_thread import any_thread
 from shardwright.actors.group_member import GroupMember
 from shardwright.serving.sampling import SamplingParams, sample_tokens, token_logprobs
+from shardwright.serving.draft_model import DraftStep, fill_drafts, run_draft
+from shardwright.serving.speculative import verify_rows
 from shardwright.config import ParallelLayout
 from shardwright.models import load_model
 from shardwright.models.packed import pack_model
@@ -47,6 +50,42 @@ class StepMessage:
     # Penalties: per sampled row, the sequence's tokens before its chunk (empty when the row has
     # none); the whole list is empty when no row has penalties. See `histories()`.
     contexts: list[list[int]] = field(default_factory=list)
+    # Speculative decoding: per sampled row, how many of its chunk's last tokens are drafts to
+    # verify (serving/speculative.py); empty when the step has none. BiLD's rollback threshold.
+    draft_lens: list[int] = field(default_factory=list)
+    rollback_threshold: float | None = None
+    # method=draft: the draft model's catch-up batch and drafted chunks (serving/draft_model.py);
+    # their chunks hold placeholder drafts, replaced (and trimmed) by the drafts made this step.
+    draft: DraftStep | None = None
+
+    @classmethod
+    def from_plan(cls, plan, *, lookahead: bool = False, rollback_threshold: float | None = None,
+                  draft: DraftStep | None = None) -> StepMessage:
+        """The message of one StepPlan (serving.batching): `lookahead` names each sampled row's
+        sequence for the workers' feedback; `draft` is the draft model's part (DraftTracker.plan)."""
+        sampled = plan.sampled_chunks()
+        feedback_index, feedback_seq = plan.feedback()
+        return cls(
+            feedback_index=feedback_index, feedback_seq=feedback_seq,
+            sampled_seq=[c.seq_id for c in sampled] if lookahead else [],
+            token_ids=plan.token_ids(), positions=plan.positions(), slot_mapping=plan.slot_mapping(),
+            query_lens=plan.query_lens, block_tables=[c.block_table for c in plan.chunks],
+            sample_index=plan.sample_indices(), sampling=[c.params for c in sampled],
+            seeds=[c.seed for c in sampled], steps=[c.step for c in sampled],
+            contexts=[list(c.context) for c in sampled] if any(c.params.penalized for c in sampled) else [],
+            draft_lens=[c.num_draft for c in sampled] if any(c.num_draft for c in sampled) else [],
+            rollback_threshold=rollback_threshold, draft=draft)
+
+    def logit_rows(self) -> list[int]:
+        """Packed indices whose logits the step needs: each sampled row's, and with drafts the
+        k positions before it too (a verified chunk's k + 1 rows, in order)."""
+        if not self.draft_lens:
+            return self.sample_index
+        return [j for i, k in zip(self.sample_index, self.draft_lens) for j in range(i - k, i + 1)]
+
+    def drafts(self) -> list[list[int]]:
+        """Per sampled row, its draft tokens (the chunk's last draft_lens tokens)."""
+        return [self.token_ids[i - k + 1:i + 1] if k else [] for i, k in zip(self.sample_index, self.draft_lens)]
 
     def histories(self) -> list[list[int]] | None:
         """Per sampled row, the request's tokens so far: its context, then its chunk's tokens
@@ -87,6 +126,9 @@ class ShardRunner(GroupMember):
         self.fetcher: LayerFetcher | None = None
         self.host_bytes = 0
         self._last_sampled: dict[int, int] = {}  # seq_id -> token sampled in the previous step
+        self.draft_model = None  # speculative decoding's draft (serving/draft_model.py), sampler rank only
+        self.draft_cache = None
+        self._drafted: list[int] = []  # drafts made per drafted chunk in the current step
 
     def load(self, model_dir: str, dtype: str | None, pooled: dict | None = None, depth: int = 2,
              quant: tuple[str, int] | None = None) -> int:
@@ -148,8 +190,27 @@ class ShardRunner(GroupMember):
 
         return CallSource(call, where["shapes"], getattr(torch, where["dtype"]))
 
+    def load_draft(self, model_dir: str, dtype: str | None) -> int:
+        """Phase 2b (method=draft, the sampler rank only): the whole draft model; its bytes."""
+        return self._phase("load_draft", self._load_draft, model_dir, dtype)
+
+    def _load_draft(self, model_dir: str, dtype: str | None) -> int:
+        from shardwright.parallel.context import ParallelContext
+
+        spec, model = load_model(model_dir, ParallelContext.single(self.ctx.device), dtype=dtype)
+        if spec.vocab_size != self.model.spec.vocab_size:
+            raise ValueError(f"draft model {model_dir} has vocab_size={spec.vocab_size}, the target "
+                             f"{self.model.spec.vocab_size}; a draft must share the target's tokenizer")
+        nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        self.ledger.reserve("draft_weights", nbytes)
+        self.draft_model = model
+        return nbytes
+
     def allocate_cache(self, num_blocks: int, block_size: int) -> int:
-        """Phase 3: allocate the paged KV cache; returns its bytes."""
+        """Phase 3: allocate the paged KV cache (and the draft model's); returns its bytes."""
+        if self.draft_model is not None:
+            self.draft_cache = self._phase("allocate_cache", self.draft_model.new_paged_cache, num_blocks, block_size)
+            self.ledger.reserve("draft_kv_cache", self.draft_cache.nbytes)
         self.block_size = block_size
         local_blocks = len(range(self.ctx.cp_rank, num_blocks, self.ctx.cp))  # CP shards the blocks
         nbytes = local_blocks * block_size * (self.sizes.kv_bytes_per_token if self.sizes else 0)
@@ -195,16 +256,43 @@ class ShardRunner(GroupMember):
             for i, seq in zip(msg.feedback_index, msg.feedback_seq):
                 token_ids[i] = self._last_sampled[seq]
             msg.token_ids = token_ids
+        draft_probs = self._draft(msg) if msg.draft is not None else None
         batch = PagedBatch.build(msg.token_ids, msg.positions, msg.slot_mapping, msg.query_lens,
-                                 msg.block_tables, self.block_size, msg.sample_index, ctx.device)
+                                 msg.block_tables, self.block_size, msg.logit_rows(), ctx.device)
         activations = self._activation_bytes(batch, msg)
         self.ledger.reserve("activations", activations)
         try:
-            return self._step(msg, batch)
+            return self._step(msg, batch, draft_probs)
         finally:
             self.ledger.release("activations", activations)
 
-    def _step(self, msg: StepMessage, batch: PagedBatch) -> list[int] | None:
+    def _draft(self, msg: StepMessage) -> list | None:
+        """method=draft: make this step's drafts (the sampler rank, which holds the draft model;
+        broadcast to the other TP ranks) and put them into `msg`; per sampled row, q of its
+        drafts (None for greedy or undrafted rows); None on ranks other than the sampler."""
+        d, ctx = msg.draft, self.ctx
+        ends = list(itertools.accumulate(msg.query_lens))
+        row_of = {i: r for r, i in enumerate(msg.sample_index)}
+        sampled_rows = [row_of[ends[i] - 1] for i in d.rows]
+        probs_by_row = None
+        if self.draft_model is not None:
+            drafts, probs = run_draft(self.draft_model, self.draft_cache, d, self.block_size,
+                                      [msg.sampling[r] for r in sampled_rows], [msg.seeds[r] for r in sampled_rows],
+                                      [msg.steps[r] for r in sampled_rows])
+            probs_by_row = dict(zip(sampled_rows, probs))
+        if ctx.tp > 1:
+            box = [drafts if self.draft_model is not None else None]
+            dist.broadcast_object_list(box, src=ctx.group_ranks["tp"][0], group=ctx.tp_group)
+            drafts = box[0]
+        (msg.token_ids, msg.positions, msg.slot_mapping, msg.query_lens, msg.sample_index,
+         msg.draft_lens) = fill_drafts(msg.token_ids, msg.positions, msg.slot_mapping, msg.query_lens,
+                                       msg.sample_index, d.rows, drafts)
+        self._drafted = [len(x) for x in drafts]
+        if probs_by_row is None:
+            return None
+        return [probs_by_row.get(r) for r in range(len(msg.sample_index))]
+
+    def _step(self, msg: StepMessage, batch: PagedBatch, draft_probs: list | None = None) -> list[int] | None:
         ctx = self.ctx
         if ctx.is_first_stage:
             x = batch.token_ids
@@ -217,6 +305,8 @@ class ShardRunner(GroupMember):
             dist.send(out.contiguous(), dst=ctx.group_ranks["pp"][ctx.pp_rank + 1])
             return None
         logits = self.model.full_logits(out).float()
+        if msg.draft_lens or msg.draft is not None:
+            return self._verify(logits, msg, draft_probs) if ctx.tp_rank == 0 else None
         if msg.sampled_seq:  # async scheduling: every rank samples (identical logits, same seeds)
             tokens = sample_tokens(logits, msg.sampling, msg.seeds, msg.steps, msg.histories())
             self._last_sampled = dict(zip(msg.sampled_seq, tokens))
@@ -224,6 +314,22 @@ class ShardRunner(GroupMember):
         if ctx.tp_rank != 0:
             return None
         return _with_logprobs(logits, sample_tokens(logits, msg.sampling, msg.seeds, msg.steps, msg.histories()), msg)
+
+    def _verify(self, logits: torch.Tensor, msg: StepMessage, draft_probs: list | None = None):
+        """Sampling of a step with drafts: per sampled row a token, or (rows with drafts) the
+        accepted drafts and the next token (speculative.verify_rows). With a draft model the reply
+        is (tokens, logprobs or None, drafts made per drafted chunk)."""
+        histories = msg.histories()
+        if histories is not None:  # verify_rows wants the history up to each chunk's first token
+            histories = [h[:len(h) - k] if h else h for h, k in zip(histories, msg.draft_lens)]
+        tokens = verify_rows(logits, msg.sampling, msg.seeds, msg.steps, msg.drafts(), histories,
+                             draft_probs, rollback_threshold=msg.rollback_threshold)
+        ends = list(itertools.accumulate(k + 1 for k in msg.draft_lens))
+        reply = _with_logprobs(logits[[e - 1 for e in ends]], tokens, msg)  # logprobs: rows without drafts
+        if msg.draft is None:
+            return reply
+        tokens, logprobs = reply if isinstance(reply, tuple) else (reply, None)
+        return tokens, logprobs, self._drafted
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor | None:

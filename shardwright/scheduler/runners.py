@@ -178,7 +178,8 @@ def _engine_config(spec: InferenceDeployment, bundle_nodes: tuple[str, ...] | No
             "block_size": e.block_size, "num_blocks": e.num_blocks, "max_running": e.max_running,
             "max_tokens_per_step": e.max_tokens_per_step, "prefix_caching": e.prefix_caching,
             "bundle_nodes": list(bundle_nodes) if bundle_nodes is not None else None,
-            "pool": e.pool.model_dump(mode="json"), "quant": e.quant, "group_size": e.group_size}
+            "pool": e.pool.model_dump(mode="json"), "quant": e.quant, "group_size": e.group_size,
+            "speculative": e.speculative.model_dump(mode="json")}
 
 
 def _path_or_none(value: object) -> str | None:

@@ -34,13 +34,20 @@ Cost per step: O(running sequences + the step's own tokens + their block tables)
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Literal, Protocol
 
 from shardwright.serving.kv_blocks import BlockManager
 from shardwright.serving.sampling import Decode, SamplingParams, StopChecker, derive_seed
 
 FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class Proposer(Protocol):
+    """Speculative decoding's draft source (serving/speculative.py): up to k tokens to follow
+    `tokens` (the sequence so far); [] proposes nothing."""
+
+    def propose(self, tokens: list[int], k: int) -> list[int]: ...
 SeqStatus = Literal["waiting", "running", "finished"]
 
 
@@ -98,6 +105,9 @@ class SeqChunk:
     # The sequence's tokens before start_pos, for a sampled chunk whose params have penalties
     # (the workers add this chunk's own tokens); empty otherwise.
     context: tuple[int, ...] = ()
+    # Speculative decoding: token_ids[1:] are this many draft tokens to verify (serving/speculative.py);
+    # the chunk samples k + 1 positions and its update takes a list of 1..k + 1 tokens.
+    num_draft: int = 0
 
 
 @dataclass(frozen=True)
@@ -178,13 +188,20 @@ class StepScheduler:
 
     def __init__(self, blocks: BlockManager, max_tokens_per_step: int, max_running: int,
                  eos_ids: list[int], max_model_len: int, *, decode: Decode | None = None,
-                 seed: int | None = None, micro_batches: int = 1, lookahead: bool = False) -> None:
+                 seed: int | None = None, micro_batches: int = 1, lookahead: bool = False,
+                 proposer: Proposer | None = None) -> None:
         _check_limits(max_tokens_per_step, max_running, max_model_len)
         if micro_batches < 1:
             raise ValueError(f"micro_batches={micro_batches} must be >= 1 (the pipeline depth)")
         if lookahead and micro_batches != 1:
             raise ValueError("lookahead (async scheduling) needs micro_batches=1: with pipeline stages the "
                              "first stage cannot see the last stage's sampled tokens")
+        if proposer is not None and lookahead:
+            raise ValueError("speculative decoding needs lookahead (async scheduling) off: a verified chunk's "
+                             "length is known only when its step returns")
+        self.proposer = proposer
+        # drafts verified (placeholders of a worker-side draft model counted as made), accepted, chunks
+        self.spec_counts = {"proposed": 0, "accepted": 0, "verified_chunks": 0}
         self.micro_batches = micro_batches
         self.lookahead = lookahead
         self.blocks = blocks
@@ -287,6 +304,7 @@ class StepScheduler:
         """
         prefilling = []
         cap = -(-len(self._running) // self.micro_batches)
+        spare = budget - len(self._running)  # tokens drafts may take: every running sequence keeps one
         for seq in self._running.values():
             if seq.in_flight:
                 if self._can_look_ahead(seq) and len(chunks) < cap:
@@ -298,8 +316,9 @@ class StepScheduler:
             if seq.num_scheduled < seq.num_prompt_tokens:
                 prefilling.append(seq)
             else:
-                chunks.append(self._chunk(seq, 1))
-                budget -= 1
+                chunk = self._decode_chunk(seq, spare)
+                chunks.append(chunk)
+                budget, spare = budget - 1 - chunk.num_draft, spare - chunk.num_draft
         for seq in prefilling:
             if budget == 0:
                 break
@@ -334,6 +353,22 @@ class StepScheduler:
             params, seq.seed, len(seq.tokens) - seq.num_prompt_tokens,
             context=tuple(seq.tokens[:start]) if sample and params.penalized else (),
         )
+
+    def _decode_chunk(self, seq: SequenceState, spare: int) -> SeqChunk:
+        """The decode chunk of `seq`: its last token, then the proposer's drafts (if any), at most
+        `spare` of them and never more than could be kept within max_tokens (so within its KV
+        reservation: the chunk ends at position len(tokens) - 1 + k <= prompt + max_tokens - 2)."""
+        p = seq.request.params
+        k = min(spare, p.max_tokens - (len(seq.tokens) - seq.num_prompt_tokens) - 1)
+        draft = self.proposer.propose(seq.tokens, k) if self.proposer and k > 0 and p.logprobs is None else []
+        chunk = self._chunk(seq, 1)
+        if not draft:
+            return chunk
+        end = chunk.start_pos + 1 + len(draft)
+        table = self.blocks.ensure(seq.seq_id, end)
+        seq.num_scheduled = end
+        return replace(chunk, token_ids=chunk.token_ids + tuple(draft), block_table=tuple(table),
+                       slots=tuple(self.blocks.slots(seq.seq_id, chunk.start_pos, end)), num_draft=len(draft))
 
     def _can_look_ahead(self, seq: SequenceState) -> bool:
         """One chunk in flight, it samples the next token, and that token will not be the last."""
@@ -370,7 +405,9 @@ class StepScheduler:
             if seq is None:
                 continue  # cancelled while in flight
             seq.num_computed, seq.in_flight = c.start_pos + len(c.token_ids), seq.in_flight - 1
-            if c.sample:
+            if c.num_draft:
+                events.extend(self._append_verified(seq, c, sampled[c.seq_id]))
+            elif c.sample:
                 events.append(self._append(seq, int(sampled[c.seq_id])))
         return events
 
@@ -385,6 +422,28 @@ class StepScheduler:
         if extra or missing:
             raise ValueError(f"step {plan.step_id}: sampled tokens for seq_ids {extra} not sampled "
                              f"in the plan, none for {missing}; pass one token per sampled chunk")
+
+    def _append_verified(self, seq: SequenceState, c: SeqChunk, tokens) -> list[TokenEvent]:
+        """A verified chunk's accepted drafts and next token, appended one by one up to the first
+        stop; the sequence's length rolls back to them (K/V of rejected drafts get overwritten)."""
+        tokens = [int(t) for t in (tokens if isinstance(tokens, (list, tuple)) else [tokens])]
+        accepted = len(tokens) - 1
+        placeholders = c.token_ids[1] < 0  # drafts made on the workers (draft model): not known here
+        if not 0 <= accepted <= c.num_draft or (
+                not placeholders and tokens[:accepted] != list(c.token_ids[1:1 + accepted])):
+            raise ValueError(f"step: seq {c.seq_id} got tokens {tokens} for drafts {list(c.token_ids[1:])}; "
+                             "a verified chunk returns its accepted drafts (a prefix) and one more token")
+        seq.num_computed = seq.num_scheduled = c.start_pos + 1 + accepted
+        counts = self.spec_counts
+        counts["proposed"] += c.num_draft
+        counts["accepted"] += accepted
+        counts["verified_chunks"] += 1
+        events = []
+        for t in tokens:
+            events.append(self._append(seq, t))
+            if seq.status == "finished":
+                break
+        return events
 
     def _append(self, seq: SequenceState, token: int) -> TokenEvent:
         seq.tokens.append(token)

@@ -207,6 +207,24 @@ def sample_tokens(
     return out
 
 
+def filtered_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution `sample_tokens` draws from for one (penalised) row [vocab], float64:
+    temperature, then top-k and top-p, renormalised; a one-hot at the argmax for greedy params."""
+    row = row.to("cpu", torch.float64)
+    if p.greedy:
+        out = torch.zeros_like(row)
+        out[int(row.max(dim=0).indices)] = 1.0
+        return out
+    scaled = (row - row.max()) / p.temperature
+    weights = torch.exp(scaled)
+    if p.top_k or p.top_p < 1.0:
+        ids = _kept_ids(scaled, weights, p)
+        kept = torch.zeros_like(weights)
+        kept[ids] = weights[ids]
+        weights = kept
+    return weights / weights.sum()
+
+
 TokenLogprob = tuple[float, tuple[tuple[int, float], ...]]  # (chosen's, ((id, logprob) most likely first))
 
 

@@ -155,3 +155,28 @@ def test_other_models_errors_keep_their_location():
     assert describe_validation_error(err.value).startswith("top_p: Input should be greater than 0 (got -1); stop[1]: ")
     assert "top_pp: unknown field (did you mean 'top_p'?" in describe_validation_error(err.value, root=Params,
                                                                                     max_errors=5)
+
+
+def test_a_draft_model_path_is_confined_like_the_model(tmp_path):
+    """engine.speculative.draft_model is a path the job reads: resolved, checked and kept under the
+    tenant's roots exactly as `model` is."""
+    from shardwright.config import InferenceDeployment
+
+    root = tmp_path / "alice"
+    for name in ("target", "draft"):
+        (root / name).mkdir(parents=True)
+        (root / name / "config.json").write_text("{}")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "config.json").write_text("{}")
+    policy = TenantPolicy(name="alice", tokens=["alice-token-1"], roots=[root], max_priority="serving")
+
+    def deployment(draft: str) -> InferenceDeployment:
+        return InferenceDeployment(name="d", model="target",
+                                   engine={"speculative": {"method": "draft", "draft_model": draft}})
+
+    job = confine_paths(deployment("draft"), base=None, policy=policy)
+    assert (job.model, job.engine.speculative.draft_model) == (root / "target", root / "draft")
+    with pytest.raises(PermissionError, match="engine.speculative.draft_model: not permitted"):
+        confine_paths(deployment(str(tmp_path / "elsewhere")), base=None, policy=policy)
+    with pytest.raises(JobFileError, match=r"engine.speculative.draft_model: .* \(no config.json there\)"):
+        confine_paths(deployment("missing"), base=None, policy=policy)
