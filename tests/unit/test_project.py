@@ -21,3 +21,12 @@ def test_readme_quick_start_has_exactly_two_commands_and_ci_runs_the_test_one():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert commands[1] in ci, "CI must run exactly the README's test command"
 
+
+
+def test_test_modules_have_unique_basenames():
+    """pytest imports test modules by basename (the tests folders have no __init__.py): two files
+    named alike in different folders stop the whole run at collection."""
+    from collections import Counter
+
+    names = Counter(p.name for p in (ROOT / "tests").rglob("test_*.py"))
+    assert not [n for n, count in names.items() if count > 1], names.most_common(3)
