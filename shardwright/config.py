@@ -389,7 +389,8 @@ class SpeculativeOptions(StrictModel):
 
 
 class EngineOptions(StrictModel):
-    """Serving limits of one inference deployment (see actors.engine.EngineConfig)."""
+    """Serving options of one inference deployment, as a job file gives them; the one definition of
+    these fields (actors.engine.EngineConfig extends it with the model, layout and runtime settings)."""
 
     block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
     num_blocks: int = Field(1024, ge=1, description="KV-cache blocks per worker.")

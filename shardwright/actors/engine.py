@@ -40,8 +40,7 @@ from shardwright.serving.kv_blocks import BlockManager
 from shardwright.serving.requests import RequestOutput, RequestStream
 from shardwright.serving.sampling import SamplingParams
 from shardwright.actors.shard_runner import StepMessage
-from shardwright.config import (DType, ModelSpec, ParallelLayout, PoolOptions, Quantization, SpeculativeOptions,
-                                StrictModel, check_group_size)
+from shardwright.config import DType, EngineOptions, ModelSpec, ParallelLayout
 from shardwright.serving.draft_model import DraftPlaceholders, DraftTracker
 from shardwright.serving.speculative import NgramProposer
 from shardwright.models.checkpoint import CheckpointReader
@@ -54,22 +53,14 @@ log = logging.getLogger(__name__)
 LIVENESS_INTERVAL_S = 2.0  # how often an idle engine checks that its workers live
 
 
-class EngineConfig(StrictModel):
-    """One inference deployment: the model, its layout and the serving limits."""
+class EngineConfig(EngineOptions):
+    """One inference deployment as its controller runs it: a deployment's serving options
+    (`config.EngineOptions`: KV cache, batching, prefix caching, pooling, quantization, speculative
+    decoding, defined there once) plus the model, its layout and the runtime's own settings."""
 
     model_dir: Path = Field(description="Hugging Face directory (config.json + safetensors).")
     layout: ParallelLayout = Field(default_factory=ParallelLayout, description="tp and pp of the gang.")
     dtype: DType | None = Field(None, description="Override the checkpoint's dtype.")
-    block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
-    num_blocks: int = Field(1024, ge=1, description="KV-cache blocks per worker.")
-    max_tokens_per_step: int = Field(512, ge=1, description="Token budget of one step.")
-    max_running: int = Field(64, ge=1, description="Most sequences in the running batch.")
-    prefix_caching: bool = Field(
-        True, description="Share the KV blocks of identical prompt prefixes between requests: a full "
-                          "prompt block is found again by the hash of its tokens and its predecessors', "
-                          "reference-counted, kept after its requests finish and evicted least recently "
-                          "used when free blocks run out (serving.kv_blocks). A request's prefill starts "
-                          "at its first uncached token. Off: every prompt is computed in full.")
     collective_timeout_s: float = Field(30.0, gt=0, description="Worker collective/step timeout.")
     threads_per_worker: int | None = Field(None, ge=1, description="CPU threads per worker (CPU only).")
     pack_weights: bool = Field(
@@ -95,15 +86,9 @@ class EngineConfig(StrictModel):
         None, description="Ray node id per rank from the scheduler's placement; None lets Ray pack the gang.")
     rebuild_attempts: int = Field(4, ge=1, description="Gang rebuilds tried after a worker dies before the "
                                                        "deployment is failed (backoff 1, 2, 4, ... s between).")
-    pool: PoolOptions = Field(default_factory=PoolOptions, description="Memory budget and peer pooling.")
-    quant: Quantization = Field("none", description="Weight-only quantization while loading (EngineOptions.quant).")
-    group_size: int = Field(128, description="Input features per rtn4 group (EngineOptions.group_size).")
-    speculative: SpeculativeOptions = Field(default_factory=SpeculativeOptions,
-                                            description="Speculative decoding (EngineOptions.speculative).")
 
     @model_validator(mode="after")
-    def _group_size(self) -> EngineConfig:
-        check_group_size(self.quant, self.group_size)
+    def _speculative_needs_sync_steps(self) -> EngineConfig:
         if self.speculative.method != "none" and self.async_scheduling:
             raise ValueError(f"speculative.method={self.speculative.method} needs async_scheduling off "
                              "(a verified chunk's length is known only when its step returns); "

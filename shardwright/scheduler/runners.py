@@ -173,13 +173,11 @@ class ControllerRunner:
 
 
 def _engine_config(spec: InferenceDeployment, bundle_nodes: tuple[str, ...] | None) -> dict:
-    e = spec.engine
-    return {"model_dir": str(spec.model), "layout": spec.layout.model_dump(), "dtype": spec.dtype,
-            "block_size": e.block_size, "num_blocks": e.num_blocks, "max_running": e.max_running,
-            "max_tokens_per_step": e.max_tokens_per_step, "prefix_caching": e.prefix_caching,
-            "bundle_nodes": list(bundle_nodes) if bundle_nodes is not None else None,
-            "pool": e.pool.model_dump(mode="json"), "quant": e.quant, "group_size": e.group_size,
-            "speculative": e.speculative.model_dump(mode="json")}
+    """The EngineConfig of a deployment (as plain data for the controller actor): every serving option
+    of its job file as it is (EngineConfig extends EngineOptions), plus model, layout and placement."""
+    return {**spec.engine.model_dump(mode="json"), "model_dir": str(spec.model),
+            "layout": spec.layout.model_dump(), "dtype": spec.dtype,
+            "bundle_nodes": list(bundle_nodes) if bundle_nodes is not None else None}
 
 
 def _path_or_none(value: object) -> str | None:
