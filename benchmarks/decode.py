@@ -23,6 +23,8 @@ step's time is scaled by batch / tokens it produced, and the two sides compare l
 `mbu` (and `baseline_mbu`, `vllm_mbu`): benchmarks/roofline.py, the bytes a step really reads
 (weights, one embedding row per token, the KV at the median step's context) / the median step /
 the streaming read bandwidth measured at the start of this run (`read_gb_per_s` in the JSON).
+`load_1m`: the 1-minute load average as the layout's point ended (other work on the machine shows
+there; the JSON also has `load_avg_start` and `load_avg_end`).
 
 The (1,1) rows also hold, in the row's dtype:
 - `hf_tokens_per_s`: Hugging Face generate on the same checkpoint in a fresh process on every
@@ -53,7 +55,7 @@ from shardwright.config import ModelSpec, ParallelLayout
 
 COLUMNS = ["tp", "pp", "dtype", "batch", "latency_s", "baseline_latency_s", "overhead", "tokens_per_s",
            "baseline_tokens_per_s", "throughput_overhead", "mbu", "hf_tokens_per_s", "vs_hf",
-           "vllm_tokens_per_s", "vs_vllm"]
+           "vllm_tokens_per_s", "vs_vllm", "load_1m"]
 LAYOUTS = [(1, 1, "float32"), (1, 1, "bfloat16"), (2, 1, "float32"), (1, 2, "float32")]
 PROMPT_LEN = 16
 MAX_MODEL_LEN = 512  # vLLM's limit: the longest sequence of any workload here (mixed: 256 + 64)
@@ -175,9 +177,11 @@ def run_grid(directory: Path, spec: ModelSpec, quick: bool, vllm_python: Path | 
     for tp, pp, dtype in LAYOUTS:
         got = measure_point({"tp": tp, "pp": pp, "dtype": dtype}, measure_layout, directory,
                             ParallelLayout(tp=tp, pp=pp), dtype, batches, steps, vllm_python)
+        load = os.getloadavg()[0]  # the machine is shared: the 1-minute load beside each figure
         for b in batches if got is not None else []:
             base, eng, hf, vllm = got
             results.append(row(spec, (tp, pp, dtype), b, eng[b], base[b], steps, bandwidth))
+            results[-1]["load_1m"] = load
             if b in hf:
                 results[-1].update(hf_tokens_per_s=hf[b], vs_hf=results[-1]["tokens_per_s"] / hf[b])
             if b in vllm:

@@ -16,6 +16,7 @@ each a fresh process, and each keeps its run with the highest output rate, TTFT 
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import threading
@@ -27,7 +28,7 @@ from benchmarks.vllm_baseline import MAX_NUM_BATCHED_TOKENS, vllm_mixed
 from shardwright.config import ModelSpec, ParallelLayout
 
 COLUMNS = ["dtype", "requests", "output_tokens_per_s", "ttft_p50_s", "ttft_p90_s", "vllm_output_tokens_per_s",
-           "vllm_ttft_p50_s", "vllm_ttft_p90_s", "vs_vllm", "ttft_p50_vs_vllm"]
+           "vllm_ttft_p50_s", "vllm_ttft_p90_s", "vs_vllm", "ttft_p50_vs_vllm", "load_1m"]
 NUM_REQUESTS = 32
 PROMPT_LENS = (16, 256)
 NEW_TOKENS = 64
@@ -98,7 +99,7 @@ def run_mixed(directory: Path, spec: ModelSpec, vllm_python: Path | None) -> dic
                                                  directory, dtype, warmup, prompts, NEW_TOKENS, MAX_MODEL_LEN))
         if ours is None:
             continue
-        row = {"dtype": dtype, "requests": NUM_REQUESTS, **ours}
+        row = {"dtype": dtype, "requests": NUM_REQUESTS, **ours, "load_1m": os.getloadavg()[0]}
         if vllm is not None:
             row.update({f"vllm_{k}": v for k, v in vllm.items()})
             row.update(vs_vllm=ours["output_tokens_per_s"] / vllm["output_tokens_per_s"],
