@@ -4,7 +4,9 @@ JSON line (the last line printed on stdout).
 A benchmark's `run(quick)` measures each point through `measure_point(point, fn, *args)`: it
 prints `[bench NAME] point K: tp=2 pp=1 ...: ok in 12.3 s` (or `FAILED in ...: error`) to stderr
 as it goes, and a point that raises is recorded (its description and the error) instead of ending
-the run, so the points already measured are still reported. The JSON lists the failed points
+the run, so the points already measured are still reported. A point may measure points inside it
+(bench decode's vLLM runs inside a layout's point): each has its own number and line, and an inner
+one that fails leaves the outer one standing. The JSON lists the failed points
 under "failed"; the exit status is 1 if any failed.
 
 Fault injection (to check the above on the real code path): SHARDWRIGHT_BENCH_FAIL_POINT="tp=2,pp=1"
@@ -43,7 +45,7 @@ class Progress:
     def measure(self, point: dict[str, Any], fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """fn(*args, **kwargs), or None (recorded in `failed`) if it raised."""
         self.count += 1
-        label = describe(point)
+        index, label = self.count, describe(point)  # its own number, though points may nest
         start = time.perf_counter()
         try:
             if self.fail_point is not None and self.fail_point.items() <= _as_str(point).items():
@@ -52,9 +54,9 @@ class Progress:
         except Exception as exc:  # a failed point is reported, the run goes on
             error = f"{type(exc).__name__}: {exc}".strip().replace("\n", " | ")[:2000]
             self.failed.append({**point, "error": error})
-            self.say(f"point {self.count}: {label}: FAILED in {time.perf_counter() - start:.1f} s: {error}")
+            self.say(f"point {index}: {label}: FAILED in {time.perf_counter() - start:.1f} s: {error}")
             return None
-        self.say(f"point {self.count}: {label}: ok in {time.perf_counter() - start:.1f} s")
+        self.say(f"point {index}: {label}: ok in {time.perf_counter() - start:.1f} s")
         return got
 
     def say(self, line: str) -> None:
