@@ -2,12 +2,12 @@
 JSON line (the last line printed on stdout).
 
 A benchmark's `run(quick, **options)` (options: the flags `main` passes on, e.g. `mixed`) measures
-each point through `measure_point(point, fn, *args)`: it prints `[bench NAME] point K: tp=2 pp=1 ...: ok in 12.3 s` (or `FAILED in ...: error`) to stderr
-as it goes, and a point that raises is recorded (its description and the error) instead of ending
-the run, so the points already measured are still reported. A point may measure points inside it
-(bench decode's vLLM runs inside a layout's point): each has its own number and line, and an inner
-one that fails leaves the outer one standing. The JSON lists the failed points
-under "failed"; the exit status is 1 if any failed.
+each point through `measure_point(point, fn, *args)`: it prints `[bench NAME] point K: tp=2 pp=1
+...: ok in 12.3 s` (or `FAILED in ...: error`) to stderr as it goes, and a point that raises is
+recorded (its description and the error) instead of ending the run, so the points already measured
+are still reported. A point may measure points inside it (bench decode's vLLM runs inside a layout's
+point): each has its own number and line, and an inner one that fails leaves the outer one standing.
+The JSON lists the failed points under "failed"; the exit status is 1 if any failed.
 
 Fault injection (to check the above on the real code path): SHARDWRIGHT_BENCH_FAIL_POINT="tp=2,pp=1"
 makes every point whose description has all those key=value pairs raise before it runs.
