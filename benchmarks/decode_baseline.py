@@ -51,10 +51,11 @@ def _step(model, ctx, cache, tokens, positions, tables, query_lens):
 
 
 @torch.inference_mode()
-def _rank(rank: int, world: int, directory: str, layout: dict, batches: list[int], steps: int, prompt_len: int):
+def _rank(rank: int, world: int, directory: str, layout: dict, batches: list[int], steps: int, prompt_len: int,
+          dtype: str | None):
     lay = ParallelLayout(**layout)
     ctx = ParallelContext.single() if world == 1 else ParallelContext.from_initialized(lay)
-    _, model = load_model(directory, ctx)
+    _, model = load_model(directory, ctx, dtype=dtype)
     per_seq = -(-(prompt_len + steps + 2) // BLOCK)
     cache = model.new_paged_cache(per_seq * max(batches), BLOCK)
     times = {}
@@ -73,8 +74,9 @@ def _rank(rank: int, world: int, directory: str, layout: dict, batches: list[int
 
 
 def baseline_decode(directory: str, layout: ParallelLayout, batches: list[int], steps: int,
-                    prompt_len: int) -> dict[int, list[float]]:
+                    prompt_len: int, dtype: str | None = None) -> dict[int, list[float]]:
     """Seconds of each decode step after the warm-up, per batch size, from the first rank (all
-    ranks run in lock-step; every step advances each sequence of the batch by one token)."""
-    args = (directory, layout.model_dump(), batches, steps, prompt_len)
+    ranks run in lock-step; every step advances each sequence of the batch by one token), with
+    the weights and cache in `dtype` (None: the checkpoint's)."""
+    args = (directory, layout.model_dump(), batches, steps, prompt_len, dtype)
     return run_ranks(_rank, layout.world_size, args=args)[0]

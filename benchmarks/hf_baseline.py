@@ -1,6 +1,6 @@
 """What users would otherwise run: Hugging Face `generate` on the same checkpoint, same machine.
 
-Greedy decoding with `transformers` (fp32, the process's default intra-op threads: every core)
+Greedy decoding with `transformers` (fp32 or bf16, the process's default intra-op threads: every core)
 in a fresh process. The decode rate excludes the prefill, as the engine's does: each batch is
 generated twice, with 1 and with 1 + `steps` new tokens, and the rate is batch * steps / (the
 difference of the two times). Both include the same prefill, so it cancels.
@@ -13,11 +13,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 
-def _rates(directory: str, batches: list[int], steps: int, prompt_len: int) -> dict[int, float]:
+def _rates(directory: str, batches: list[int], steps: int, prompt_len: int, dtype: str) -> dict[int, float]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype)).eval()
     out = {}
     with torch.inference_mode():
         for b in batches:
@@ -35,7 +35,8 @@ def _rates(directory: str, batches: list[int], steps: int, prompt_len: int) -> d
     return out
 
 
-def hf_decode_rates(directory: str, batches: list[int], steps: int, prompt_len: int) -> dict[int, float]:
-    """Tokens/s of steady greedy decoding with Hugging Face generate, per batch size."""
+def hf_decode_rates(directory: str, batches: list[int], steps: int, prompt_len: int,
+                    dtype: str = "float32") -> dict[int, float]:
+    """Tokens/s of steady greedy decoding with Hugging Face generate, per batch size, in `dtype`."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_rates, directory, batches, steps, prompt_len).result()
+        return pool.submit(_rates, directory, batches, steps, prompt_len, dtype).result()

