@@ -4,6 +4,7 @@ prompts, max_tokens up to 10^9, negative sizes, unknown fields), and the server 
 
 from __future__ import annotations
 
+import os
 import struct
 
 import grpc
@@ -64,7 +65,11 @@ def _invalid_ids(ids: list[int], max_tokens: int) -> bool:
     return not ids or not all(0 <= i < VOCAB for i in ids) or len(ids) + (max_tokens or DEFAULT_MAX_TOKENS) > CONTEXT
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# 40 generation requests in the suite; the 10,000 with SHARDWRIGHT_FUZZ_EXAMPLES=10000.
+REQUEST_EXAMPLES = int(os.environ.get("SHARDWRIGHT_FUZZ_EXAMPLES", "40"))
+
+
+@settings(max_examples=REQUEST_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(prompt=st.lists(st.integers(-5, 300), max_size=300) | st.text(max_size=200),
        max_tokens=st.integers(-3, 10**9) | st.integers(0, 24), temperature=st.floats(-1, 3, allow_nan=False),
        top_k=st.integers(-3, 300), top_p=st.floats(-0.5, 1.5, allow_nan=False))
