@@ -66,8 +66,9 @@ def test_init_model_refuses_to_overwrite(tiny_model):
 
 
 def test_bench_api_reports_grpc_beside_in_process_figures():
-    """`shardwright bench api`: gRPC streamed-generation overhead and Redis-persisted submissions per
-    second, each beside the same calls in-process (the baseline), as the last line of JSON."""
+    """`shardwright bench api`: gRPC and HTTP streamed-generation overhead and Redis-persisted
+    submissions per second, each beside the same calls in-process (the baseline), as the last line
+    of JSON."""
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-m", "shardwright.api.cli", "bench", "api", "--quick", "--json"],
                           capture_output=True, text=True, timeout=300, cwd=root)
@@ -75,14 +76,16 @@ def test_bench_api_reports_grpc_beside_in_process_figures():
     report = json.loads(done.stdout.splitlines()[-1])
     assert report["benchmark"] == "api" and report["quick"] is True
     rows = {(r["path"], r["what"]): r for r in report["results"]}
-    assert set(rows) == {("generate_stream", "time to first token"), ("generate_stream", "16 tokens"),
-                         ("submit", "jobs per second (Redis-persisted)")}
+    streams = {(f"generate_stream {path}", what) for path in ("grpc", "http")
+               for what in ("time to first token", "16 tokens")}
+    assert set(rows) == streams | {("submit", "jobs per second (Redis-persisted)")}
     for row in rows.values():
         assert row["value"] > 0 and row["baseline"] > 0
         assert row["ratio"] == pytest.approx(row["value"] / row["baseline"])
-    # A 16-token stream must take longer than its first token on both paths (the figures are real).
-    total, first = rows[("generate_stream", "16 tokens")], rows[("generate_stream", "time to first token")]
-    assert total["value"] > first["value"] and total["baseline"] > first["baseline"]
+    for path in ("grpc", "http"):  # a 16-token stream takes longer than its first token (the figures are real)
+        total = rows[(f"generate_stream {path}", "16 tokens")]
+        first = rows[(f"generate_stream {path}", "time to first token")]
+        assert total["value"] > first["value"] and total["baseline"] > first["baseline"]
 
 
 def test_generate_with_a_memory_budget_too_small_is_refused_naming_the_missing_bytes(tiny_model):
