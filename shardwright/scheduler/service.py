@@ -58,8 +58,8 @@ from shardwright.cluster import inventory
 from shardwright.cluster.ray_connect import connect
 from shardwright.cluster.state_store import HOLDING, TERMINAL, WAITING, JobRecord, JobState, StateStore
 from shardwright.cluster.state_store import LeaseLostError, TransitionError
-from shardwright.config import (InferenceDeployment, JobSpec, ModelSpec, Settings, StrictModel, TrainingJob,
-                                JobFileError, check_spec_size, parse_job)
+from shardwright.config import (InferenceDeployment, JobFileError, JobSpec, ModelSpec, ParallelLayout, Settings,
+                                StrictModel, TrainingJob, check_spec_size, parse_job)
 from shardwright.scheduler.model import ClusterInventory, GangShape, Job, PriorityClass, RunningJob
 from shardwright.scheduler.placement import Placement
 from shardwright.scheduler.policies import PreemptJob, StartJob, make_policy
@@ -251,8 +251,7 @@ class SchedulerService:
             out["store_up"] = False
         else:
             out["jobs"] = Counter((r.state.value, r.priority, r.kind) for r in records)
-            out["gpus_held"] = sum(r.layout.get("tp", 1) * r.layout.get("pp", 1) * r.layout.get("cp", 1)
-                                   * r.layout.get("dp", 1) for r in records if r.state in HOLDING)
+            out["gpus_held"] = sum(ParallelLayout(**r.layout).world_size for r in records if r.state in HOLDING)
         try:
             nodes = [n for n in inventory.list_nodes() if n.alive]
             out["gpus_total"] = sum(n.gpus_total for n in nodes)
