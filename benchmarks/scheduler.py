@@ -38,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+from shardwright.config import ParallelLayout
 from shardwright.scheduler.model import ClusterInventory, GangShape, Job, RunningJob
 from shardwright.scheduler.placement import place_and_allocate
 from shardwright.scheduler.policies import POLICY_NAMES, make_policy
@@ -113,7 +114,7 @@ def _figures(rep: SimReport, fifo: SimReport | None) -> dict[str, object]:
 def _random_job(rng: random.Random, index: int, now_s: float) -> Job:
     gpus = rng.choices(list(PHILLY_SIZES), weights=list(PHILLY_SIZES.values()))[0]
     shape = (
-        GangShape(tp=gpus) if gpus <= GPUS_PER_NODE else GangShape(tp=GPUS_PER_NODE, pp=gpus // GPUS_PER_NODE)
+        GangShape(ParallelLayout(tp=gpus)) if gpus <= GPUS_PER_NODE else GangShape(ParallelLayout(tp=GPUS_PER_NODE, pp=gpus // GPUS_PER_NODE))
     )
     kind = "inference" if rng.random() < 0.1 else "training"
     return Job(

@@ -319,8 +319,10 @@ class WorkerGang:
 
     def sampler_rank(self) -> int:
         """Rank whose step returns the sampled tokens: TP rank 0 of the last pipeline stage."""
+        from shardwright.parallel.context import AXES, mesh_rank
+
         layout = self.config.layout
-        return (layout.pp - 1) * layout.cp * layout.tp
+        return mesh_rank({**dict.fromkeys(AXES, 0), "pp": layout.pp - 1}, layout)
 
     def ping(self, timeout_s: float = 10.0) -> None:
         """A real probe: an all-reduce through the compute ranks; the peers answer `memory`."""

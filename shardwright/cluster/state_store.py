@@ -42,7 +42,7 @@ from typing import Any, Literal
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
-from shardwright.config import Settings
+from shardwright.config import ParallelLayout, Settings
 
 log = logging.getLogger(__name__)
 transition_log = logging.getLogger("shardwright.jobs")
@@ -107,7 +107,7 @@ class JobRecord(BaseModel):
     tenant: str = Field(description="Owner.")
     state: JobState = Field(description="Current state.")
     priority: str = Field(description="The spec's priority class name.")
-    layout: dict[str, int] = Field(description="tp, pp, cp, dp.")
+    layout: ParallelLayout = Field(description="How the job's ranks split the model (its gang's GPUs).")
     spec: dict[str, Any] = Field(description="The validated job spec (JSON form).")
     submitted_at_s: float = Field(description="Unix time of submission.")
     updated_at_s: float = Field(description="Unix time of the last write.")

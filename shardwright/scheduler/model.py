@@ -3,9 +3,9 @@
 Everything here is plain Python (no Ray, gRPC, Redis or torch) so that the same objects drive the
 trace-driven simulator and, later, the Ray-backed controller.
 
-- `GangShape` is a job's parallel layout: `tp * pp * cp * dp` ranks, one GPU each, laid out as a
-  dp x pp x cp x tp mesh with tp varying fastest (as `shardwright.config.ParallelLayout`), so a TP
-  group is a run of `tp` consecutive ranks and must sit inside one node.
+- `GangShape` is a job's gang: the ranks of its `shardwright.config.ParallelLayout` (one GPU each,
+  `layout.world_size` of them, tp varying fastest, so a TP group is a run of `layout.tp`
+  consecutive ranks and must sit inside one node) and its memory peers (one GPU each, anywhere).
 - `Job` is immutable; a requeued job is a `dataclasses.replace` copy with more attained service.
 - `ClusterInventory` is mutable: node id -> total and free GPUs, with nodes bucketed by their free
   GPU count so that placement never scans every node.
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Literal
 
-from shardwright.config import PRIORITY_ORDER
+from shardwright.config import PRIORITY_ORDER, ParallelLayout
 
 JobKind = Literal["training", "inference"]
 JOB_KINDS: tuple[JobKind, ...] = ("training", "inference")
@@ -77,32 +77,35 @@ def _check_time(name: str, value: object, allow_zero: bool = True) -> None:
 
 @dataclass(frozen=True, slots=True)
 class GangShape:
-    """A gang of `tp * pp * cp * dp` ranks, one GPU per rank; rank order is dp, pp, cp, tp (tp fastest).
+    """The GPUs a job's gang holds: the ranks of its layout, then its memory peers.
 
-    `from_layout` accepts any object with integer `tp`, `pp`, `cp`, `dp` attributes, such as
-    `shardwright.config.ParallelLayout`.
+    Everything about the ranks comes from the `ParallelLayout` itself (`world_size`, and `tp`, the
+    size of a TP group: ranks vary tp fastest, so a TP group is `tp` consecutive ranks and must sit
+    inside one node); the scheduler multiplies no axes by hand. `peers` are memory peers of an
+    inference gang: one GPU each, on any node, after the ranks.
     """
 
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    dp: int = 1
-    peers: int = 0  # memory peers of an inference gang: one GPU each, on any node (after the ranks)
-    num_gpus: int = field(init=False, repr=False, compare=False)  # tp * pp * cp * dp + peers
-    num_tp_groups: int = field(init=False, repr=False, compare=False)  # pp * cp * dp, each on one node
+    layout: ParallelLayout = field(default_factory=ParallelLayout)
+    peers: int = 0
+    tp: int = field(init=False, repr=False, compare=False)  # layout.tp: GPUs of one TP group
+    num_tp_groups: int = field(init=False, repr=False, compare=False)  # world_size // tp, each on one node
+    num_gpus: int = field(init=False, repr=False, compare=False)  # world_size + peers
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "cp", "dp"):
-            _check_positive_int(name, getattr(self, name))
+        if not isinstance(self.layout, ParallelLayout):
+            raise ValueError(f"layout={self.layout!r} must be a shardwright.config.ParallelLayout")
         if isinstance(self.peers, bool) or not isinstance(self.peers, int) or self.peers < 0:
             raise ValueError(f"peers={self.peers!r} must be a non-negative integer")
-        object.__setattr__(self, "num_tp_groups", self.pp * self.cp * self.dp)
-        object.__setattr__(self, "num_gpus", self.tp * self.num_tp_groups + self.peers)
+        world = self.layout.world_size
+        object.__setattr__(self, "tp", self.layout.tp)
+        object.__setattr__(self, "num_tp_groups", world // self.layout.tp)
+        object.__setattr__(self, "num_gpus", world + self.peers)
 
-    @classmethod
-    def from_layout(cls, layout: object) -> GangShape:
-        """Shape of a `ParallelLayout`-like object (attributes tp, pp, cp, dp)."""
-        return cls(*(getattr(layout, name, 1) for name in ("tp", "pp", "cp", "dp")))
+    def describe(self) -> str:
+        """The layout as a person reads it, e.g. `tp=2 pp=2 cp=1 dp=1 (4 GPUs) + 1 memory peer`."""
+        axes = " ".join(f"{name}={value}" for name, value in self.layout.model_dump().items())
+        peers = f" + {self.peers} memory peer{'s' if self.peers != 1 else ''}" if self.peers else ""
+        return f"{axes} ({self.layout.world_size} GPUs){peers}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,9 +283,8 @@ class ClusterInventory:
         shape, total = job.shape, self.num_gpus
         if job.num_gpus > total:
             raise UnplaceableJobError(
-                f"job {job.job_id} asks for {job.num_gpus} GPUs (tp={shape.tp} pp={shape.pp} cp={shape.cp} "
-                f"dp={shape.dp}), larger than the whole cluster ({total} GPUs on {len(self.total_by_node)} "
-                "nodes); shrink the gang or add nodes"
+                f"job {job.job_id} asks for {job.num_gpus} GPUs ({shape.describe()}), larger than the whole "
+                f"cluster ({total} GPUs on {len(self.total_by_node)} nodes); shrink the gang or add nodes"
             )
         if shape.tp > self.max_node_gpus:
             raise UnplaceableJobError(

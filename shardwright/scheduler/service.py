@@ -58,7 +58,7 @@ from shardwright.cluster import inventory
 from shardwright.cluster.ray_connect import connect
 from shardwright.cluster.state_store import HOLDING, TERMINAL, WAITING, JobRecord, JobState, StateStore
 from shardwright.cluster.state_store import LeaseLostError, TransitionError
-from shardwright.config import (InferenceDeployment, JobFileError, JobSpec, ModelSpec, ParallelLayout, Settings,
+from shardwright.config import (InferenceDeployment, JobFileError, JobSpec, ModelSpec, Settings,
                                 StrictModel, TrainingJob, check_spec_size, parse_job)
 from shardwright.scheduler.model import ClusterInventory, GangShape, Job, PriorityClass, RunningJob
 from shardwright.scheduler.placement import Placement
@@ -152,7 +152,7 @@ class SchedulerService:
         self.check_submission(spec)
         now = time.time()
         record = JobRecord(job_id=f"{spec.name}-{uuid.uuid4().hex[:8]}", name=spec.name, kind=spec.kind,
-                           tenant=tenant, state=S.QUEUED, priority=spec.priority, layout=spec.layout.model_dump(),
+                           tenant=tenant, state=S.QUEUED, priority=spec.priority, layout=spec.layout,
                            spec=spec.model_dump(mode="json"), submitted_at_s=now, updated_at_s=now,
                            idempotency_key=idempotency_key, queued_since_s=now)
         gpus = spec.layout.world_size
@@ -177,8 +177,7 @@ class SchedulerService:
                                    f"{' '.join(str(err).split())[:300]}") from None
             if model is not None:
                 spec.layout.validate_for(model)
-        shape = GangShape(*(getattr(spec.layout, a) for a in ("tp", "pp", "cp", "dp")),
-                          peers=_memory_peers(spec.model_dump(mode="json")))
+        shape = GangShape(spec.layout, peers=_memory_peers(spec.model_dump(mode="json")))
         job = Job(spec.name, spec.tenant, spec.kind, shape, time.time(),
                   priority=int(PriorityClass[spec.priority.upper()]))
         empty = inventory.gpu_counts(inventory.list_nodes())
@@ -232,7 +231,7 @@ class SchedulerService:
         """Nodes (GPUs, memory) and the gangs placed on them (the tenant's only, if given)."""
         nodes = inventory.list_nodes()
         address = {n.node_id: n.address for n in nodes}
-        gangs = [{"job_id": r.job_id, "kind": r.kind, "layout": r.layout,
+        gangs = [{"job_id": r.job_id, "kind": r.kind, "layout": r.layout.model_dump(),
                   "workers": [f"rank {rank} on node {address.get(node, '?')} ({node[:12]})"
                               for rank, node in enumerate(r.placement)], **self._memory(r)}
                  for r in self.store.get_jobs(self.store.active_ids()) if tenant in (None, r.tenant)]
@@ -251,7 +250,7 @@ class SchedulerService:
             out["store_up"] = False
         else:
             out["jobs"] = Counter((r.state.value, r.priority, r.kind) for r in records)
-            out["gpus_held"] = sum(ParallelLayout(**r.layout).world_size for r in records if r.state in HOLDING)
+            out["gpus_held"] = sum(r.layout.world_size for r in records if r.state in HOLDING)
         try:
             nodes = [n for n in inventory.list_nodes() if n.alive]
             out["gpus_total"] = sum(n.gpus_total for n in nodes)
@@ -682,7 +681,7 @@ def _memory_peers(spec: dict) -> int:
 
 def _scheduler_job(record: JobRecord) -> Job:
     deadline = record.spec.get("deadline_s")
-    shape = GangShape(**record.layout, peers=_memory_peers(record.spec))
+    shape = GangShape(record.layout, peers=_memory_peers(record.spec))
     return Job(record.job_id, record.tenant, record.kind, shape, record.submitted_at_s,
                priority=int(PriorityClass[record.priority.upper()]),
                deadline_s=record.submitted_at_s + deadline if deadline else None,

@@ -39,6 +39,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
+from shardwright.config import ParallelLayout
 from shardwright.scheduler.model import GangShape, Job, JobKind, PriorityClass
 
 TraceFormat = Literal["philly", "alibaba", "generic"]
@@ -66,9 +67,9 @@ def shape_for_gpus(num_gpus: int, gpus_per_node: int) -> GangShape:
     if num_gpus < 1 or gpus_per_node < 1:
         raise ValueError(f"num_gpus={num_gpus} and gpus_per_node={gpus_per_node} must be >= 1")
     if num_gpus <= gpus_per_node:
-        return GangShape(tp=num_gpus)
+        return GangShape(ParallelLayout(tp=num_gpus))
     tp = max(d for d in range(1, gpus_per_node + 1) if num_gpus % d == 0)
-    return GangShape(tp=tp, pp=num_gpus // tp)
+    return GangShape(ParallelLayout(tp=tp, pp=num_gpus // tp))
 
 
 def _rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
@@ -244,12 +245,14 @@ def _generic_job(row: dict[str, str], line: int, gpus: int, duration_s: float, g
 def _generic_shape(row: dict[str, str], gpus: int, gpus_per_node: int) -> GangShape:
     if not row.get("tp"):
         return shape_for_gpus(gpus, gpus_per_node)
+    axes = [name for name in ParallelLayout.model_fields if row.get(name)]  # the layout's axes the row gives
     try:
-        shape = GangShape(*(int(row.get(name) or 1) for name in ("tp", "pp", "cp", "dp")))
+        shape = GangShape(ParallelLayout(**{name: int(row[name]) for name in axes}))
     except ValueError as err:
-        raise ValueError(f"tp/pp/cp/dp must be positive integers ({err})") from err
+        raise ValueError(f"{'/'.join(axes)} must be positive integers ({' '.join(str(err).split())})") from err
     if shape.num_gpus != gpus:
-        raise ValueError(f"tp*pp*cp*dp = {shape.num_gpus} but gpus = {gpus}; make them agree")
+        raise ValueError(f"the layout's world size ({'*'.join(axes)}) = {shape.num_gpus} but gpus = {gpus}; "
+                         "make them agree")
     return shape
 
 

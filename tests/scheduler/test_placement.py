@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shardwright.config import ParallelLayout
 from shardwright.scheduler.model import ClusterInventory, GangShape, Job, UnplaceableJobError
 from shardwright.scheduler.placement import place, place_and_allocate
 
@@ -16,7 +17,7 @@ def cluster_with_free(free_by_node: dict[str, int], total: int = 8) -> ClusterIn
 
 def test_tp4_job_lands_on_one_node_of_three():
     cluster = ClusterInventory.uniform(3, 4)
-    placement = place(GangShape(tp=4), cluster)
+    placement = place(GangShape(ParallelLayout(tp=4)), cluster)
     assert placement is not None
     assert len(placement.gpus_by_node) == 1
     assert list(placement.gpus_by_node.values()) == [4]
@@ -24,16 +25,16 @@ def test_tp4_job_lands_on_one_node_of_three():
 
 def test_memory_peers_follow_the_ranks_on_their_node_then_the_freest_node():
     cluster = cluster_with_free({"a": 3, "b": 1, "c": 2}, total=4)
-    placement = place(GangShape(tp=2, peers=3), cluster)
+    placement = place(GangShape(ParallelLayout(tp=2), peers=3), cluster)
     # tp=2 best-fits node c (2 free, then full), so the peers go to the freest node: a, a, a
     assert placement.rank_nodes == ("c", "c", "a", "a", "a")
     assert placement.gpus_by_node == {"c": 2, "a": 3} and placement.num_gpus == 5
-    placement = place(GangShape(tp=2, peers=1), cluster_with_free({"a": 3, "b": 2}, total=4))
+    placement = place(GangShape(ParallelLayout(tp=2), peers=1), cluster_with_free({"a": 3, "b": 2}, total=4))
     assert placement.rank_nodes == ("b", "b", "a")  # b is full after the ranks
-    placement = place(GangShape(tp=1, peers=1), cluster_with_free({"a": 3, "b": 1}, total=4))
+    placement = place(GangShape(ParallelLayout(tp=1), peers=1), cluster_with_free({"a": 3, "b": 1}, total=4))
     assert placement.rank_nodes == ("b", "a")
-    assert place(GangShape(tp=2, peers=2), cluster_with_free({"a": 2, "b": 1}, total=4)) is None
-    placement = place_and_allocate(GangShape(tp=1, pp=2, peers=1), cluster := cluster_with_free({"a": 4}, total=4))
+    assert place(GangShape(ParallelLayout(tp=2), peers=2), cluster_with_free({"a": 2, "b": 1}, total=4)) is None
+    placement = place_and_allocate(GangShape(ParallelLayout(tp=1, pp=2), peers=1), cluster := cluster_with_free({"a": 4}, total=4))
     assert placement.rank_nodes == ("a", "a", "a") and cluster.free_by_node == {"a": 1}
     with pytest.raises(ValueError, match="peers=-1"):
         GangShape(peers=-1)
@@ -41,21 +42,21 @@ def test_memory_peers_follow_the_ranks_on_their_node_then_the_freest_node():
 
 def test_tp2_pp2_pairs_each_sit_on_one_node_when_split():
     cluster = cluster_with_free({"a": 2, "b": 2, "c": 1}, total=4)
-    placement = place(GangShape(tp=2, pp=2), cluster)
+    placement = place(GangShape(ParallelLayout(tp=2, pp=2)), cluster)
     assert placement is not None
     assert placement.tp_groups(2) == [("a", "a"), ("b", "b")]
 
 
 def test_best_fit_prefers_the_node_that_becomes_exactly_full():
     cluster = cluster_with_free({"big": 8, "exact": 3, "mid": 5})
-    placement = place(GangShape(tp=3), cluster)
+    placement = place(GangShape(ParallelLayout(tp=3)), cluster)
     assert placement is not None and placement.gpus_by_node == {"exact": 3}
 
 
 def test_multi_node_gang_uses_fewest_nodes_and_fills_them():
     # 12 GPUs in TP groups of 4 on free counts 8, 8, 4: two nodes (one 8, the 4) leave one node untouched.
     cluster = cluster_with_free({"a": 8, "b": 8, "c": 4})
-    placement = place(GangShape(tp=4, pp=3), cluster)
+    placement = place(GangShape(ParallelLayout(tp=4, pp=3)), cluster)
     assert placement is not None
     assert placement.gpus_by_node == {"a": 8, "c": 4}
     assert placement.rank_nodes == ("a",) * 8 + ("c",) * 4
@@ -64,19 +65,19 @@ def test_multi_node_gang_uses_fewest_nodes_and_fills_them():
 def test_gang_is_all_or_nothing_and_inventory_unchanged():
     cluster = cluster_with_free({"a": 3, "b": 3})  # 6 free GPUs, but no node holds a TP group of 4
     before = dict(cluster.free_by_node)
-    assert place_and_allocate(GangShape(tp=4), cluster) is None
-    assert place_and_allocate(GangShape(tp=1, pp=7), cluster) is None
+    assert place_and_allocate(GangShape(ParallelLayout(tp=4)), cluster) is None
+    assert place_and_allocate(GangShape(ParallelLayout(tp=1, pp=7)), cluster) is None
     assert cluster.free_by_node == before and cluster.num_free_gpus == 6
 
 
 def test_fit_is_exact_on_fragmented_nodes():
     cluster = cluster_with_free({"a": 3, "b": 3})  # each node holds one group of 2
-    assert place(GangShape(tp=2, pp=2), cluster) is not None
-    assert place(GangShape(tp=2, pp=3), cluster) is None
+    assert place(GangShape(ParallelLayout(tp=2, pp=2)), cluster) is not None
+    assert place(GangShape(ParallelLayout(tp=2, pp=3)), cluster) is None
 
 
 def test_bundles_one_gpu_per_rank_with_its_node():
-    placement = place(GangShape(tp=2, dp=2), cluster_with_free({"a": 2, "b": 8}))
+    placement = place(GangShape(ParallelLayout(tp=2, dp=2)), cluster_with_free({"a": 2, "b": 8}))
     assert placement is not None
     bundles = placement.bundles()
     assert [b.rank for b in bundles] == [0, 1, 2, 3]
@@ -86,7 +87,7 @@ def test_bundles_one_gpu_per_rank_with_its_node():
 
 def test_allocate_and_release_keep_buckets_consistent():
     cluster = ClusterInventory.uniform(2, 8)
-    placement = place_and_allocate(GangShape(tp=8, pp=2), cluster)
+    placement = place_and_allocate(GangShape(ParallelLayout(tp=8, pp=2)), cluster)
     assert placement is not None and cluster.num_free_gpus == 0
     cluster.release(placement.gpus_by_node)
     assert cluster.num_free_gpus == 16 and len(cluster.buckets[8]) == 2
@@ -101,22 +102,22 @@ def job(gpus_shape: GangShape, job_id: str = "j") -> Job:
 def test_job_larger_than_cluster_is_rejected_with_clear_message():
     cluster = ClusterInventory.uniform(3, 4)
     with pytest.raises(UnplaceableJobError, match="larger than the whole cluster"):
-        cluster.check_fits_ever(job(GangShape(tp=4, pp=4)))
+        cluster.check_fits_ever(job(GangShape(ParallelLayout(tp=4, pp=4))))
 
 
 def test_tp_larger_than_any_node_can_never_be_placed():
     cluster = ClusterInventory.uniform(4, 4)
     with pytest.raises(UnplaceableJobError, match=r"cannot ever be placed: tp=8"):
-        cluster.check_fits_ever(job(GangShape(tp=8)))
+        cluster.check_fits_ever(job(GangShape(ParallelLayout(tp=8))))
     with pytest.raises(UnplaceableJobError, match="TP groups"):  # 3 nodes of 4 hold only 3 groups of 3
-        ClusterInventory.uniform(3, 4).check_fits_ever(job(GangShape(tp=3, pp=4)))
+        ClusterInventory.uniform(3, 4).check_fits_ever(job(GangShape(ParallelLayout(tp=3, pp=4))))
 
 
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: GangShape(tp=0), "tp=0"),
-        (lambda: GangShape(pp=2.5), "pp=2.5"),
+        (lambda: GangShape({"tp": 2}), "layout={'tp': 2} must be a shardwright.config.ParallelLayout"),
+        (lambda: GangShape(peers=1.5), "peers=1.5"),
         (lambda: Job("", "t", "training", GangShape(), 0.0), "job_id"),
         (lambda: Job("j", "t", "serving", GangShape(), 0.0), "kind='serving'"),
         (lambda: Job("j", "t", "training", GangShape(), 5.0, deadline_s=1.0), "deadline_s=1.0"),
@@ -144,9 +145,9 @@ def cluster_and_shape(draw):
     cluster = ClusterInventory.from_nodes(
         {f"n{i}": s for i, s in enumerate(sizes)}, {f"n{i}": f for i, f in enumerate(free)}
     )
-    shape = GangShape(
+    shape = GangShape(ParallelLayout(
         tp=draw(st.sampled_from([1, 2, 3, 4, 8])), pp=draw(st.integers(1, 4)), dp=draw(st.integers(1, 2))
-    )
+    ))
     return cluster, shape
 
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shardwright.config import ParallelLayout
 from shardwright.scheduler.model import (
     ClusterInventory,
     GangShape,
@@ -46,7 +47,7 @@ def job(
         job_id,
         tenant,
         kind,
-        GangShape(tp=gpus),
+        GangShape(ParallelLayout(tp=gpus)),
         submit_s,
         priority=priority,  # type: ignore[arg-type]
         duration_s=duration_s,

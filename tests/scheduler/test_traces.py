@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from shardwright.config import ParallelLayout
 from shardwright.scheduler.model import GangShape, PriorityClass
 from shardwright.scheduler.traces import (
     detect_format,
@@ -31,13 +32,13 @@ def need(path: Path) -> Path:
 @pytest.mark.parametrize(
     ("gpus", "shape"),
     [
-        (1, GangShape(tp=1)),
-        (8, GangShape(tp=8)),
-        (3, GangShape(tp=3)),
-        (16, GangShape(tp=8, pp=2)),
-        (12, GangShape(tp=6, pp=2)),
-        (24, GangShape(tp=8, pp=3)),
-        (128, GangShape(tp=8, pp=16)),
+        (1, GangShape(ParallelLayout(tp=1))),
+        (8, GangShape(ParallelLayout(tp=8))),
+        (3, GangShape(ParallelLayout(tp=3))),
+        (16, GangShape(ParallelLayout(tp=8, pp=2))),
+        (12, GangShape(ParallelLayout(tp=6, pp=2))),
+        (24, GangShape(ParallelLayout(tp=8, pp=3))),
+        (128, GangShape(ParallelLayout(tp=8, pp=16))),
     ],
 )
 def test_gpu_count_maps_to_a_gang_shape(gpus, shape):
@@ -62,7 +63,7 @@ def test_generic_loader_reads_aliases_optional_columns_and_sorts(tmp_path):
     assert [j.submit_time_s for j in trace.jobs] == [1.0, 5.0]
     first, second = trace.jobs
     assert first.tenant == "default" and first.priority == PriorityClass.BEST_EFFORT
-    assert second.kind == "inference" and second.shape == GangShape(tp=2, pp=2)
+    assert second.kind == "inference" and second.shape == GangShape(ParallelLayout(tp=2, pp=2))
     assert second.priority == PriorityClass.INFERENCE
     assert trace.skipped == {"zero_gpus_or_duration": 1}
     assert detect_format(path) == "generic"
@@ -73,7 +74,7 @@ def test_generic_loader_reads_aliases_optional_columns_and_sorts(tmp_path):
     [
         ("1,10,abc,u", "line 2: column 'num_gpus' = 'abc'"),
         ("x,10,1,u", "line 2: column 'submit_time' = 'x'"),
-        ("1,10,4,u,,,3,1", "line 2: tp\\*pp\\*cp\\*dp = 3 but gpus = 4"),
+        ("1,10,4,u,,,3,1", "line 2: the layout's world size \\(tp\\*pp\\) = 3 but gpus = 4"),
         ("1,10,1,u,serving,,,", "line 2: job job-2: kind='serving'"),
         ("1,10,1,u,,urgent,,", "line 2: priority='urgent'"),
     ],
