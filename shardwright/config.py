@@ -8,6 +8,7 @@ so it is cheap to import from the CLI and the scheduler.
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -328,6 +329,26 @@ PriorityClass = Literal["serving", "high", "batch", "low"]
 # The one order of the priority classes, lowest first (the scheduler's PriorityClass ranks them so).
 PRIORITY_ORDER: tuple[PriorityClass, ...] = ("low", "batch", "serving", "high")
 JOB_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+
+class JobState(str, Enum):
+    """The one vocabulary of a job's state, from submission to its end: the scheduler stores it
+    (its state machine, `scheduler.jobs.ALLOWED`, says which moves are allowed) and the job's
+    controller reports in it (PLACED while its gang starts, then RUNNING, then how it ended:
+    SUCCEEDED, FAILED, PREEMPTED when it stopped with a checkpoint, CANCELLED without one)."""
+
+    SUBMITTED = "submitted"
+    QUEUED = "queued"
+    PLACED = "placed"
+    RUNNING = "running"
+    PREEMPTING = "preempting"
+    PREEMPTED = "preempted"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:  # the value, as a StrEnum prints (Python 3.11+; this one runs on 3.10)
+        return self.value
 
 
 # A memory budget: bytes, or 'device-free' (the GPU's free memory when the worker starts).

@@ -28,6 +28,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from shardwright.config import JobState
 from shardwright.serving.batching import TokenEvent
 from shardwright.serving.requests import RequestStream
 from shardwright.serving.sampling import SamplingParams
@@ -114,7 +115,7 @@ class DeploymentActor:
         if prefix.get("enabled"):
             stats.update({f"prefix_{key}": prefix[key] for key in ("cached_blocks", "prefill_tokens_saved",
                                                                    "hit_sequences", "evictions")})
-        return {"state": "failed" if health["failed"] else "running", "step": int(health["steps"]),
+        return {"state": JobState.FAILED if health["failed"] else JobState.RUNNING, "step": int(health["steps"]),
                 "error": health["failed"] or health["last_error"],
                 "checkpoint": None, "loss": None, "healthy": bool(health["healthy"]), "stats": stats}
 

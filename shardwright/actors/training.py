@@ -9,7 +9,9 @@ collectives worker to worker. Guarantees:
   `keep_checkpoints`; a run started with `resume_from` continues bit-exactly from that
   checkpoint, or from the newest complete one beside it when that one is missing or corrupt
   (`progress()["checkpoint"]` names the one loaded);
-- a worker failure ends the run as 'failed' with a message naming the rank and node;
+- `progress()["state"]` is a JobState: PLACED until the gang is up, RUNNING, then SUCCEEDED,
+  FAILED, PREEMPTED (stopped with a checkpoint) or CANCELLED (stopped without one);
+- a worker failure ends the run as FAILED with a message naming the rank and node;
 - metrics of every step (loss, grad norm, lr, tokens/s, MFU, bubble) go to `on_metrics`.
 """
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from shardwright.actors.gang import GangConfig, GangError, WorkerGang
 from shardwright.actors.group_member import GroupMember
-from shardwright.config import ModelSource, ParallelLayout, TrainConfig, TrainingJob
+from shardwright.config import JobState, ModelSource, ParallelLayout, TrainConfig, TrainingJob
 from shardwright.training.trainer import TrainerRank
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ class TrainingController:
         self._save_on_stop = False
         self._saved_step: int | None = None  # the step of the last checkpoint saved or loaded
         self._lock = threading.Lock()
-        self._state = {"state": "pending", "step": 0, "steps": self.config.steps, "loss": None,
+        self._state = {"state": JobState.PLACED, "step": 0, "steps": self.config.steps, "loss": None,
                        "first_loss": None, "error": None, "checkpoint": None, "metrics": None}
 
     # ---- lifecycle
@@ -92,7 +94,7 @@ class TrainingController:
         self._gang = gang
         step, loaded = gang.phase_results["setup"][0]
         self._saved_step = step if loaded else None
-        self._update(state="running", step=step, checkpoint=loaded)
+        self._update(state=JobState.RUNNING, step=step, checkpoint=loaded)
         self._thread = threading.Thread(target=self._loop, name=f"train-{self.job.name}", daemon=True)
         self._thread.start()
         return self
@@ -125,10 +127,10 @@ class TrainingController:
             self._train()
         except GangError as err:
             log.error("training %s failed: %s", self.job.name, err)
-            self._update(state="failed", error=str(err))
+            self._update(state=JobState.FAILED, error=str(err))
         except Exception as err:  # anything else is a bug worth reporting in full
             log.exception("training %s failed", self.job.name)
-            self._update(state="failed", error=f"{type(err).__name__}: {err}")
+            self._update(state=JobState.FAILED, error=f"{type(err).__name__}: {err}")
         finally:
             self._release()
 
@@ -144,10 +146,10 @@ class TrainingController:
             if every and metrics["step"] % every == 0:
                 self._save()
         if self._stop.is_set() and not self._save_on_stop:
-            self._update(state="stopped")
+            self._update(state=JobState.CANCELLED)
             return
         self._save()
-        self._update(state="preempted" if self._stop.is_set() else "succeeded")
+        self._update(state=JobState.PREEMPTED if self._stop.is_set() else JobState.SUCCEEDED)
 
     def _save(self) -> None:
         """Checkpoint the current step, unless it was just saved (or loaded)."""

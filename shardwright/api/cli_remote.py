@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from shardwright.config import Settings
+from shardwright.config import JobState, Settings
+from shardwright.scheduler import jobs
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -40,7 +41,7 @@ def _job_line(job: dict) -> str:
             f"tp.pp.cp.dp={shape:<8} {progress}{job.get('message', '')}").rstrip()
 
 
-TERMINAL = {"succeeded", "failed", "cancelled"}
+TERMINAL = {state.value for state in jobs.TERMINAL}  # the wire carries the values
 
 
 def _all_jobs(c, **filters) -> list[dict]:
@@ -73,7 +74,7 @@ def resolve_job(c, ref: str) -> dict:
 
 def _state_label(job: dict, state: str) -> str:
     """A running deployment is `ready` (it answers requests); other states as they are."""
-    return "ready" if state == "running" and job.get("kind") == "inference" else state
+    return "ready" if state == JobState.RUNNING and job.get("kind") == "inference" else state
 
 
 def cmd_submit(args) -> int:
@@ -111,7 +112,7 @@ def cmd_watch(args) -> int:
                 break
     if args.json:
         print(json.dumps({"job_id": job["job_id"], "last_event": last}))
-    return 0 if last is None or last.get("state") != "failed" else 1
+    return 0 if last is None or last.get("state") != JobState.FAILED else 1
 
 
 def _event_line(event: dict, label: str | None = None) -> str:

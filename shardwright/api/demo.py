@@ -16,6 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from shardwright.config import JobState
+from shardwright.scheduler.jobs import ENDED
+
 # Package data (pyproject's package-data), so the demo runs from any folder on a wheel install;
 # examples/corpus in a checkout is a link to it.
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"
@@ -57,10 +60,10 @@ def _train(client, corpus: Path, steps: int) -> dict:
         if "loss" in event.get("metrics", {}):
             losses.append(event["metrics"]["loss"])
             _say(f"  step {int(event['metrics'].get('step', 0))}: loss {event['metrics']['loss']:.3f}")
-        elif event["state"] in ("running", "succeeded", "failed"):
+        elif event["state"] in (JobState.RUNNING, *ENDED):
             _say(f"  {event['state']}: {event.get('message', '')}")
     final = client.get(job["job_id"])
-    if final["state"] != "succeeded":
+    if final["state"] != JobState.SUCCEEDED:
         raise RuntimeError(f"training ended {final['state']}: {final.get('message')}")
     return {**final, "losses": losses}
 
@@ -94,7 +97,7 @@ def run_demo(workdir: Path, steps: int, port: int) -> dict:
             model_dir = export_hf(trained["checkpoint"], workdir / "model")
             _say(f"exported {trained['checkpoint']} to {model_dir}")
             deployment = client.submit(f"kind: inference\nname: demo-chat\nmodel: {model_dir}\nlayout: {{tp: 2}}\n")
-            _wait(client, deployment["job_id"], {"running"}, 180)
+            _wait(client, deployment["job_id"], {JobState.RUNNING}, 180)
             _say(f"deployment {deployment['job_id']} is serving (tp=2)")
             prompt = "Four score and seven"
             pieces = list(client.generate_stream("demo-chat", prompt, max_tokens=48, ignore_eos=True,

@@ -257,7 +257,7 @@ def configure_logging(style: str, level: int = logging.INFO) -> None:
 
 
 class _TransitionCounter(logging.Handler):
-    """Counts the transition log's lines (cluster.state_store writes one per job state change)."""
+    """Counts the transition log's lines (scheduler.job_store writes one per job state change)."""
 
     def __init__(self, metrics: ServiceMetrics) -> None:
         super().__init__(level=logging.INFO)

@@ -29,7 +29,7 @@ def _progress_printer(total: int, start: float):
 def cmd_run(args: argparse.Namespace) -> int:
     from shardwright.actors.training import TrainingController
     from shardwright.cluster.ray_connect import connect
-    from shardwright.config import Settings, TrainingJob, parse_job
+    from shardwright.config import JobState, Settings, TrainingJob, parse_job
     from shardwright.tenants import confine_paths
 
     job_file = Path(args.job_file)
@@ -46,7 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     controller.on_metrics = _progress_printer(controller.config.steps, start)
     controller.start(resume_from=args.resume_from)
     final = controller.wait()
-    result = {"status": final["state"], "steps": final["step"], "first_loss": final["first_loss"],
+    result = {"status": str(final["state"]), "steps": final["step"], "first_loss": final["first_loss"],
               "last_loss": final["loss"], "checkpoint": final["checkpoint"], "error": final["error"],
               "elapsed_s": round(time.monotonic() - start, 1)}
     if args.json:
@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print(f"{job.name}: {result['status']} after {result['steps']} steps, loss {result['first_loss']} -> "
               f"{result['last_loss']}; checkpoint {result['checkpoint']}")
-    return 0 if final["state"] == "succeeded" else 1
+    return 0 if final["state"] == JobState.SUCCEEDED else 1
 
 
 def add_run_command(sub) -> None:

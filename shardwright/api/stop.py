@@ -19,7 +19,7 @@ from shardwright.config import Settings
 
 def cmd_stop(args: argparse.Namespace) -> int:
     from shardwright.cluster.local_head import stop_head
-    from shardwright.cluster.state_store import embedded_server, stop_embedded
+    from shardwright.cluster.redis_server import embedded_server, stop_embedded
 
     state_dir = Path(args.state_dir) if args.state_dir else Settings.from_env().state_dir
     try:

@@ -8,7 +8,8 @@ scheduler that starts later adopts the controller by its name (`ControllerRunner
 
 Contract of every runner (`JobRunner`):
 - `start(resume_from_checkpoint)` returns once the gang is up (or raises, naming the phase/rank);
-- `progress()` is cheap and never raises: state 'running' | 'succeeded' | 'failed', step, error,
+- `progress()` is cheap and never raises: state (a JobState: RUNNING, or how the job ended by itself,
+  SUCCEEDED or FAILED), step, error,
   checkpoint (latest, or None); a controller actor that died is 'failed', naming that;
 - `checkpoint_and_stop(timeout_s)` leaves no worker behind and returns the checkpoint written (None
   for jobs that have no state to keep);
@@ -20,23 +21,23 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal, Protocol, TypedDict
+from typing import Protocol, TypedDict
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from shardwright.actors.controllers import DeploymentClient, cause_of, create_controller, find_controller
-from shardwright.config import InferenceDeployment, TrainingJob
+from shardwright.config import InferenceDeployment, JobState, TrainingJob
+from shardwright.scheduler.jobs import ENDED
 
 log = logging.getLogger(__name__)
 
-RunnerState = Literal["running", "succeeded", "failed"]
 PROGRESS_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 60.0
 
 
 class Progress(TypedDict):
-    state: RunnerState
+    state: JobState  # RUNNING, or one of ENDED (SUCCEEDED, FAILED)
     step: int
     error: str | None
     checkpoint: str | None
@@ -63,7 +64,7 @@ class ControllerRunner:
         self.job_id, self.spec, self.name = job_id, spec, name
         self.bundle_nodes, self.checkpoint_dir = bundle_nodes, checkpoint_dir
         self.actor = actor
-        self._last: Progress = Progress(state="running", step=0, error=None, checkpoint=None, loss=None)
+        self._last: Progress = Progress(state=JobState.RUNNING, step=0, error=None, checkpoint=None, loss=None)
         self._client: DeploymentClient | None = None
         self._stopped = False
         self.stats: dict[str, float] = {}
@@ -97,27 +98,27 @@ class ControllerRunner:
         except Exception as err:
             self.stop()
             raise RuntimeError(cause_of(err)) from err
-        self._last = Progress(state="running", step=int(step), error=None, checkpoint=resume_from_checkpoint,
+        self._last = Progress(state=JobState.RUNNING, step=int(step), error=None, checkpoint=resume_from_checkpoint,
                               loss=None)
 
     def progress(self) -> Progress:
         if self.actor is None:  # stopped: what it last reported
             return self._last if self._stopped else Progress(
-                state="failed", step=0, error="the controller was never started", checkpoint=None, loss=None)
+                state=JobState.FAILED, step=0, error="the controller was never started", checkpoint=None, loss=None)
         try:
             raw = ray.get(self.actor.progress.remote(), timeout=PROGRESS_TIMEOUT_S)
         except GetTimeoutError:  # busy, not dead: report what we last knew
             return self._last
         except RayActorError as err:
-            return Progress(state="failed", step=self._last["step"], error=f"the controller actor {self.name} "
+            return Progress(state=JobState.FAILED, step=self._last["step"], error=f"the controller actor {self.name} "
                             f"died ({type(err).__name__})", checkpoint=self._last["checkpoint"], loss=None)
         except Exception as err:  # progress must not raise: report it as the job's failure
-            return Progress(state="failed", step=self._last["step"], error=f"progress() failed: {cause_of(err)}",
+            return Progress(state=JobState.FAILED, step=self._last["step"], error=f"progress() failed: {cause_of(err)}",
                             checkpoint=self._last["checkpoint"], loss=None)
-        state = raw.get("state", "running")
+        state = JobState(raw.get("state", JobState.RUNNING))
         # the engine's load (running, waiting, KV blocks) or the last training step's metrics, for /metrics
         self.stats = dict(raw.get("stats") or raw.get("metrics") or {})
-        self._last = Progress(state=state if state in ("succeeded", "failed") else "running",
+        self._last = Progress(state=state if state in ENDED else JobState.RUNNING,
                               step=int(raw.get("step") or 0), error=raw.get("error"),
                               checkpoint=_path_or_none(raw.get("checkpoint")), loss=raw.get("loss"))
         return self._last

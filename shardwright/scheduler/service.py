@@ -56,10 +56,11 @@ import redis
 from shardwright.actors.controllers import controller_name, controller_names, find_controller, job_of
 from shardwright.cluster import inventory
 from shardwright.cluster.ray_connect import connect
-from shardwright.cluster.state_store import HOLDING, TERMINAL, WAITING, JobRecord, JobState, StateStore
-from shardwright.cluster.state_store import LeaseLostError, TransitionError
 from shardwright.config import (InferenceDeployment, JobFileError, JobSpec, ModelSpec, Settings,
                                 StrictModel, TrainingJob, check_spec_size, parse_job)
+from shardwright.scheduler.job_store import JobStore
+from shardwright.scheduler.jobs import (ENDED, HOLDING, TERMINAL, WAITING, JobRecord, JobState, LeaseLostError,
+                                        TransitionError)
 from shardwright.scheduler.model import ClusterInventory, GangShape, Job, PriorityClass, RunningJob
 from shardwright.scheduler.placement import Placement
 from shardwright.scheduler.policies import PreemptJob, StartJob, make_policy
@@ -105,7 +106,7 @@ class SchedulerService:
                         "server can; give them `roots` in the tenants file (README, Tenants)", unconfined)
         self.policy = make_policy(self.config.policy, **self._policy_options())
         connect(self.settings)
-        self.store = StateStore.open(self.settings, self.config.namespace)
+        self.store = JobStore.open(self.settings, self.config.namespace)
         self.store_id = self.store.store_id()
         self.runner_factory = runner_factory
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -570,8 +571,8 @@ class SchedulerService:
         if progress.get("loss") is not None:
             metrics["loss"] = float(progress["loss"])
         fields = {"step": step, "checkpoint": checkpoint}
-        if progress["state"] in ("succeeded", "failed"):
-            outcome = S(progress["state"])
+        if progress["state"] in ENDED:
+            outcome = progress["state"]
             message = f"{outcome.value} at step {step}" + (f": {progress['error']}" if progress["error"] else "")
             self._transition(record.job_id, outcome, message, fields={**fields, **_released(record)},
                                   metrics=metrics)

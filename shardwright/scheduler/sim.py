@@ -62,8 +62,9 @@ class SimOptions:
 
 
 @dataclass
-class JobRecord:
-    """What happened to one job. Times are simulated seconds."""
+class SimOutcome:
+    """What happened to one job in a simulated run (the live scheduler's stored job is
+    scheduler.jobs.JobRecord). Times are simulated seconds."""
 
     job: Job
     first_start_s: float | None = None
@@ -98,7 +99,7 @@ class SimReport:
     fairness_jain_gpu_s: float
     fairness_jain_slowdown: float
     tenant_gpu_s: dict[str, float]
-    records: dict[str, JobRecord] = field(repr=False, default_factory=dict)
+    records: dict[str, SimOutcome] = field(repr=False, default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         figures = asdict(self)
@@ -123,7 +124,7 @@ class Simulator:
         self.inventory = cluster.copy()
         self.queue: dict[str, Job] = {}
         self.running: dict[str, _Run] = {}
-        self.records: dict[str, JobRecord] = {}
+        self.records: dict[str, SimOutcome] = {}
         self._events: list[tuple[float, int, int, str, int]] = []
         self._seq = 0
         self._review_s: float | None = None
@@ -136,7 +137,7 @@ class Simulator:
         for job in jobs:
             if job.job_id in self.records:
                 raise ValueError(f"job_id {job.job_id!r} appears twice in the trace; job ids must be unique")
-            self.records[job.job_id] = JobRecord(job)
+            self.records[job.job_id] = SimOutcome(job)
             self._push(job.submit_time_s, _ARRIVE, job.job_id, 0)
         last_change_s = 0.0
         horizon = self.options.horizon_s
@@ -307,7 +308,7 @@ def jain_index(values: Sequence[float]) -> float:
     return (sum(values) ** 2) / (len(values) * squares) if squares else 1.0
 
 
-def _tenant_slowdowns(done: Sequence[JobRecord]) -> list[float]:
+def _tenant_slowdowns(done: Sequence[SimOutcome]) -> list[float]:
     """Mean slowdown (JCT / duration) per tenant over completed jobs."""
     by_tenant: dict[str, list[float]] = {}
     for r in done:

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from model_helpers import tiny_spec
 from shardwright.api.client import Client, ShardwrightError
 from shardwright.api.server import ServerOptions, ShardwrightServer
-from shardwright.cluster.state_store import JobState
+from shardwright.config import JobState
 from shardwright.config import Settings
 from shardwright.models.random_init import write_random_checkpoint
 from shardwright.scheduler.service import SchedulerConfig, SchedulerService

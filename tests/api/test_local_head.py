@@ -25,7 +25,7 @@ import pytest
 from model_helpers import tiny_spec
 from shardwright.api.client import Client, ShardwrightError
 from shardwright.cluster.local_head import find_head
-from shardwright.cluster.state_store import EMBEDDED_DB_NAME, embedded_server
+from shardwright.cluster.redis_server import EMBEDDED_DB_NAME, embedded_server
 from shardwright.config import Settings
 from shardwright.models.random_init import write_random_checkpoint
 from test_server_e2e import CORPUS, start_server_info, stop_server, stop_state_dir, wait_state

