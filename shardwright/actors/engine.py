@@ -27,15 +27,16 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from shardwright.serving.batching import Request, StepScheduler
-from shardwright.actors.gang import GangConfig, GangError, WorkerGang
+from shardwright.actors.gang import GangConfig, GangError, ServingGang
 from shardwright.serving.kv_blocks import BlockManager
 from shardwright.serving.requests import RequestOutput, RequestStream
 from shardwright.serving.sampling import SamplingParams
@@ -144,13 +145,13 @@ class InferenceEngine:
         self._streams: dict[str, RequestStream] = {}
         self._incoming: deque[Request] = deque()
         self._cancelled: deque[str] = deque()
-        self._calls: deque[tuple[str, tuple, Future]] = deque()  # gang calls run between steps
+        self._calls: deque[tuple[Callable, Future]] = deque()  # gang calls run between steps
         self._ids = itertools.count()
         self._stop = False
         self._healthy = False
         self._last_error: str | None = None
         self.failed: str | None = None  # why the engine gave up (every rebuild failed)
-        self._gang: WorkerGang | None = None
+        self._gang: ServingGang | None = None
         self.pool_plan = None
         self._scheduler: StepScheduler | None = None
         self._drafts: DraftTracker | None = None  # method=draft: what the draft model has cached
@@ -175,7 +176,7 @@ class InferenceEngine:
     def _build(self) -> None:
         c = self.config
         CheckpointReader(c.model_dir).close()  # a checkpoint gone fails here, before any worker starts
-        gang = WorkerGang(GangConfig(layout=c.layout, collective_timeout_s=c.collective_timeout_s,
+        gang = ServingGang(GangConfig(layout=c.layout, collective_timeout_s=c.collective_timeout_s,
                                      threads_per_worker=c.threads_per_worker, bundle_nodes=c.bundle_nodes,
                                      peers=c.pool.peers),
                           runner_kwargs={"memory_budget_bytes": c.pool.budget_bytes, "pack_weights": c.pack_weights},
@@ -184,14 +185,11 @@ class InferenceEngine:
             gang.start()
             pooled = self._place_pooled_layers(gang)
             quant = None if c.quant == "none" else (c.quant, c.group_size)
-            refs = [gang.workers[r].call.remote("load", str(c.model_dir), c.dtype, pooled.get(r),
-                                                c.pool.prefetch_depth, quant) for r in gang.compute_ranks]
-            gang.get(refs, gang.compute_ranks)
+            gang.load_shards(str(c.model_dir), c.dtype, pooled, c.pool.prefetch_depth, quant)
             if c.speculative.method == "draft":
-                gang.call_rank(gang.sampler_rank(), "load_draft", str(c.speculative.draft_model), c.dtype)
-            for r in gang.peer_ranks:  # every owner has mapped its segments: drop their names
-                gang.call_rank(r, "unlink")
-            gang.call_compute("allocate_cache", c.num_blocks, c.block_size)
+                gang.load_draft(str(c.speculative.draft_model), c.dtype)
+            gang.unlink_peers()  # every owner has mapped its segments: drop their names
+            gang.allocate_cache(c.num_blocks, c.block_size)
             try:
                 if c.dispatch == "channel":
                     gang.open_channel(c.collective_timeout_s + 30)
@@ -211,7 +209,7 @@ class InferenceEngine:
                         if c.speculative.method == "draft" else None)
         self._healthy, self._last_error = True, None
 
-    def _place_pooled_layers(self, gang: WorkerGang) -> dict[int, dict]:
+    def _place_pooled_layers(self, gang: ServingGang) -> dict[int, dict]:
         """Plan which layers each rank keeps resident (refusing what cannot fit), load the
         pooled ones on the peers; returns, per rank, where each pooled layer lives."""
         c, pool = self.config, self.config.pool
@@ -219,7 +217,7 @@ class InferenceEngine:
         if pool.budget_bytes is None:
             return {}
         # Each worker resolved its budget ('device-free' is the GPU's free memory when it started).
-        memory = gang.get([w.call.remote("memory") for w in gang.workers], list(range(len(gang.workers))))
+        memory = gang.memory()
         budgets = [m["budget_bytes"] for m in memory]
         needs = []
         for rank in gang.compute_ranks:
@@ -237,7 +235,7 @@ class InferenceEngine:
             items = plan.held_by(i)
             if not items:
                 continue
-            handles = gang.call_rank(peer_rank, "load", str(c.model_dir), c.dtype, items)
+            handles = gang.load_on_peer(peer_rank, str(c.model_dir), c.dtype, items)
             same_node = gang.nodes[peer_rank]["node_id"]
             for (rank, layer), handle in handles.items():
                 where = dict(handle, peer=gang.workers[peer_rank])
@@ -255,9 +253,8 @@ class InferenceEngine:
         gang = self._gang
         if gang is None:
             return {}
-        ranks = list(range(len(gang.workers)))
-        snaps = gang.get([w.call.remote("memory") for w in gang.workers], ranks, timeout_s=30)
-        return {"workers": {gang.describe(r): s for r, s in zip(ranks, snaps)},
+        snaps = gang.memory(timeout_s=30)
+        return {"workers": {gang.describe(r): s for r, s in zip(gang.all_ranks, snaps)},
                 "plan": self.pool_plan.to_dict() if self.pool_plan else None,
                 "plan_lines": self.pool_plan.describe() if self.pool_plan else []}
 
@@ -325,14 +322,16 @@ class InferenceEngine:
 
         Runs on the gang between serving steps, so it never interleaves with a step's collectives.
         """
-        return self._between_steps("prompt_logits", (self.prompt_ids(prompt),), timeout_s)
+        token_ids = self.prompt_ids(prompt)
+        return self._between_steps(lambda gang, timeout_s: gang.prompt_logits(token_ids, timeout_s), timeout_s)
 
-    def _between_steps(self, method: str, args: tuple, timeout_s: float):
+    def _between_steps(self, call: Callable[[ServingGang, float], Any], timeout_s: float):
+        """Run `call(gang, timeout_s)` on the engine's thread while no step is in flight."""
         if self._thread is None:
             raise RuntimeError("the engine is not started; call start() first")
         future: Future = Future()
         with self._lock:
-            self._calls.append((method, args, future))
+            self._calls.append((call, future))
             self._lock.notify_all()
         return future.result(timeout=timeout_s)
 
@@ -410,15 +409,12 @@ class InferenceEngine:
         return bool(self._incoming or self._cancelled or self._calls or self._scheduler.has_unfinished())
 
     def _run_calls(self) -> None:
-        """Run queued gang calls (the pipeline is empty); the sampler rank's result answers."""
+        """Run queued gang calls (the pipeline is empty), each answering its future."""
         while self._calls:
             with self._lock:
-                method, args, future = self._calls.popleft()
+                call, future = self._calls.popleft()
             try:
-                refs = self._gang.submit_all(method, *args)
-                results = self._gang.get(refs, list(range(len(refs))),
-                                         timeout_s=self.config.collective_timeout_s + 30)
-                future.set_result(results[self._gang.sampler_rank()])
+                future.set_result(call(self._gang, self.config.collective_timeout_s + 30))
             except Exception as err:
                 future.set_exception(err)
                 if isinstance(err, GangError):
@@ -475,8 +471,7 @@ class InferenceEngine:
 
     def _finish_oldest(self, inflight: deque) -> None:
         plan, refs, draft = inflight.popleft()
-        results = self._gang.get(refs, list(range(len(self._gang.workers))),
-                                 timeout_s=self.config.collective_timeout_s + 30)
+        results = self._gang.step_results(refs, timeout_s=self.config.collective_timeout_s + 30)
         tokens, logprobs, drafted = _split_reply(results[self._gang.sampler_rank()])
         sampled = dict(zip(plan.sampled_seq_ids(), tokens))
         by_request = {} if logprobs is None else {

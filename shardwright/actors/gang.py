@@ -1,8 +1,12 @@
-"""A job's gang of ShardWorker actors: placement, start-up phases, step dispatch, death.
+"""A job's gang of ShardWorker actors: placement, start-up, typed worker calls, step dispatch, death.
 
 One worker per (logical) GPU, all in one Ray placement group (bundle i = rank i, packed so a TP
 group, which is a run of consecutive ranks, lands on one node whenever the gang allows it).
-Start-up runs phase by phase across the gang; the first failure names the phase, rank and node.
+
+Every call to a worker is a typed method of a gang (`WorkerGang` for what every gang does,
+`ServingGang` for a deployment's, `TrainingGang` in actors/training.py for a training job's), and
+each goes through one place, `WorkerGang._call`, which turns a worker's death or error into a
+GangError naming the rank and node. `ShardWorker.call` is the gang's private entry into a worker.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class ShardWorker:
         connect_worker(self.runner, host, port, token, rank, self.compute)
 
     def call(self, method: str, *args):
+        """The gang's entry into this worker (only WorkerGang calls it, through its typed methods)."""
         fn = getattr(self.runner, method)
         return fn(*args) if self.compute is None else self.compute.call(fn, *args)
 
@@ -96,7 +101,7 @@ class GangConfig:
 class WorkerGang:
     """Creates, starts, drives and tears down the workers of one job (inference or training)."""
 
-    def __init__(self, config: GangConfig, runner_cls=ShardRunner, runner_kwargs: dict | None = None,
+    def __init__(self, config: GangConfig, runner_cls, runner_kwargs: dict | None = None,
                  peer_kwargs: dict | None = None) -> None:
         self.config = config
         self.runner_cls = runner_cls
@@ -105,22 +110,19 @@ class WorkerGang:
         self.workers: list = []
         self.nodes: list[dict] = []
         self.pg = None
-        self.phase_results: dict[str, list] = {}
         self._channel = None  # the step channel (open_channel)
 
-    def start(self, phases: list[tuple[str, tuple]] = ()) -> None:
-        """Place the gang, join the process groups, then run each (method, args) phase on every
-        worker in order; raises GangError naming the rank and node of the first failure."""
+    def start(self) -> None:
+        """Place the gang and join the compute ranks' process groups; raises GangError naming the
+        rank and node of the first failure."""
         self._place()
         self._create_workers()
         host = self.nodes[0]["ip"]
         if all(n["ip"] == host for n in self.nodes):  # one node: the rendezvous store need not leave it
             host = "127.0.0.1"
         timeout = self.config.collective_timeout_s
-        port = self._call_one(0, "open_store", host, timeout)
-        self.call_compute("init_group", host, port, timeout)
-        for method, args in phases:
-            self.phase_results[method] = self.call_compute(method, *args)
+        port = self._call([0], "open_store", host, timeout)[0]
+        self._call(self.compute_ranks, "init_group", host, port, timeout)
 
     @property
     def compute_ranks(self) -> list[int]:
@@ -130,13 +132,25 @@ class WorkerGang:
     def peer_ranks(self) -> list[int]:
         return list(range(self.config.layout.world_size, len(self.workers)))
 
-    def call_compute(self, method: str, *args) -> list:
-        """Call `method(*args)` on every compute rank (not the memory peers); results by rank."""
-        ranks = self.compute_ranks
-        return self.get([self.workers[r].call.remote(method, *args) for r in ranks], ranks)
+    @property
+    def all_ranks(self) -> list[int]:
+        return list(range(len(self.workers)))
 
-    def call_rank(self, rank: int, method: str, *args):
-        return self._call_one(rank, method, *args)
+    # ---- worker calls: every one goes through _call / _call_each (error naming) -----------------
+    def _call(self, ranks: list[int], method: str, *args, timeout_s: float | None = None) -> list:
+        """`method(*args)` of the runner on each of `ranks`; results in that order (GangError
+        naming the rank and node of a worker that died or raised)."""
+        return self.get([self.workers[r].call.remote(method, *args) for r in ranks], ranks, timeout_s)
+
+    def _call_each(self, method: str, args_by_rank: dict[int, tuple], timeout_s: float | None = None) -> list:
+        """`method(*args)` with each rank's own args; results in the dict's order."""
+        ranks = list(args_by_rank)
+        refs = [self.workers[r].call.remote(method, *args_by_rank[r]) for r in ranks]
+        return self.get(refs, ranks, timeout_s)
+
+    def memory(self, timeout_s: float | None = None) -> list[dict]:
+        """Every worker's memory ledger (budget, resident bytes by kind, high-water mark), by rank."""
+        return self._call(self.all_ranks, "memory", timeout_s=timeout_s)
 
     def _place(self) -> None:
         n = self.config.layout.world_size + self.config.peers
@@ -185,23 +199,15 @@ class WorkerGang:
                     f"{node.get('ip', '?')} ({str(node.get('node_id', '?'))[:12]})")
         return f"rank {rank} on node {node.get('ip', '?')} ({str(node.get('node_id', '?'))[:12]})"
 
-    def _call_one(self, rank: int, method: str, *args):
-        return self.get([self.workers[rank].call.remote(method, *args)], [rank])[0]
-
-    def submit_all(self, method: str, *args) -> list:
-        """Call `method(*args)` on every worker's runner; returns the result refs by rank."""
-        return [w.call.remote(method, *args) for w in self.workers]
-
     def get(self, refs: list, ranks: list[int], timeout_s: float | None = None,
             poll_s: float = 1.0) -> list:
-        """ray.get that turns a worker failure into a GangError naming the rank and node.
+        """ray.get of worker calls that turns a worker failure into a GangError naming the rank and
+        node (the one place every worker call's result passes through).
 
         The common case is two Ray calls (wait for all, get all). While some results are late,
         the finished ones are checked every `poll_s`, so a dead worker is reported within about
         `poll_s` even though its peers are still blocked in a collective with it.
         """
-        if isinstance(refs, ChannelStep):
-            return self._get_channel(timeout_s)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         rank_of = dict(zip(refs, ranks))
         while True:
@@ -303,9 +309,9 @@ class WorkerGang:
         return "step channel" if self._channel is not None else "actor calls"
 
     def dispatch(self, msg: StepMessage):
-        """Send one step to every worker; returns a handle for `get` (the step channel when
-        `open_channel` ran, else one actor call per worker). Replies to channel steps come back
-        in dispatch order."""
+        """Send one step to every worker; returns a handle for `step_results` (the step channel
+        when `open_channel` ran, else one actor call per worker). Replies to channel steps come
+        back in dispatch order."""
         if self._channel is not None:
             from shardwright.actors.step_channel import ChannelClosed
 
@@ -315,7 +321,13 @@ class WorkerGang:
                 self._raise_dead_worker(err)
                 raise GangError(f"could not send the step to {self.describe(err.rank)}: {err}", err.rank) from err
             return ChannelStep()
-        return self.submit_all("step", msg)
+        return [w.call.remote("step", msg) for w in self.workers]
+
+    def step_results(self, handle, timeout_s: float | None = None) -> list:
+        """Every worker's reply to the step `dispatch` returned `handle` for, by rank."""
+        if isinstance(handle, ChannelStep):
+            return self._get_channel(timeout_s)
+        return self.get(handle, self.all_ranks, timeout_s)
 
     def sampler_rank(self) -> int:
         """Rank whose step returns the sampled tokens: TP rank 0 of the last pipeline stage."""
@@ -327,10 +339,8 @@ class WorkerGang:
     def ping(self, timeout_s: float = 10.0) -> None:
         """A real probe: an all-reduce through the compute ranks; the peers answer `memory`."""
         ranks = self.compute_ranks
-        refs = [self.workers[r].call.remote("ping") for r in ranks]
-        values = self.get(refs, ranks, timeout_s=timeout_s)
-        self.get([self.workers[r].call.remote("memory") for r in self.peer_ranks], self.peer_ranks,
-                 timeout_s=timeout_s)
+        values = self._call(ranks, "ping", timeout_s=timeout_s)
+        self._call(self.peer_ranks, "memory", timeout_s=timeout_s)
         expected = float(len(ranks))
         if any(v != expected for v in values):
             raise GangError(f"gang ping returned {values}, expected {expected} on every rank")
@@ -345,3 +355,40 @@ class WorkerGang:
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None
+
+
+class ServingGang(WorkerGang):
+    """A deployment's gang: ShardRunner compute ranks, then PeerRunner memory peers."""
+
+    def __init__(self, config: GangConfig, runner_kwargs: dict | None = None, peer_kwargs: dict | None = None) -> None:
+        super().__init__(config, ShardRunner, runner_kwargs, peer_kwargs)
+
+    def load_shards(self, model_dir: str, dtype: str | None, pooled_by_rank: dict[int, dict], prefetch_depth: int,
+                    quant: tuple[str, int] | None) -> None:
+        """Every compute rank loads its shard (its pooled layers, if any, from where the plan put them)."""
+        self._call_each("load", {r: (model_dir, dtype, pooled_by_rank.get(r), prefetch_depth, quant)
+                                 for r in self.compute_ranks})
+
+    def load_draft(self, model_dir: str, dtype: str | None) -> None:
+        """The sampler rank loads the speculative draft model."""
+        self._call([self.sampler_rank()], "load_draft", model_dir, dtype)
+
+    def load_on_peer(self, peer_rank: int, model_dir: str, dtype: str | None, items: list) -> dict:
+        """Memory peer `peer_rank` loads the pooled (rank, layer) `items`; their handles by item."""
+        return self._call([peer_rank], "load", model_dir, dtype, items)[0]
+
+    def unlink_peers(self) -> None:
+        """Every owner has mapped its peers' segments: the peers drop their names."""
+        self._call(self.peer_ranks, "unlink")
+
+    def peer_tensors(self, peer_rank: int, rank: int, layer: int):
+        """The tensors memory peer `peer_rank` holds for (rank, layer)."""
+        return self._call([peer_rank], "tensors", rank, layer)[0]
+
+    def allocate_cache(self, num_blocks: int, block_size: int) -> None:
+        self._call(self.compute_ranks, "allocate_cache", num_blocks, block_size)
+
+    def prompt_logits(self, token_ids: list[int], timeout_s: float | None = None):
+        """Full-vocabulary logits of one prompt (the sampler rank's answer; every rank takes part)."""
+        return self._call(self.all_ranks, "prompt_logits", token_ids, timeout_s=timeout_s)[self.sampler_rank()]
+

@@ -59,6 +59,26 @@ class TrainingRank(GroupMember):
         super().shutdown()
 
 
+class TrainingGang(WorkerGang):
+    """A training job's gang: one TrainingRank per rank, no memory peers."""
+
+    def __init__(self, config: GangConfig, train: dict) -> None:
+        super().__init__(config, TrainingRank, {"train": train})
+
+    def setup(self, source: dict, resume_from: str | None) -> tuple[int, str | None]:
+        """Every rank builds its model, optimizer and data and loads `resume_from`; rank 0's
+        (step, checkpoint loaded)."""
+        return self._call(self.compute_ranks, "setup", source, resume_from)[0]
+
+    def train_step(self) -> dict:
+        """One optimizer step on every rank; rank 0's metrics."""
+        return self._call(self.compute_ranks, "train_step")[0]
+
+    def save(self, root: str) -> str:
+        """Every rank writes its part of a checkpoint under `root`; its path."""
+        return self._call(self.compute_ranks, "save", root)[0]
+
+
 class TrainingController:
     """Runs one TrainingJob on a gang; thread-safe progress, stop and preemption."""
 
@@ -70,7 +90,7 @@ class TrainingController:
         self.bundle_nodes = bundle_nodes
         self.on_metrics = on_metrics
         self.collective_timeout_s = collective_timeout_s
-        self._gang: WorkerGang | None = None
+        self._gang: TrainingGang | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._save_on_stop = False
@@ -82,17 +102,15 @@ class TrainingController:
     # ---- lifecycle
     def start(self, resume_from: str | None = None) -> TrainingController:
         """Build the gang (placement, groups, model, optimizer, data, checkpoint) and train."""
-        gang = WorkerGang(GangConfig(layout=self.job.layout, collective_timeout_s=self.collective_timeout_s,
-                                     bundle_nodes=self.bundle_nodes),
-                          runner_cls=TrainingRank, runner_kwargs={"train": self.job.train.model_dump(mode="json")})
-        source = self.job.model.model_dump(mode="json")
+        gang = TrainingGang(GangConfig(layout=self.job.layout, collective_timeout_s=self.collective_timeout_s,
+                                       bundle_nodes=self.bundle_nodes), train=self.job.train.model_dump(mode="json"))
         try:
-            gang.start([("setup", (source, resume_from))])
+            gang.start()
+            step, loaded = gang.setup(self.job.model.model_dump(mode="json"), resume_from)
         except Exception:
             gang.kill()
             raise
         self._gang = gang
-        step, loaded = gang.phase_results["setup"][0]
         self._saved_step = step if loaded else None
         self._update(state=JobState.RUNNING, step=step, checkpoint=loaded)
         self._thread = threading.Thread(target=self._loop, name=f"train-{self.job.name}", daemon=True)
@@ -137,7 +155,7 @@ class TrainingController:
     def _train(self) -> None:
         every = self.config.checkpoint_every_steps
         while self.progress()["step"] < self.config.steps and not self._stop.is_set():
-            metrics = self._call("train_step")[0]
+            metrics = self._gang.train_step()
             first = self.progress()["first_loss"]
             self._update(step=int(metrics["step"]), loss=metrics["loss"], metrics=metrics,
                          first_loss=metrics["loss"] if first is None else first)
@@ -156,13 +174,9 @@ class TrainingController:
         step = self.progress()["step"]
         if step == self._saved_step:
             return
-        path = self._call("save", str(self.checkpoint_dir))[0]
+        path = self._gang.save(str(self.checkpoint_dir))
         self._saved_step = step
         self._update(checkpoint=path)
-
-    def _call(self, method: str, *args) -> list:
-        refs = self._gang.submit_all(method, *args)
-        return self._gang.get(refs, list(range(len(refs))))
 
     def _update(self, **fields) -> None:
         with self._lock:

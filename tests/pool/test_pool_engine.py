@@ -63,7 +63,7 @@ def segment_digests(eng) -> dict:
     out = {}
     for i, peer_rank in enumerate(eng._gang.peer_ranks):
         for rank, layer in eng.pool_plan.held_by(i):
-            tensors = eng._gang.call_rank(peer_rank, "tensors", rank, layer)
+            tensors = eng._gang.peer_tensors(peer_rank, rank, layer)
             out[(rank, layer)] = hashlib.sha256(b"".join(t.numpy().tobytes() for t in tensors)).hexdigest()
     assert out, "no layer is held by a peer"
     return out
