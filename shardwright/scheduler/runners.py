@@ -15,6 +15,10 @@ Contract of every runner (`JobRunner`):
   for jobs that have no state to keep);
 - `stop()` is idempotent and releases the gang (the controller actor ends, and its workers with it);
 - `worker_nodes()` is the Ray node id of each rank's worker, as running.
+
+The scheduler reaches the cluster through two seams, so that its reconcile logic runs on plain
+fakes too: `Controllers` (create, adopt, list and stop the controllers of a store's jobs; here
+`RayControllers`) and a `nodes()` callable (cluster.inventory.list_nodes on Ray).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from typing import Protocol, TypedDict
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from shardwright.actors.controllers import DeploymentClient, cause_of, create_controller, find_controller
+from shardwright.actors.controllers import (DeploymentClient, cause_of, controller_names, create_controller,
+                                            find_controller)
 from shardwright.config import InferenceDeployment, JobState, TrainingJob
 from shardwright.scheduler.jobs import ENDED
 
@@ -185,7 +190,38 @@ def _path_or_none(value: object) -> str | None:
     return str(value) if value else None
 
 
-def make_runner(spec: TrainingJob | InferenceDeployment, *, job_id: str, name: str,
-                bundle_nodes: tuple[str, ...] | None, checkpoint_dir: Path) -> ControllerRunner:
-    """The runner for a job spec (the scheduler's default runner factory)."""
-    return ControllerRunner(job_id, spec, name=name, bundle_nodes=bundle_nodes, checkpoint_dir=checkpoint_dir)
+class Controllers(Protocol):
+    """The job controllers of the cluster, as the scheduler drives them (`RayControllers` on Ray)."""
+
+    def create(self, spec: TrainingJob | InferenceDeployment, *, job_id: str, name: str,
+               bundle_nodes: tuple[str, ...] | None, checkpoint_dir: Path) -> JobRunner:
+        """A runner for a job that is not started yet (its `start` starts the controller)."""
+
+    def adopt(self, spec: TrainingJob | InferenceDeployment, *, job_id: str, name: str,
+              bundle_nodes: tuple[str, ...] | None, checkpoint_dir: Path) -> JobRunner | None:
+        """The runner of the live, answering controller named `name`, or None."""
+
+    def names(self, store_id: str) -> list[str]:
+        """Names of the live controllers of the store `store_id`."""
+
+    def stop(self, name: str) -> None:
+        """End the controller named `name` (and its gang), if it lives."""
+
+
+class RayControllers:
+    """The controllers as detached Ray actors (shardwright.actors.controllers)."""
+
+    def create(self, spec, *, job_id, name, bundle_nodes, checkpoint_dir) -> ControllerRunner:
+        return ControllerRunner(job_id, spec, name=name, bundle_nodes=bundle_nodes, checkpoint_dir=checkpoint_dir)
+
+    def adopt(self, spec, *, job_id, name, bundle_nodes, checkpoint_dir) -> ControllerRunner | None:
+        return ControllerRunner.adopt(job_id, spec, name=name, bundle_nodes=bundle_nodes,
+                                      checkpoint_dir=checkpoint_dir)
+
+    def names(self, store_id: str) -> list[str]:
+        return controller_names(store_id)
+
+    def stop(self, name: str) -> None:
+        actor = find_controller(name)
+        if actor is not None:
+            ray.kill(actor, no_restart=True)

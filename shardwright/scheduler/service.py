@@ -44,16 +44,16 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, TypeAdapter
 
-import ray
 import redis
 
-from shardwright.actors.controllers import controller_name, controller_names, find_controller, job_of
+from shardwright.actors.controllers import controller_name, find_controller, job_of
 from shardwright.cluster import inventory
 from shardwright.cluster.ray_connect import connect
 from shardwright.config import (InferenceDeployment, JobFileError, JobSpec, ModelSpec, Settings,
@@ -64,7 +64,7 @@ from shardwright.scheduler.jobs import (ENDED, HOLDING, TERMINAL, WAITING, JobRe
 from shardwright.scheduler.model import ClusterInventory, GangShape, Job, PriorityClass, RunningJob
 from shardwright.scheduler.placement import Placement
 from shardwright.scheduler.policies import PreemptJob, StartJob, make_policy
-from shardwright.scheduler.runners import ControllerRunner, JobRunner, Progress, make_runner
+from shardwright.scheduler.runners import ControllerRunner, Controllers, JobRunner, Progress, RayControllers
 from shardwright.tenants import Tenants, confine_paths
 from shardwright.training.reshard import served_model_dir, served_model_spec
 
@@ -96,7 +96,8 @@ class SchedulerService:
     """The control plane of jobs: API calls write Redis; the reconcile loop acts on it."""
 
     def __init__(self, settings: Settings | None = None, config: SchedulerConfig | None = None, *,
-                 runner_factory=make_runner, tenants: Tenants | None = None) -> None:
+                 controllers: Controllers | None = None, nodes: Callable[[], list[inventory.NodeInfo]] | None = None,
+                 tenants: Tenants | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self.config = config or SchedulerConfig()
         self.tenants = tenants or Tenants.load(self.settings.tokens_file)
@@ -105,10 +106,12 @@ class SchedulerService:
             log.warning("tenants %s have no roots (old tokens format): their jobs may read any path this "
                         "server can; give them `roots` in the tenants file (README, Tenants)", unconfined)
         self.policy = make_policy(self.config.policy, **self._policy_options())
-        connect(self.settings)
+        if controllers is None or nodes is None:  # the real cluster: Ray
+            connect(self.settings)
+        self.controllers = controllers or RayControllers()
+        self.nodes = nodes or inventory.list_nodes
         self.store = JobStore.open(self.settings, self.config.namespace)
         self.store_id = self.store.store_id()
-        self.runner_factory = runner_factory
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._runners: dict[str, JobRunner] = {}
         # (tenant, name) -> the job id of a deployment this scheduler runs: generation finds its
@@ -181,7 +184,7 @@ class SchedulerService:
         shape = GangShape(spec.layout, peers=_memory_peers(spec.model_dump(mode="json")))
         job = Job(spec.name, spec.tenant, spec.kind, shape, time.time(),
                   priority=int(PriorityClass[spec.priority.upper()]))
-        empty = inventory.gpu_counts(inventory.list_nodes())
+        empty = inventory.gpu_counts(self.nodes())
         self.policy.check_submission(job, ClusterInventory.from_nodes(empty.total_by_node))
 
     def get(self, job_id: str, tenant: str | None = None) -> dict:
@@ -230,7 +233,7 @@ class SchedulerService:
 
     def cluster_info(self, tenant: str | None = None) -> dict:
         """Nodes (GPUs, memory) and the gangs placed on them (the tenant's only, if given)."""
-        nodes = inventory.list_nodes()
+        nodes = self.nodes()
         address = {n.node_id: n.address for n in nodes}
         gangs = [{"job_id": r.job_id, "kind": r.kind, "layout": r.layout.model_dump(),
                   "workers": [f"rank {rank} on node {address.get(node, '?')} ({node[:12]})"
@@ -253,7 +256,7 @@ class SchedulerService:
             out["jobs"] = Counter((r.state.value, r.priority, r.kind) for r in records)
             out["gpus_held"] = sum(r.layout.world_size for r in records if r.state in HOLDING)
         try:
-            nodes = [n for n in inventory.list_nodes() if n.alive]
+            nodes = [n for n in self.nodes() if n.alive]
             out["gpus_total"] = sum(n.gpus_total for n in nodes)
             out["gpus_free"] = sum(n.gpus_free for n in nodes)
         except Exception:  # Ray unreachable: leave the node gauges out rather than fail the scrape
@@ -432,12 +435,12 @@ class SchedulerService:
                 continue
             runner = None
             if record.state in (S.RUNNING, S.PREEMPTING):
-                runner = ControllerRunner.adopt(record.job_id, _SPEC.validate_python(record.spec),
+                runner = self.controllers.adopt(_SPEC.validate_python(record.spec), job_id=record.job_id,
                                                 name=self._controller_name(record.job_id),
                                                 bundle_nodes=tuple(record.placement) or None,
                                                 checkpoint_dir=self._checkpoint_dir(record.job_id))
             else:  # placed: its start may have been cut short; a half-built controller is an orphan
-                self._stop_orphan(self._controller_name(record.job_id))
+                self.controllers.stop(self._controller_name(record.job_id))
             if runner is not None:
                 self._runners[record.job_id] = runner
                 self._register(record)
@@ -468,17 +471,12 @@ class SchedulerService:
         if record.kind == "inference":
             self._deployments[(record.tenant, record.name)] = record.job_id
 
-    def _stop_orphan(self, name: str) -> None:
-        actor = find_controller(name)
-        if actor is not None:
-            log.warning("stopping orphaned controller actor %s", name)
-            ray.kill(actor, no_restart=True)
-
     def _stop_orphans(self) -> list[str]:
         """Stop this store's controller actors that run no job of this scheduler; returns their names."""
-        orphans = [n for n in controller_names(self.store_id) if job_of(n, self.store_id) not in self._runners]
+        orphans = [n for n in self.controllers.names(self.store_id) if job_of(n, self.store_id) not in self._runners]
         for name in orphans:
-            self._stop_orphan(name)
+            log.warning("stopping orphaned controller actor %s", name)
+            self.controllers.stop(name)
         return orphans
 
     def _heartbeat(self) -> None:
@@ -538,7 +536,7 @@ class SchedulerService:
         if not queue:
             return []
         now = time.time()
-        counts = inventory.gpu_counts(inventory.list_nodes(), Counter(n for r in active for n in r.placement))
+        counts = inventory.gpu_counts(self.nodes(), Counter(n for r in active for n in r.placement))
         cluster = ClusterInventory.from_nodes(counts.total_by_node, counts.free_by_node)
         running = [_running_job(r, now) for r in active
                    if r.placement and all(n in cluster.total_by_node for n in r.placement)]
@@ -607,8 +605,8 @@ class SchedulerService:
         except (PermissionError, ValueError) as err:
             self._transition(job_id, S.FAILED, f"could not start: {err}", fields=_released(record))
             return
-        runner = self.runner_factory(spec, job_id=job_id, name=self._controller_name(job_id), bundle_nodes=nodes,
-                                     checkpoint_dir=self._checkpoint_dir(job_id))
+        runner = self.controllers.create(spec, job_id=job_id, name=self._controller_name(job_id),
+                                         bundle_nodes=nodes, checkpoint_dir=self._checkpoint_dir(job_id))
         try:
             runner.start(record.checkpoint)
         except Exception as err:
