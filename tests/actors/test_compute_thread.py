@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from waiting import eventually
 from shardwright.actors.compute_thread import ComputeThread, any_thread
 from shardwright.actors.step_channel import StepChannel, connect_worker
 
@@ -97,10 +98,7 @@ def test_the_thread_drops_a_channel_the_controller_closed_and_still_takes_calls(
     channel.wait_ready([0], 10)
     assert channel.read(0) == ("ok", "only")
     channel.close()  # the controller rebuilt its gang or went away
-    deadline = time.monotonic() + 10
-    while compute.call(lambda: compute._sock) is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert compute.call(lambda: compute._sock) is None
+    eventually(lambda: compute.call(lambda: compute._sock) is None, "the compute thread let go of its socket", 10)
     assert compute.call(runner.load, "still") == "STILL"
 
 

@@ -5,13 +5,13 @@ sent, and the log has one JSON line per finished request and per job transition.
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from test_server_e2e import serving_chat
+from waiting import eventually
 
 ALICE = "alice-token-123"
 UNARY, STREAMS, UNARY_TOKENS, STREAM_TOKENS = 10, 2, 4, 5
@@ -79,14 +79,9 @@ def test_control_plane_engine_and_training_series_move_when_jobs_run(served):
     job = alice.submit(TRAIN_JOB.format(corpus=CORPUS).replace("steps: 6", "steps: 400")
                        .replace("tiny-train", "metrics-train"))
     try:
-        deadline, seen = time.monotonic() + 180, {}
         train = (("job", "metrics-train"), ("tenant", "alice"))
-        while time.monotonic() < deadline:
-            seen = _samples(url)
-            if seen.get(("shardwright_training_step", train), 0) >= 2:
-                break
-            time.sleep(0.5)
-        assert seen.get(("shardwright_training_step", train), 0) >= 2, "no training step reached /metrics"
+        seen = eventually(lambda: (s := _samples(url)).get(("shardwright_training_step", train), 0) >= 2 and s,
+                          "a training step of 2 on /metrics", 180, 0.5)
         assert seen[("shardwright_training_loss", train)] > 0
         assert seen[("shardwright_training_tokens_per_second", train)] > 0
         assert seen[("shardwright_training_step_seconds", train)] > 0

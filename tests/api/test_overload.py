@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from model_helpers import tiny_spec
+from waiting import eventually
 from shardwright.api.client import Client, ShardwrightError
 from shardwright.api.gen.shardwright.v1 import inference_pb2, inference_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from shardwright.api.limits import RESUME_KEY, CallLimits
@@ -47,10 +48,8 @@ def control(ray_cluster, tmp_path_factory):
     service = SchedulerService(Settings(state_dir=root / "state"), SchedulerConfig(reconcile_interval_s=0.2)).start()
     job = service.submit_text(f"kind: inference\nname: slow\nmodel: {model}\n"
                               "engine: {num_blocks: 2000, block_size: 8}\n", "alice")
-    deadline = time.monotonic() + 180
-    while service.get(job["job_id"], "alice")["state"] != "running":
-        assert time.monotonic() < deadline, service.get(job["job_id"], "alice")
-        time.sleep(0.2)
+    eventually(lambda: service.get(job["job_id"], "alice")["state"] == "running",
+               lambda: service.get(job["job_id"], "alice"), 180)
     service.job_id = job["job_id"]
     service.tokens = root / "tokens.yaml"
     service.tokens.write_text(f"{ALICE}: alice\n{BOB}: bob\n")
@@ -76,13 +75,6 @@ def serve(control, tmp_path):
 
 def _bearer(token: str | None):
     return [("authorization", f"Bearer {token}")] if token else []
-
-
-def _wait_for(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout_s} s"
-        time.sleep(0.05)
 
 
 def _p99(samples: list[float]) -> float:
@@ -132,7 +124,7 @@ class _Calls:
             now = self.classify()
             return all(sum(len(v) for v in now[k].values()) == len(self.calls[k]) for k in self.calls)
 
-        _wait_for(settled, timeout_s, "every call open or refused")
+        eventually(settled, "every call open or refused", timeout_s)
 
     def classify(self) -> dict[str, dict[str, list]]:
         out = {}
@@ -205,7 +197,7 @@ def test_abuse_from_one_peer_and_one_tenant_does_not_stall_the_others(serve, con
     assert _p99(busy_unary) < 0.200, figures
     assert max(busy_health) < 1.0, figures
     # closing them frees every slot
-    _wait_for(lambda: server.guard.slots.total == 0, 30, "every slot free")
+    eventually(lambda: server.guard.slots.total == 0, "every slot free", 30)
     assert server.guard.slots.by_key == {}
     with grpc.insecure_channel(address) as again:
         watches = [health_pb2_grpc.HealthStub(again).Watch(health_pb2.HealthCheckRequest())
@@ -227,7 +219,7 @@ def test_the_total_cap_names_its_flag_and_frees_on_close(serve):
             next(watch(health_pb2.HealthCheckRequest()))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams" in err.value.details()
         held[0].cancel()
-        _wait_for(lambda: server.guard.slots.total == 2, 10, "the closed stream's slot free")
+        eventually(lambda: server.guard.slots.total == 2, "the closed stream's slot free", 10)
         next(watch(health_pb2.HealthCheckRequest()))
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from waiting import eventually
 from model_helpers import tiny_spec
 from shardwright.api.client import Client, ShardwrightError
 from shardwright.models.random_init import write_random_checkpoint
@@ -115,13 +116,8 @@ def stop_state_dir(state_dir: Path) -> None:
 
 
 def wait_state(client: Client, job_id: str, states: set[str], timeout_s: float = 120) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = client.get(job_id)
-        if job["state"] in states:
-            return job
-        time.sleep(0.5)
-    raise TimeoutError(f"{job_id} stayed {job['state']}, wanted {states}")
+    return eventually(lambda: (job := client.get(job_id))["state"] in states and job,
+                      lambda: f"{job_id} stayed {client.get(job_id)['state']}, wanted {states}", timeout_s, 0.5)
 
 
 @pytest.fixture(scope="module")

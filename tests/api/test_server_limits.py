@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from model_helpers import tiny_spec
+from waiting import eventually
 from shardwright.api.auth import OPEN_TENANT, Authenticator
 from shardwright.api.client import Client, ShardwrightError
 from shardwright.api.gen.shardwright.v1 import inference_pb2
@@ -42,10 +43,7 @@ def control(ray_cluster, tmp_path_factory):
     service = SchedulerService(Settings(state_dir=root / "state"), SchedulerConfig(reconcile_interval_s=0.2)).start()
     job = service.submit_text(f"kind: inference\nname: slow\nmodel: {model}\n"
                               "engine: {num_blocks: 400, block_size: 8}\n", OPEN_TENANT)
-    deadline = time.monotonic() + 120
-    while service.get(job["job_id"])["state"] != "running":
-        assert time.monotonic() < deadline, service.get(job["job_id"])
-        time.sleep(0.2)
+    eventually(lambda: service.get(job["job_id"])["state"] == "running", lambda: service.get(job["job_id"]), 120)
     service.job_id = job["job_id"]
     yield service
     service.close()
@@ -82,23 +80,16 @@ def address(server: ShardwrightServer) -> str:
     return f"127.0.0.1:{server.port}"
 
 
-def wait_blocks_free(engine, timeout_s: float = 5.0) -> float:
-    """Seconds until the engine holds no KV blocks (fails after timeout_s)."""
-    started = time.monotonic()
-    while engine.blocks_in_use:
-        assert time.monotonic() - started < timeout_s, f"{engine.blocks_in_use} KV blocks still in use"
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
 def assert_cancelled_early(engine, steps_before: int) -> None:
-    """The request stopped: its blocks are back and the engine is idle long before LONG steps."""
-    wait_blocks_free(engine)
-    time.sleep(0.2)  # a step already in flight when the request was cancelled may still complete
-    steps = engine.steps
-    time.sleep(0.5)
-    assert engine.steps == steps, "the engine kept stepping after the call's deadline"
-    assert steps - steps_before < LONG // 2
+    """The request stopped long before LONG steps: its KV blocks are back and the engine holds no
+    request (running or waiting), so it takes no further step for it."""
+    eventually(lambda: engine.blocks_in_use == 0, lambda: f"{engine.blocks_in_use} KV blocks still in use")
+
+    def idle() -> bool:
+        health = engine.health(probe=False)
+        return health["running"] == health["waiting"] == 0
+    eventually(idle, lambda: f"the engine still holds a request: {engine.health(probe=False)}")
+    assert engine.steps - steps_before < LONG // 2
 
 
 def test_generate_past_its_deadline_is_cancelled_and_the_server_keeps_serving(serve, engine):
@@ -163,11 +154,11 @@ def test_stop_reports_not_serving_refuses_new_calls_and_drains_streams(serve, co
         stream = client.generate_stream("slow", [1, 2, 3], max_tokens=LONG // 3, ignore_eos=True, timeout_s=60)
         received = [next(stream)]
         watch = _collect_in_thread(client.watch(control.job_id))
-        _wait_for(lambda: watch.items)  # the watch is open before the stop begins
+        eventually(lambda: watch.items, "the watch is open")  # before the stop begins
         stopper = threading.Thread(target=server.stop)
         started = time.monotonic()
         stopper.start()
-        _wait_for(lambda: probe.health() == "NOT_SERVING")  # health turns first, on the health port
+        eventually(lambda: probe.health() == "NOT_SERVING", "health NOT_SERVING")  # first, on the health port
         with Client(address(server)) as newcomer:
             for caller in (client, newcomer):  # on the open connection and on a new one
                 with pytest.raises(ShardwrightError) as err:
@@ -198,13 +189,6 @@ class _collect_in_thread(threading.Thread):
                 self.items.append(item)
         except Exception as err:  # what the test inspects
             self.error = err
-
-
-def _wait_for(predicate, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def test_http_client_that_disconnects_cancels_its_request(control, engine, tmp_path):

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import psutil
 import pytest
 
+from waiting import eventually
 from shardwright.cluster.local_head import HeadRecord, ensure_head, find_head, head_file, stop_head
 
 pytest.importorskip("ray")
@@ -48,10 +48,8 @@ def test_two_starters_at_once_share_one_head_and_stop_ends_its_whole_tree(state)
     assert find_head(state) == first and HeadRecord.model_validate_json(head_file(state).read_text()) == first
     proc = psutil.Process(first.pid)
     assert proc.ppid() == os.getpid() and proc.pid == os.getsid(proc.pid)  # a session of its own
-    deadline = time.monotonic() + 120
-    while "raylet" not in {p.name() for p in proc.children(recursive=True)}:  # the rest of the head starts
-        assert time.monotonic() < deadline, [p.name() for p in proc.children(recursive=True)]
-        time.sleep(0.2)
+    eventually(lambda: "raylet" in {p.name() for p in proc.children(recursive=True)},  # the rest of the head
+               lambda: [p.name() for p in proc.children(recursive=True)], 120, 0.2)
     tree = [first.pid, *(p.pid for p in proc.children(recursive=True))]
     assert stop_head(state) == first
     assert [pid for pid in tree if running(pid)] == []  # gcs_server, raylet, agents, ...: all ended

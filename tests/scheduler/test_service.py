@@ -21,8 +21,10 @@ from collections import Counter
 import pytest
 
 from model_helpers import tiny_spec
+from waiting import eventually
 from shardwright.config import InferenceDeployment, ModelSource, ParallelLayout, Settings, TrainingJob
 from shardwright.models.random_init import write_random_checkpoint
+from shardwright.scheduler.jobs import TERMINAL
 from shardwright.scheduler.model import UnplaceableJobError
 
 ray = pytest.importorskip("ray")
@@ -103,24 +105,14 @@ def deployment(name: str, model_dir, tp: int = 1, pp: int = 1, **fields) -> Infe
 
 
 def wait_state(service: SchedulerService, job_id: str, state: str, timeout_s: float = 90.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    """The job once it is in `state` (fails at once if it ended in another)."""
+    def reached() -> dict | None:
         job = service.get(job_id)
-        if job["state"] == state:
-            return job
-        if job["state"] in ("failed", "succeeded", "cancelled") and state != job["state"]:
+        if job["state"] in {s.value for s in TERMINAL} and state != job["state"]:
             raise AssertionError(f"{job_id} ended {job['state']}: {job['message']}")
-        time.sleep(0.1)
-    raise AssertionError(f"{job_id} is {service.get(job_id)['state']}, not {state}, after {timeout_s} s: "
-                         f"{[e['message'] for e in service.events(job_id)]}")
-
-
-def eventually(check, message: str, timeout_s: float = 30.0, interval_s: float = 0.1) -> None:
-    """Wait until check() is true; fail with `message` after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, message
-        time.sleep(interval_s)
+        return job if job["state"] == state else None
+    return eventually(reached, lambda: f"{job_id} is {service.get(job_id)['state']}, not {state}: "
+                      f"{[e['message'] for e in service.events(job_id)]}", timeout_s)
 
 
 def passes_done(service: SchedulerService, n: int) -> None:
@@ -214,7 +206,7 @@ def test_a_job_that_fits_later_waits_then_runs(make_service, model_dir, hold_gpu
     first = service.submit(deployment("first", model_dir), "t1")["job_id"]
     wait_state(service, first, "running")
     second = service.submit(deployment("second", model_dir), "t1")["job_id"]
-    time.sleep(1.0)  # several passes
+    passes_done(service, 2)  # two whole passes have looked at it since
     assert service.get(second)["state"] == "queued"
     service.cancel(first)
     wait_state(service, first, "cancelled")
@@ -354,9 +346,7 @@ def test_inference_preempts_training_which_resumes_from_its_checkpoint(make_serv
                                "steps": 100_000, "num_micro_batches": 1})
     train_id = service.submit(train, "t1")["job_id"]
     wait_state(service, train_id, "running")
-    deadline = time.monotonic() + 60
-    while service.get(train_id)["step"] < 3 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    eventually(lambda: service.get(train_id)["step"] >= 3, lambda: service.get(train_id), timeout_s=60)
     serve_id = service.submit(deployment("serve", model_dir, tp=2), "t2")["job_id"]
     wait_state(service, serve_id, "running")
     preempted = service.get(train_id)
