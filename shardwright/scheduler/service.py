@@ -382,16 +382,9 @@ class SchedulerService:
         and start the loop. With `standby`, a lease held by another scheduler is no error: this one
         serves (its deployments are found from the job events) and takes the lease over, adopting
         the jobs, once the holder stops renewing it."""
-        deadline = time.monotonic() + (0 if standby else 2 * self.config.lease_ttl_s)
-        while (holder := self.store.acquire_lease(self.owner, self.config.lease_ttl_s)) is not None:
-            if standby:
-                log.warning("scheduler %s holds the lease: this one stands by", holder)
-                self._lease_lost.set()
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"scheduler {holder} holds the lease of namespace {self.config.namespace!r}; "
-                                   "stop it first, or give this one another SchedulerConfig.namespace")
-            time.sleep(0.1)
+        if not self._take_lease(self.config.lease_ttl_s, standby):
+            log.warning("another scheduler holds the lease: this one stands by")
+            self._lease_lost.set()
         if not self._lease_lost.is_set():
             self._recover()
         self._needs_recovery = self._lease_lost.is_set()
@@ -401,6 +394,45 @@ class SchedulerService:
             thread.start()
             self._threads.append(thread)
         return self
+
+    def _take_lease(self, ttl_s: float, standby: bool = False) -> bool:
+        """Take the lease for `ttl_s`, waiting up to 2 x lease_ttl_s for a dead scheduler's to expire
+        (RuntimeError after that); with `standby`, False at once if another holds it."""
+        deadline = time.monotonic() + (0 if standby else 2 * self.config.lease_ttl_s)
+        while (holder := self.store.acquire_lease(self.owner, ttl_s)) is not None:
+            if standby:
+                return False
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"scheduler {holder} holds the lease of namespace {self.config.namespace!r}; "
+                                   "stop it first, or give this one another SchedulerConfig.namespace")
+            time.sleep(0.1)
+        return True
+
+    def drain(self, reason: str) -> list[str]:
+        """Checkpoint and stop every job that holds GPUs, without starting anything: each is recorded
+        `preempted` (back in the queue; training with the checkpoint just written), so the next
+        scheduler starts it again and training resumes from where it was. What `shardwright stop`
+        does before it ends the Ray head. Takes the lease as `start` does (RuntimeError if another
+        scheduler keeps it), holding it one checkpoint timeout per job, adopts the live controllers
+        (jobs whose controller is gone are requeued as `start` does) and releases the lease at the
+        end. Returns the ids of the jobs it stopped."""
+        hold_s = self.config.checkpoint_timeout_s + 30
+        self._take_lease(hold_s)
+        try:
+            self._recover()
+            drained = list(self._runners)
+            for job_id in drained:
+                self.store.acquire_lease(self.owner, hold_s)  # renewed: one checkpoint may take that long
+                try:
+                    self._preempt(job_id, reason)
+                except LeaseLostError:
+                    raise
+                except Exception:  # keep draining the others; this one is requeued by the next scheduler
+                    log.exception("could not checkpoint job %s", job_id)
+                self._release(job_id)
+        finally:
+            self.store.release_lease(self.owner)
+        return drained
 
     def stop(self, requeue_jobs: bool = True, keep_jobs: bool = False) -> None:
         """End the loop. With `keep_jobs`, leave every job running in its controller actor for the

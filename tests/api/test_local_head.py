@@ -83,16 +83,20 @@ def running(pid: int) -> bool:
         return False
 
 
-def states_so_far(client: Client, job_id: str) -> list[str]:
-    """The states of a job's events so far: a watch of a job that has not ended, read to its deadline."""
-    states = []
+def events_so_far(client: Client, job_id: str) -> list[dict]:
+    """A job's events so far: a watch of a job that has not ended, read to its deadline."""
+    events = []
     try:
         for event in client.watch(job_id, timeout_s=3):
-            states.append(event["state"])
+            events.append(event)
     except ShardwrightError as err:
         if err.code != grpc.StatusCode.DEADLINE_EXCEEDED:
             raise
-    return states
+    return events
+
+
+def states_so_far(client: Client, job_id: str) -> list[str]:
+    return [event["state"] for event in events_so_far(client, job_id)]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -137,39 +141,52 @@ def test_serve_killed_with_sigkill_restarts_on_its_own_head_with_the_same_worker
         stop_server(proc)
 
 
-def test_stop_ends_the_head_and_its_jobs_and_a_later_serve_requeues_them(root):
+def test_stop_checkpoints_and_ends_the_head_and_its_jobs_and_a_later_serve_resumes_them(root):
     proc, info = serve(root)
     try:
         with Client(info["address"], token=TOKEN) as alice:
             chat = alice.submit(deployment(root, "chat", tp=1))["job_id"]
+            train = alice.submit(TRAIN.format(model=root / "model", corpus=CORPUS))["job_id"]
             wait_state(alice, chat, {"running"})
+            wait_state(alice, train, {"running"})
             before = alice.generate("chat", [1, 2, 3], max_tokens=8, ignore_eos=True)["token_ids"]
+            eventually(lambda: alice.get(train)["step"] >= 2, lambda: alice.get(train), 120)
         tree = join_head(root)
-        workers = gangs()[chat]
+        workers = gangs()[chat] + gangs()[train]
         refused = run_cli("stop", "--state-dir", str(root / "state"))
         assert refused.returncode == 2 and "--force" in refused.stderr, refused.stderr  # a server still uses it
         assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         stop_server(proc, keep_head=True)  # a clean stop leaves the jobs running too
-        assert gangs() == {chat: workers}
+        assert sorted(sum(gangs().values(), [])) == sorted(workers)
         head = find_head(root / "state")
         ray.shutdown()
-        done = run_cli("stop", "--state-dir", str(root / "state"))
+        done = run_cli("stop", "--state-dir", str(root / "state"), "--json")
         assert done.returncode == 0, done.stderr
-        assert f"pid {head.pid}" in done.stdout and "requeues" in done.stdout, done.stdout
+        result = json.loads(done.stdout.splitlines()[-1])
+        assert result["ray_head"]["pid"] == head.pid and sorted(result["checkpointed_jobs"]) == sorted([chat, train])
         left = [pid for pid in tree + workers if running(pid)]
         assert not left, [psutil.Process(pid).cmdline()[:2] for pid in left]  # the head's processes all ended
         assert find_head(root / "state") is None and embedded_server(root / "state") is None
         again = run_cli("stop", "--state-dir", str(root / "state"), "--json")
         assert again.returncode == 0 and json.loads(again.stdout.splitlines()[-1]) == {
-            "state_dir": str(root / "state"), "ray_head": None, "redis_pid": None}, again.stdout
+            "state_dir": str(root / "state"), "ray_head": None, "redis_pid": None, "checkpointed_jobs": []
+        }, again.stdout
         assert "nothing to stop" in run_cli("stop", "--state-dir", str(root / "state")).stdout
         proc, info = serve(root)  # a new head; the job records say the deployment ran: it is requeued
         assert find_head(root / "state").pid != head.pid
         with Client(info["address"], token=TOKEN) as alice:
             wait_state(alice, chat, {"running"})
             states = states_so_far(alice, chat)
-            assert "queued" in states[2:], states
+            assert "preempted" in states[2:], states  # stopped by `stop`, back in the queue, started again
             assert alice.generate("chat", [1, 2, 3], max_tokens=8, ignore_eos=True)["token_ids"] == before
+            wait_state(alice, train, {"running"})
+            events = [e for e in events_so_far(alice, train) if e["state"] in ("preempted", "running")]
+            stopped_at = events[-2]  # `stop`'s checkpoint, then the run resumed from it
+            assert stopped_at["state"] == "preempted" and f"at step {stopped_at['metrics']['step']:.0f}" in \
+                stopped_at["message"] and stopped_at["metrics"]["step"] >= 2, events
+            checkpoint = stopped_at["message"].split("checkpoint ")[1].split(" at step")[0]
+            assert events[-1]["message"] == (f"running; resumed from checkpoint {checkpoint} at step "
+                                             f"{stopped_at['metrics']['step']:.0f}"), events
     finally:
         ray.shutdown()
         stop_server(proc)

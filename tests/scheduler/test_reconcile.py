@@ -227,3 +227,23 @@ def test_a_scheduler_that_lost_its_lease_writes_nothing(make_service, model_dir)
     with pytest.raises(LeaseLostError, match="held by another-replica"):
         service.reconcile_once()  # its first write, the placement, is refused
     assert state(service, chat) == "queued" and controllers.created == []
+
+
+def test_drain_checkpoints_every_running_job_and_starts_nothing(make_service, model_dir):
+    controllers = FakeControllers()
+    service = make_service(controllers)
+    train = service.submit(training(tp=4), "t1")["job_id"]
+    chat = service.submit(deployment("chat", model_dir, tp=4), "t1")["job_id"]
+    service.reconcile_once()
+    trainer = next(r for r in controllers.created if r.job_id == train)
+    trainer.step = 9
+    waiting = service.submit(deployment("later", model_dir), "t1")["job_id"]  # no GPUs left for it
+    service.store.release_lease(service.owner)
+    drainer = make_service(controllers)  # `shardwright stop`'s: adopts the live controllers, then stops them
+    drainer.store.release_lease(drainer.owner)
+    assert sorted(drainer.drain("the head is ending")) == sorted([train, chat])
+    assert [state(drainer, j) for j in (train, chat, waiting)] == ["preempted", "preempted", "queued"]
+    record = drainer.get(train)
+    assert (record["step"], record["checkpoint"]) == (9, trainer.checkpoint) and trainer.checkpoint.endswith("9")
+    assert controllers.live == {} and len(controllers.created) == 2  # nothing started meanwhile
+    assert drainer.store.acquire_lease("next-serve", 5.0) is None  # the lease was given back
