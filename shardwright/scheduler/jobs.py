@@ -6,11 +6,12 @@ vocabulary that controllers report in too; `ALLOWED` is the state machine the jo
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shardwright.config import JobState, ParallelLayout
+from shardwright.scheduler.model import JobKind
 
 __all__ = ["ALLOWED", "ENDED", "HOLDING", "TERMINAL", "WAITING", "JobEvent", "JobLimitError", "JobRecord", "JobState",
            "LeaseLostError", "TransitionError"]
@@ -38,7 +39,7 @@ class JobRecord(BaseModel):
 
     job_id: str = Field(description="Unique id, '<name>-<number>'.")
     name: str = Field(description="The spec's name (unique among a tenant's unfinished jobs).")
-    kind: Literal["training", "inference"] = Field(description="Job kind.")
+    kind: JobKind = Field(description="Job kind.")
     tenant: str = Field(description="Owner.")
     state: JobState = Field(description="Current state.")
     priority: str = Field(description="The spec's priority class name.")

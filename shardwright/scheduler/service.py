@@ -61,7 +61,7 @@ from shardwright.config import (InferenceDeployment, JobFileError, JobSpec, Mode
 from shardwright.scheduler.job_store import JobStore
 from shardwright.scheduler.jobs import (ENDED, HOLDING, TERMINAL, WAITING, JobRecord, JobState, LeaseLostError,
                                         TransitionError)
-from shardwright.scheduler.model import ClusterInventory, GangShape, Job, PriorityClass, RunningJob
+from shardwright.scheduler.model import JOB_KINDS, ClusterInventory, GangShape, Job, PriorityClass, RunningJob
 from shardwright.scheduler.placement import Placement
 from shardwright.scheduler.policies import PreemptJob, StartJob, make_policy
 from shardwright.scheduler.runners import ControllerRunner, Controllers, JobRunner, Progress, RayControllers
@@ -195,8 +195,8 @@ class SchedulerService:
         """The tenant's jobs (all jobs for tenant None) in submission order, a page at a time."""
         if state is not None and state not in {s.value for s in S}:
             raise ValueError(f"state={state!r} is not a job state; choose one of {[s.value for s in S]}")
-        if kind not in (None, "training", "inference"):
-            raise ValueError(f"kind={kind!r} is not a job kind; choose 'training' or 'inference'")
+        if kind is not None and kind not in JOB_KINDS:
+            raise ValueError(f"kind={kind!r} is not a job kind; choose one of {list(JOB_KINDS)}")
         records, token = self.store.list_jobs(tenant, page_size, page_token, state, kind)
         return [r.model_dump(mode="json") for r in records], token
 
