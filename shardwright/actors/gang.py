@@ -140,13 +140,13 @@ class WorkerGang:
     def _call(self, ranks: list[int], method: str, *args, timeout_s: float | None = None) -> list:
         """`method(*args)` of the runner on each of `ranks`; results in that order (GangError
         naming the rank and node of a worker that died or raised)."""
-        return self.get([self.workers[r].call.remote(method, *args) for r in ranks], ranks, timeout_s)
+        return self._get([self.workers[r].call.remote(method, *args) for r in ranks], ranks, timeout_s)
 
     def _call_each(self, method: str, args_by_rank: dict[int, tuple], timeout_s: float | None = None) -> list:
         """`method(*args)` with each rank's own args; results in the dict's order."""
         ranks = list(args_by_rank)
         refs = [self.workers[r].call.remote(method, *args_by_rank[r]) for r in ranks]
-        return self.get(refs, ranks, timeout_s)
+        return self._get(refs, ranks, timeout_s)
 
     def memory(self, timeout_s: float | None = None) -> list[dict]:
         """Every worker's memory ledger (budget, resident bytes by kind, high-water mark), by rank."""
@@ -190,7 +190,7 @@ class WorkerGang:
                                         max_concurrency=4 if is_peer else 1, scheduling_strategy=strategy
                                         ).remote(PeerRunner if is_peer else self.runner_cls, rank, layout, kwargs)
             self.workers.append(worker)
-        self.nodes = self.get([w.where.remote() for w in self.workers], list(range(len(self.workers))))
+        self.nodes = self._get([w.where.remote() for w in self.workers], list(range(len(self.workers))))
 
     def describe(self, rank: int) -> str:
         node = self.nodes[rank] if rank < len(self.nodes) else {}
@@ -199,7 +199,7 @@ class WorkerGang:
                     f"{node.get('ip', '?')} ({str(node.get('node_id', '?'))[:12]})")
         return f"rank {rank} on node {node.get('ip', '?')} ({str(node.get('node_id', '?'))[:12]})"
 
-    def get(self, refs: list, ranks: list[int], timeout_s: float | None = None,
+    def _get(self, refs: list, ranks: list[int], timeout_s: float | None = None,
             poll_s: float = 1.0) -> list:
         """ray.get of worker calls that turns a worker failure into a GangError naming the rank and
         node (the one place every worker call's result passes through).
@@ -295,7 +295,7 @@ class WorkerGang:
         channel = StepChannel(host, len(self.workers))
         try:
             ranks = list(range(len(self.workers)))
-            self.get([w.serve_steps.remote(channel.host, channel.port, channel.token, r)
+            self._get([w.serve_steps.remote(channel.host, channel.port, channel.token, r)
                       for r, w in zip(ranks, self.workers)], ranks, timeout_s=timeout_s)
             channel.accept_all(timeout_s)
         except BaseException:
@@ -327,7 +327,7 @@ class WorkerGang:
         """Every worker's reply to the step `dispatch` returned `handle` for, by rank."""
         if isinstance(handle, ChannelStep):
             return self._get_channel(timeout_s)
-        return self.get(handle, self.all_ranks, timeout_s)
+        return self._get(handle, self.all_ranks, timeout_s)
 
     def sampler_rank(self) -> int:
         """Rank whose step returns the sampled tokens: TP rank 0 of the last pipeline stage."""
