@@ -189,7 +189,7 @@ def test_a_new_scheduler_adopts_live_controllers_and_requeues_the_rest(make_serv
     assert state(new, chat) == "running" and len([r for r in controllers.created if r.job_id == chat]) == 2
 
 
-def service_step(service: SchedulerService, job_id: str) -> int:
+def service_step(service: SchedulerService, job_id: str) -> int:  # the step recorded in the store
     return service.get(job_id)["step"]
 
 
@@ -200,7 +200,7 @@ def test_orphaned_and_cancelled_controllers_are_stopped_within_one_pass(make_ser
     service.reconcile_once()
     orphan = FakeRunner(controllers, None, "gone-1234", f"shardwright-job:{service.store_id}:gone-1234", None, Path())
     controllers.live[orphan.name] = orphan  # a controller whose job Redis does not know
-    foreign = f"shardwright-job:another-store:x"
+    foreign = "shardwright-job:another-store:x"
     controllers.live[foreign] = FakeRunner(controllers, None, "x", foreign, None, Path())
     service.cancel(chat)
     service.reconcile_once()
