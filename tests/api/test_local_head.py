@@ -180,13 +180,13 @@ def test_stop_checkpoints_and_ends_the_head_and_its_jobs_and_a_later_serve_resum
             assert "preempted" in states[2:], states  # stopped by `stop`, back in the queue, started again
             assert alice.generate("chat", [1, 2, 3], max_tokens=8, ignore_eos=True)["token_ids"] == before
             wait_state(alice, train, {"running"})
-            events = [e for e in events_so_far(alice, train) if e["state"] in ("preempted", "running")]
-            stopped_at = events[-2]  # `stop`'s checkpoint, then the run resumed from it
-            assert stopped_at["state"] == "preempted" and f"at step {stopped_at['metrics']['step']:.0f}" in \
-                stopped_at["message"] and stopped_at["metrics"]["step"] >= 2, events
+            events = events_so_far(alice, train)
+            last = max(i for i, e in enumerate(events) if e["state"] == "preempted")  # `stop`'s checkpoint
+            stopped_at, step = events[last], int(events[last]["metrics"]["step"])
+            assert step >= 2 and f"at step {step}" in stopped_at["message"], events
             checkpoint = stopped_at["message"].split("checkpoint ")[1].split(" at step")[0]
-            assert events[-1]["message"] == (f"running; resumed from checkpoint {checkpoint} at step "
-                                             f"{stopped_at['metrics']['step']:.0f}"), events
+            resumed = next(e for e in events[last:] if e["message"].startswith("running"))  # started again
+            assert resumed["message"] == f"running; resumed from checkpoint {checkpoint} at step {step}", events
     finally:
         ray.shutdown()
         stop_server(proc)
