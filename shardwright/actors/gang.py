@@ -318,9 +318,9 @@ class WorkerGang:
         return self.submit_all("step", msg)
 
     def sampler_rank(self) -> int:
-        """Rank whose step returns the sampled tokens: TP rank 0 of the last pipeline stage."""
+        """Rank whose step returns the sampled tokens: TP (and CP, EP) rank 0 of the last pipeline stage."""
         layout = self.config.layout
-        return (layout.pp - 1) * layout.cp * layout.tp
+        return (layout.pp - 1) * layout.cp * layout.ep * layout.tp
 
     def ping(self, timeout_s: float = 10.0) -> None:
         """A real probe: an all-reduce through the compute ranks; the peers answer `memory`."""

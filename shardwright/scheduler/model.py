@@ -77,9 +77,9 @@ def _check_time(name: str, value: object, allow_zero: bool = True) -> None:
 
 @dataclass(frozen=True, slots=True)
 class GangShape:
-    """A gang of `tp * pp * cp * dp` ranks, one GPU per rank; rank order is dp, pp, cp, tp (tp fastest).
+    """A gang of `tp * pp * cp * dp * ep` ranks, one GPU per rank; rank order is dp, pp, cp, ep, tp (tp fastest).
 
-    `from_layout` accepts any object with integer `tp`, `pp`, `cp`, `dp` attributes, such as
+    `from_layout` accepts any object with integer `tp`, `pp`, `cp`, `dp` (and `ep`) attributes, such as
     `shardwright.config.ParallelLayout`.
     """
 
@@ -87,22 +87,23 @@ class GangShape:
     pp: int = 1
     cp: int = 1
     dp: int = 1
+    ep: int = 1  # expert parallel: ep TP groups per (dp, pp, cp) position, placed like the others
     peers: int = 0  # memory peers of an inference gang: one GPU each, on any node (after the ranks)
-    num_gpus: int = field(init=False, repr=False, compare=False)  # tp * pp * cp * dp + peers
-    num_tp_groups: int = field(init=False, repr=False, compare=False)  # pp * cp * dp, each on one node
+    num_gpus: int = field(init=False, repr=False, compare=False)  # tp * pp * cp * dp * ep + peers
+    num_tp_groups: int = field(init=False, repr=False, compare=False)  # pp * cp * dp * ep, each on one node
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "cp", "dp"):
+        for name in ("tp", "pp", "cp", "dp", "ep"):
             _check_positive_int(name, getattr(self, name))
         if isinstance(self.peers, bool) or not isinstance(self.peers, int) or self.peers < 0:
             raise ValueError(f"peers={self.peers!r} must be a non-negative integer")
-        object.__setattr__(self, "num_tp_groups", self.pp * self.cp * self.dp)
+        object.__setattr__(self, "num_tp_groups", self.pp * self.cp * self.dp * self.ep)
         object.__setattr__(self, "num_gpus", self.tp * self.num_tp_groups + self.peers)
 
     @classmethod
     def from_layout(cls, layout: object) -> GangShape:
         """Shape of a `ParallelLayout`-like object (attributes tp, pp, cp, dp)."""
-        return cls(*(getattr(layout, name, 1) for name in ("tp", "pp", "cp", "dp")))
+        return cls(*(getattr(layout, name, 1) for name in ("tp", "pp", "cp", "dp", "ep")))
 
 
 @dataclass(frozen=True, slots=True)

@@ -177,7 +177,7 @@ class SchedulerService:
                                    f"{' '.join(str(err).split())[:300]}") from None
             if model is not None:
                 spec.layout.validate_for(model)
-        shape = GangShape(*(getattr(spec.layout, a) for a in ("tp", "pp", "cp", "dp")),
+        shape = GangShape(*(getattr(spec.layout, a) for a in ("tp", "pp", "cp", "dp", "ep")),
                           peers=_memory_peers(spec.model_dump(mode="json")))
         job = Job(spec.name, spec.tenant, spec.kind, shape, time.time(),
                   priority=int(PriorityClass[spec.priority.upper()]))
