@@ -21,11 +21,15 @@ def train_config(num_micro_batches: int, aux: float | None = None) -> TrainConfi
 
 
 def run_training(rank: int, world_size: int, layout: dict, model_dir: str, num_micro_batches: int,
-                 aux: float | None = None) -> list[dict]:
-    """STEPS optimizer steps at ParallelLayout(**layout): every step's metrics."""
+                 aux: float | None = None, save_root: str | None = None) -> list[dict]:
+    """STEPS optimizer steps at ParallelLayout(**layout): every step's metrics; then a checkpoint
+    under `save_root` when given."""
     t = TrainerRank(train_config(num_micro_batches, aux), ParallelLayout(**layout))
     t.start(ModelSource(path=model_dir), device="cpu")
     try:
-        return [t.train_step() for _ in range(STEPS)]
+        metrics = [t.train_step() for _ in range(STEPS)]
+        if save_root is not None:
+            t.save(save_root)
+        return metrics
     finally:
         t.close()

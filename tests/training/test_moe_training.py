@@ -52,9 +52,21 @@ def test_first_loss_is_transformers_loss_with_aux(moe_dir):
     assert abs(off - float(ce)) <= HF_LOSS_TOL, "router_aux_loss_coef: 0 turns it off"
 
 
-def test_ep2_training_equals_single_process(moe_dir):
-    ref = moe_train_cases.run_training(0, 1, {}, moe_dir, 2)
-    by_rank = run_ranks(moe_train_cases.run_training, 2, args=({"ep": 2}, moe_dir, 2))
+def test_ep2_training_and_checkpoint_equal_single_process(moe_dir, tmp_path):
+    """Also the checkpoints: the ep = 2 one (a file per EP rank, each with its experts) exports the
+    same Hugging Face tensors as the single-process one."""
+    from shardwright.training.checkpoint import latest_checkpoint, read_manifest
+    from shardwright.training.reshard import gather_hf
+
+    ref = moe_train_cases.run_training(0, 1, {}, moe_dir, 2, None, str(tmp_path / "ep1"))
+    by_rank = run_ranks(moe_train_cases.run_training, 2, args=({"ep": 2}, moe_dir, 2, None, str(tmp_path / "ep2")))
+    tensors = {}
+    for name in ("ep1", "ep2"):
+        path = latest_checkpoint(tmp_path / name)
+        tensors[name] = gather_hf(path, read_manifest(path))
+    assert set(tensors["ep1"]) == set(tensors["ep2"]) and any(".experts.3." in k for k in tensors["ep2"])
+    for key, value in tensors["ep1"].items():
+        assert (tensors["ep2"][key] - value).abs().max() <= EP_TOL, key
     assert ref[-1]["loss"] < ref[0]["loss"], "the reference must learn"
     for metrics in by_rank:
         for step, (a, b) in enumerate(zip(metrics, ref), 1):
