@@ -22,16 +22,17 @@ MODELS = {  # Mixtral-style (4 experts, top 2) and Qwen2-MoE-style (shared exper
 }
 
 
-@pytest.mark.parametrize("name, ep, tp", [("mixtral", 2, 1), ("qwen2_moe", 2, 2)])
-def test_ep_gang_greedy_equals_reference(ray_cluster, tmp_path, name, ep, tp):
-    """Three prompts batched (prefill and decode rows split unevenly over the EP ranks)."""
+@pytest.mark.parametrize("name, ep, tp, pp", [("mixtral", 2, 1, 2), ("qwen2_moe", 2, 2, 1)])
+def test_ep_gang_greedy_equals_reference(ray_cluster, tmp_path, name, ep, tp, pp):
+    """Three prompts batched (prefill and decode rows split unevenly over the EP ranks); EP inside
+    each pipeline stage (ranks 0, 1 the first stage's EP group, 2, 3 the second's), and EP x TP."""
     spec = tiny_spec("llama", num_kv_heads=2, **MODELS[name])
     model_dir = write_random_checkpoint(tmp_path / name, spec, seed=23, std=0.2)
     _, model = load_model(model_dir, ParallelContext.single("cpu"))
     prompts = [[3, 14, 15, 92, 65, 35, 89, 79, 32], [7], [2, 71, 82]]
     refs = [greedy_generate(model, p, NEW_TOKENS) for p in prompts]
     assert len(set(refs[0])) > 4, "reference continuation too repetitive to be a test"
-    cfg = EngineConfig(model_dir=model_dir, layout=ParallelLayout(ep=ep, tp=tp), block_size=4, num_blocks=64)
+    cfg = EngineConfig(model_dir=model_dir, layout=ParallelLayout(ep=ep, tp=tp, pp=pp), block_size=4, num_blocks=64)
     with InferenceEngine(cfg).start() as eng:
         outs = eng.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True), timeout_s=300)
-    assert [o.token_ids for o in outs] == refs, f"{name} at ep={ep} tp={tp}"
+    assert [o.token_ids for o in outs] == refs, f"{name} at ep={ep} tp={tp} pp={pp}"
