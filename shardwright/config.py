@@ -451,7 +451,8 @@ class InferenceDeployment(StrictModel):
                                     "training checkpoint (a step-N folder, or a run's checkpoint folder: its "
                                     "newest complete checkpoint), served from its export written beside it "
                                     "(step-N.hf) on first start.")
-    layout: ParallelLayout = Field(default_factory=ParallelLayout, description="tp, pp, cp and ep (dp = 1); cp shards the KV cache, ep the experts.")
+    layout: ParallelLayout = Field(default_factory=ParallelLayout,
+                                   description="tp, pp, cp and ep (dp = 1); cp shards the KV cache, ep the experts.")
     tenant: str = Field("default", min_length=1, description="Owner; set by the server from the token.")
     priority: PriorityClass = Field("serving", description="Serving is never preempted by training.")
     dtype: DType | None = Field(None, description="Override the checkpoint's dtype.")

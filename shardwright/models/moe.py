@@ -75,7 +75,8 @@ class MoEMLP(nn.Module):
             self.router_logits_sink.append(linear(x, self.router.weight))
         weights, chosen = self.route(x)  # every row, identically on every EP rank
         rows = row_range(x.shape[0], self.ep_rank, self.ep)
-        mine, weights, chosen = split_rows(x, self.ep_group), split_rows(weights, self.ep_group), chosen[rows.start:rows.stop]
+        mine, weights = split_rows(x, self.ep_group), split_rows(weights, self.ep_group)
+        chosen = chosen[rows.start:rows.stop]
         xs = copy_to_group(mine, self.group)
         out = self._routed(xs, copy_to_group(weights, self.group), chosen)
         if self.shared is not None:
