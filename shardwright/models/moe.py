@@ -99,14 +99,17 @@ class MoEMLP(nn.Module):
         return out
 
     def _experts(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
-        """Each row through its (local) expert; rows of one expert computed together, in place."""
+        """Each row through its (local) expert; rows of one expert computed together, in place.
+
+        An expert no row chose does not compute: its (empty) chunk stands for its output, so the
+        result stays in the autograd graph of `rows` even when this rank received no row at all.
+        Then every EP rank runs the same all-to-alls in backward whatever the routing (a rank whose
+        experts went unused would otherwise skip them and its peers would wait forever)."""
         order = torch.argsort(local_ids, stable=True)
         counts = torch.bincount(local_ids, minlength=len(self.owned)).tolist()
         chunks = rows.index_select(0, order).split(counts)
-        outs = [self.experts[str(e)].partial(chunk) if n else rows.new_zeros((0, rows.shape[-1]))
-                for e, chunk, n in zip(self.owned, chunks, counts)]
-        grouped = torch.cat(outs) if outs else rows.new_zeros((0, rows.shape[-1]))
-        return grouped.index_select(0, torch.argsort(order))
+        outs = [self.experts[str(e)].partial(chunk) if n else chunk for e, chunk, n in zip(self.owned, chunks, counts)]
+        return torch.cat(outs).index_select(0, torch.argsort(order))
 
 
 def moe_layers(model: nn.Module) -> list[MoEMLP]:

@@ -72,3 +72,23 @@ def run_all(rank: int, world_size: int, layout: dict, greedy_cases: list, grad_c
     """`run_greedy` and `run_grads` in one world (one start-up of the ranks for both)."""
     return run_greedy(rank, world_size, layout, greedy_cases), run_grads(rank, world_size, layout, grad_cases,
                                                                          aux_coef)
+
+
+def run_collapsed_grads(rank: int, world_size: int, layout: dict, directory: str, ids, targets):
+    """`run_grads` with every token routed to experts 0 and 1 (its own top-2 weights kept): at ep = 2
+    EP rank 1's experts receive nothing (a collapsed router, as training can produce)."""
+    ctx = context(layout)
+    _, model = load_model(directory, ctx)
+    for block in model.blocks:
+        if hasattr(block.mlp, "experts"):
+            route = block.mlp.route
+            block.mlp.route = lambda x, route=route: (route(x)[0], torch.tensor([0, 1]).expand(x.shape[0], 2))
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    loss = mean_loss(vocab_parallel_cross_entropy(model(ids, positions), targets, vocab_start=model.vocab_rows.start,
+                                                  group=ctx.tp_group), targets)
+    loss.backward()
+    for p in model.parameters():  # the unused experts' (no gradient reached them)
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    with CheckpointReader(directory) as reader:
+        return loss.detach(), tp_cases.grad_pieces(model, reader)

@@ -198,3 +198,23 @@ def test_aux_loss_is_exercised(refs):
         key = next(k for k in ref["grads"] if k.startswith("model.layers.0.") and k.endswith(".gate.weight")
                    and "experts" not in k and "shared" not in k)
         assert (plain - ref["grads"][key]).abs().max() > 100 * HF_GRAD_TOL, name
+
+
+def test_a_rank_whose_experts_go_unused_still_trains(refs):
+    """Every token routed to experts 0 and 1 (EP rank 0's): EP rank 1 computes nothing, yet both
+    ranks run the same backward all-to-alls (no deadlock) and the gradients equal ep = 1's under the
+    same routing; the unused experts' gradients are zero."""
+    from moe_cases import run_collapsed_grads
+
+    ids, targets, models = refs
+    directory = models["mixtral"]["dir"]
+    ref_loss, ref_pieces = run_collapsed_grads(0, 1, {}, directory, ids, targets)
+    ref = assemble([ref_pieces])
+    by_rank = run_ranks(run_collapsed_grads, 2, args=({"ep": 2}, directory, ids, targets), timeout_s=120)
+    grads = assemble([pieces for _, pieces in by_rank])
+    assert all(abs(float(loss - ref_loss)) <= LOSS_TOL for loss, _ in by_rank)
+    assert set(grads) == set(ref)
+    for key, g in grads.items():
+        assert (g - ref[key]).abs().max() <= EP_GRAD_TOL, key
+    assert ref["model.layers.0.block_sparse_moe.experts.3.w1.weight"].abs().max() == 0
+    assert ref["model.layers.0.block_sparse_moe.experts.0.w1.weight"].abs().max() > 0
