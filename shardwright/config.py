@@ -104,6 +104,10 @@ class ModelSpec(StrictModel):
     dense_layers: list[int] | None = Field(
         None, description="Layers of an MoE model that keep a dense MLP of intermediate_size (Qwen2-MoE's "
                           "mlp_only_layers and decoder_sparse_step); None = every layer is MoE.")
+    router_aux_loss_coef: float = Field(
+        0.0, ge=0, allow_inf_nan=False,
+        description="Weight of the router's load-balancing loss in the training loss (transformers' "
+                    "router_aux_loss_coef when config.json sets output_router_logits, else 0 = none); MoE only.")
     activation: Literal["silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"] = Field(
         "silu", description="MLP activation (SwiGLU gate for llama, plain for gpt2)."
     )
@@ -142,9 +146,10 @@ class ModelSpec(StrictModel):
     def _check_experts(self) -> None:
         if not self.num_experts:
             if self.experts_per_token or self.shared_expert_intermediate_size or self.dense_layers is not None \
-                    or self.moe_intermediate_size is not None:
-                raise ValueError("experts_per_token, moe_intermediate_size, shared_expert_intermediate_size and "
-                                 "dense_layers describe mixture-of-experts layers: set num_experts too")
+                    or self.moe_intermediate_size is not None or self.router_aux_loss_coef:
+                raise ValueError("experts_per_token, moe_intermediate_size, shared_expert_intermediate_size, "
+                                 "dense_layers and router_aux_loss_coef describe mixture-of-experts layers: set "
+                                 "num_experts too")
             return
         if not 1 <= self.experts_per_token <= self.num_experts:
             raise ValueError(f"experts_per_token={self.experts_per_token} must be in 1..num_experts="
@@ -220,20 +225,25 @@ class ModelSpec(StrictModel):
 
 
 class ParallelLayout(StrictModel):
-    """How one job's workers split a model: world size is tp * pp * cp * dp.
+    """How one job's workers split a model: world size is dp * pp * cp * ep * tp.
 
-    Ranks are laid out as a dp x pp x cp x tp mesh with tp varying fastest, so a TP group is a
-    run of consecutive ranks (and of consecutive GPUs on one node).
+    Ranks are laid out as a dp x pp x cp x ep x tp mesh with tp varying fastest, so a TP group is a
+    run of consecutive ranks (and of consecutive GPUs on one node) and an EP group the next stride.
+    ep shards the routed experts of every mixture-of-experts layer: ep rank o holds the contiguous
+    experts [o * num_experts / ep, (o + 1) * num_experts / ep), each split over tp like a dense MLP;
+    everything outside the experts is replicated over ep (see models/moe.py).
     """
 
     tp: int = Field(1, ge=1, description="Tensor-parallel degree (heads and MLP columns split).")
     pp: int = Field(1, ge=1, description="Pipeline-parallel degree (layers split into stages).")
     cp: int = Field(1, ge=1, description="Context-parallel degree (sequence split across ranks).")
     dp: int = Field(1, ge=1, description="Data-parallel degree (replicas of the model).")
+    ep: int = Field(1, ge=1, description="Expert-parallel degree (the experts of each mixture-of-experts layer "
+                                         "split across ranks, routed tokens exchanged by all-to-all); MoE only.")
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.cp * self.dp
+        return self.tp * self.pp * self.cp * self.dp * self.ep
 
     def validate_for(self, model: ModelSpec) -> ParallelLayout:
         """Check that this layout can shard `model`; raise ValueError naming field, value and fix."""
@@ -242,7 +252,19 @@ class ParallelLayout(StrictModel):
             raise ValueError("invalid parallel layout: " + "; ".join(problems))
         return self
 
+    def _expert_problems(self, model: ModelSpec):
+        if self.ep == 1:
+            return
+        if not model.num_experts:
+            yield f"ep={self.ep} needs a mixture-of-experts model (num_experts > 0); this model is dense: use ep=1"
+        elif model.num_experts % self.ep:
+            yield (f"ep={self.ep} does not divide num_experts={model.num_experts}; "
+                   f"choose ep in {_divisors(model.num_experts)}")
+        if self.cp > 1:
+            yield f"ep={self.ep} with cp={self.cp} is not supported; use cp=1 with expert parallelism"
+
     def _problems_for(self, model: ModelSpec):
+        yield from self._expert_problems(model)
         tp = self.tp
         if model.num_heads % tp:
             yield (
@@ -442,7 +464,7 @@ def check_group_size(quant: str, group_size: int) -> None:
 
 
 class InferenceDeployment(StrictModel):
-    """A model served by an InferenceEngine on a gang of tp * pp GPUs."""
+    """A model served by an InferenceEngine on a gang of layout.world_size GPUs."""
 
     kind: Literal["inference"] = Field("inference", description="Job kind discriminator.")
     name: str = Field(pattern=JOB_NAME_PATTERN, description="DNS-style name, unique per tenant.")
@@ -450,7 +472,8 @@ class InferenceDeployment(StrictModel):
                                     "training checkpoint (a step-N folder, or a run's checkpoint folder: its "
                                     "newest complete checkpoint), served from its export written beside it "
                                     "(step-N.hf) on first start.")
-    layout: ParallelLayout = Field(default_factory=ParallelLayout, description="tp, pp and cp (dp = 1); cp shards the KV cache.")
+    layout: ParallelLayout = Field(default_factory=ParallelLayout,
+                                   description="tp, pp, cp and ep (dp = 1); cp shards the KV cache, ep the experts.")
     tenant: str = Field("default", min_length=1, description="Owner; set by the server from the token.")
     priority: PriorityClass = Field("serving", description="Serving is never preempted by training.")
     dtype: DType | None = Field(None, description="Override the checkpoint's dtype.")
@@ -528,6 +551,11 @@ class TrainConfig(StrictModel):
                                                                  "checkpoint directory; older ones are deleted.")
     peak_flops_per_s: float = Field(150e9, gt=0, allow_inf_nan=False,
                                     description="Peak FLOP/s of the whole gang (for MFU).")
+    router_aux_loss_coef: float | None = Field(
+        None, ge=0, allow_inf_nan=False,
+        description="Mixture-of-experts models: weight of the router's load-balancing loss added to the training "
+                    "loss (transformers' load_balancing_loss_func); None = the model's own (its config.json's "
+                    "router_aux_loss_coef when output_router_logits is set, else none), 0 = off.")
     offload_optimizer: float = Field(
         0.0, ge=0, le=1, description="Share of the decoder blocks whose AdamW state lives in host memory and is "
                                      "updated on the CPU, overlapped with the device update of the rest (0 = off).")
@@ -547,7 +575,7 @@ class TrainingJob(StrictModel):
     kind: Literal["training"] = Field("training", description="Job kind discriminator.")
     name: str = Field(pattern=JOB_NAME_PATTERN, description="DNS-style name, unique per tenant.")
     model: ModelSource = Field(description="Initial weights.")
-    layout: ParallelLayout = Field(default_factory=ParallelLayout, description="tp, pp, cp and dp.")
+    layout: ParallelLayout = Field(default_factory=ParallelLayout, description="tp, pp, cp, dp and ep.")
     tenant: str = Field("default", min_length=1, description="Owner; set by the server from the token.")
     priority: PriorityClass = Field("batch", description="Training is preemptible (checkpoint, requeue, resume).")
     deadline_s: float | None = Field(None, gt=0, description="Optional deadline, seconds after submission.")

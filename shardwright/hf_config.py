@@ -105,9 +105,11 @@ def _moe_fields(hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("router_jitter_noise"):
         raise ValueError(f"config.json router_jitter_noise={hf['router_jitter_noise']} is not supported "
                          "(training would not match transformers'); supported: 0")
+    # transformers adds router_aux_loss_coef * aux loss to the training loss only with output_router_logits
+    aux = float(hf.get("router_aux_loss_coef") or 0.0) if hf.get("output_router_logits") else 0.0
     if hf["model_type"] == "mixtral":
         return {"num_experts": hf["num_local_experts"], "experts_per_token": hf["num_experts_per_tok"],
-                "moe_renormalize": True}
+                "moe_renormalize": True, "router_aux_loss_coef": aux}
     layers, step = hf["num_hidden_layers"], hf.get("decoder_sparse_step", 1)
     experts = hf["num_experts"]
     dense = sorted(i for i in range(layers)
@@ -116,7 +118,7 @@ def _moe_fields(hf: dict[str, Any]) -> dict[str, Any]:
             "moe_intermediate_size": hf["moe_intermediate_size"],
             "moe_renormalize": bool(hf.get("norm_topk_prob", False)),
             "shared_expert_intermediate_size": hf.get("shared_expert_intermediate_size") or 0,
-            "dense_layers": dense or None}
+            "dense_layers": dense or None, "router_aux_loss_coef": aux}
 
 
 def _gemma2_fields(hf: dict[str, Any]) -> dict[str, Any]:

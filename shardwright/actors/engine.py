@@ -131,9 +131,10 @@ class InferenceEngine:
         if config.layout.dp != 1:
             raise ValueError(f"layout: the inference engine runs tp, pp and cp; dp={config.layout.dp} must be 1 "
                              "(deploy several copies for replicas)")
-        if config.speculative.method == "draft" and (config.layout.pp, config.layout.cp) != (1, 1):
-            raise ValueError(f"speculative.method=draft runs the draft model in the sampler worker and needs pp=1 "
-                             f"and cp=1 (got pp={config.layout.pp}, cp={config.layout.cp}); use method=ngram there")
+        if config.speculative.method == "draft" and (config.layout.pp, config.layout.cp, config.layout.ep) != (1, 1, 1):
+            raise ValueError(f"speculative.method=draft runs the draft model in the sampler worker and needs pp=1, "
+                             f"cp=1 and ep=1 (got pp={config.layout.pp}, cp={config.layout.cp}, ep={config.layout.ep}); "
+                             "use method=ngram there")
         if config.speculative.method == "draft" and config.pool.budget_bytes is not None:
             raise ValueError("speculative.method=draft with a memory budget (peer pooling) is not supported; "
                              "drop pool.budget_bytes or use method=ngram")

@@ -59,8 +59,9 @@ def cmd_generate_local(args: argparse.Namespace) -> int:
                                 top_p=args.top_p, seed=args.seed, stop=args.stop or [])
         pool = PoolOptions(budget_bytes=_budget(args.memory_budget), peers=args.pool_peers) \
             if args.memory_budget is not None or args.pool_peers else PoolOptions()
-        config = EngineConfig(model_dir=model_dir, layout=ParallelLayout(tp=args.tp, pp=args.pp, cp=args.cp),
-                              pool=pool, quant=args.quant, group_size=args.group_size)
+        layout = ParallelLayout(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep)
+        config = EngineConfig(model_dir=model_dir, layout=layout, pool=pool, quant=args.quant,
+                              group_size=args.group_size)
     except ValidationError as err:
         from shardwright.api.errors import one_line
 
@@ -76,7 +77,7 @@ def cmd_generate_local(args: argparse.Namespace) -> int:
         out = engine.generate([prompt], params)[0]
         plan = engine.health(probe=False).get("memory_pool")
     result = generation_result(out.token_ids, out.text, len(out.prompt_ids), out.finish_reason, start,
-                               tp=args.tp, pp=args.pp, cp=args.cp)
+                               tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep)
     if plan:
         result["memory_pool"] = plan
     if not args.json:
@@ -151,6 +152,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (default 1)")
     p.add_argument("--cp", type=int, default=1, help="context-parallel degree: the KV cache is sharded over cp ranks (default 1)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel degree of a mixture-of-experts model: its experts "
+                                                     "are sharded over ep ranks (default 1)")
     p.add_argument("--memory-budget", default=None, metavar="BYTES",
                    help="memory each worker may keep resident (bytes, e.g. 600000000 or 600MB, or device-free); "
                         "layers that do not fit are pooled on --pool-peers")

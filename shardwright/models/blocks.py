@@ -15,14 +15,16 @@ from torch import nn
 
 from shardwright.config import ModelSpec
 from shardwright.models.kv_cache import LayerKV
+from shardwright.models.mlp import GatedMLP, PlainMLP
+from shardwright.models.moe import MoEMLP
 from shardwright.models.paged import (SDPA_HAS_GQA, PagedBatch, PagedKVCache, causal_mask, paged_attention,
                                      softcapped_attention)
 from shardwright.models.rotary import Rotary
 from shardwright.parallel.attention.plan import ShardPlan
 from shardwright.parallel.attention.ring import ring_attention
-from shardwright.parallel.collectives import copy_to_group, reduce_from_group
+from shardwright.parallel.collectives import copy_to_group
 from shardwright.parallel.context import ParallelContext
-from shardwright.parallel.layers import ColumnParallelLinear, RowParallelLinear, RowRange, linear
+from shardwright.parallel.layers import ColumnParallelLinear, RowParallelLinear, RowRange
 
 
 class RMSNorm(nn.Module):
@@ -48,113 +50,6 @@ def make_norm(spec: ModelSpec, *, device=None, dtype=None) -> nn.Module:
     if spec.architecture == "llama":
         return RMSNorm(spec.hidden_size, spec.norm_eps, unit_offset=spec.norm_unit_offset, device=device, dtype=dtype)
     return nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps, device=device, dtype=dtype)
-
-
-def activation(name: str):
-    if name == "silu":
-        return F.silu
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "gelu":
-        return F.gelu
-    return F.relu
-
-
-class GatedMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused into one column-parallel matmul.
-    `width` is its hidden width (default spec.intermediate_size; an expert's is spec.expert_size)."""
-
-    def __init__(self, spec: ModelSpec, ctx: ParallelContext, *, width: int | None = None, device=None,
-                 dtype=None) -> None:
-        super().__init__()
-        cols = RowRange.even(width or spec.intermediate_size, ctx.tp_rank, ctx.tp)
-        self.local = cols.length
-        self.gate_up = ColumnParallelLinear(
-            spec.hidden_size, [cols, cols], ctx.tp_group, bias=spec.mlp_bias, device=device, dtype=dtype
-        )
-        self.down = RowParallelLinear(
-            cols, spec.hidden_size, ctx.tp_group, bias=spec.mlp_bias, device=device, dtype=dtype
-        )
-        self.act = activation(spec.activation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.local, dim=-1)
-        return self.down(self.act(gate) * up)
-
-    def partial(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's term of the output before the sum over TP (x already entered the group:
-        `copy_to_group`); no bias (MoE experts carry none)."""
-        gate, up = linear(x, self.gate_up.weight).split(self.local, dim=-1)
-        return linear(self.act(gate) * up, self.down.weight)
-
-
-class MoEMLP(nn.Module):
-    """Mixture of experts (Mixtral, Qwen2-MoE): each token goes to the top-k of `num_experts` gated MLPs.
-
-    The router (replicated on every TP rank) takes softmax over all experts in float32, keeps the k
-    largest probabilities and, with `moe_renormalize`, rescales them to sum to 1; the token's output is
-    the weighted sum of its experts' outputs (+ sigmoid(x w_g) * shared_expert(x) for Qwen2-MoE). Each
-    expert's hidden width is split over TP like a dense MLP's; every rank adds the weighted partial
-    outputs of all its experts and the sum over TP happens once per layer (one all-reduce, not one per
-    expert). The routing weights and the shared gate multiply those partial outputs, so their
-    gradients are summed over TP (the f op), and routing is the same on every rank (same inputs and
-    weights). Only the experts some token chose compute; no token is ever dropped.
-    """
-
-    def __init__(self, spec: ModelSpec, ctx: ParallelContext, *, device=None, dtype=None) -> None:
-        super().__init__()
-        h = spec.hidden_size
-        self.top_k, self.renormalize, self.group = spec.experts_per_token, spec.moe_renormalize, ctx.tp_group
-        self.router = nn.Linear(h, spec.num_experts, bias=False, device=device, dtype=dtype)
-        self.experts = nn.ModuleList(GatedMLP(spec, ctx, width=spec.expert_size, device=device, dtype=dtype)
-                                     for _ in range(spec.num_experts))
-        self.shared = self.shared_gate = None
-        if spec.shared_expert_intermediate_size:
-            self.shared = GatedMLP(spec, ctx, width=spec.shared_expert_intermediate_size, device=device, dtype=dtype)
-            self.shared_gate = nn.Linear(h, 1, bias=False, device=device, dtype=dtype)
-
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [tokens, k] float32, expert ids [tokens, k]) for x [tokens, hidden]."""
-        probs = torch.softmax(linear(x, self.router.weight).float(), dim=-1)
-        weights, experts = torch.topk(probs, self.top_k, dim=-1)
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights, experts
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        weights, chosen = self.route(x)
-        weights = copy_to_group(weights, self.group)
-        xs = copy_to_group(x, self.group)
-        out = torch.zeros_like(x)
-        counts = torch.bincount(chosen.reshape(-1), minlength=len(self.experts)).tolist()
-        for e in (e for e, n in enumerate(counts) if n):
-            tokens, slot = torch.where(chosen == e)
-            y = self.experts[e].partial(xs.index_select(0, tokens))
-            out.index_add_(0, tokens, (y * weights[tokens, slot, None]).to(x.dtype))
-        if self.shared is not None:
-            gate = copy_to_group(torch.sigmoid(linear(x, self.shared_gate.weight)), self.group)
-            out = out + gate * self.shared.partial(xs)
-        return reduce_from_group(out, self.group).view(shape)
-
-
-class PlainMLP(nn.Module):
-    """GPT-2: proj(act(fc(x)))."""
-
-    def __init__(self, spec: ModelSpec, ctx: ParallelContext, *, device=None, dtype=None) -> None:
-        super().__init__()
-        cols = RowRange.even(spec.intermediate_size, ctx.tp_rank, ctx.tp)
-        self.fc = ColumnParallelLinear(
-            spec.hidden_size, [cols], ctx.tp_group, bias=spec.mlp_bias, device=device, dtype=dtype
-        )
-        self.proj = RowParallelLinear(
-            cols, spec.hidden_size, ctx.tp_group, bias=spec.mlp_bias, device=device, dtype=dtype
-        )
-        self.act = activation(spec.activation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.act(self.fc(x)))
 
 
 def make_mlp(spec: ModelSpec, ctx: ParallelContext, layer: int = 0, *, device=None, dtype=None) -> nn.Module:

@@ -13,6 +13,12 @@ PRESETS: dict[str, dict] = {
                       num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
                       max_position_embeddings=1024, norm_eps=1e-5, activation="gelu_new",
                       tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+    # Mixtral-style mixture of experts (8 experts, top 2, router load-balancing loss 0.01 in training):
+    # for trying expert parallelism (layout.ep up to 8).
+    "tiny-mixtral": dict(architecture="llama", vocab_size=256, hidden_size=128, intermediate_size=256,
+                         num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+                         max_position_embeddings=2048, norm_eps=1e-5, num_experts=8, experts_per_token=2,
+                         router_aux_loss_coef=0.01),
     # ~110M parameters (Llama-style, 32k vocabulary): the decode benchmark's model.
     "llama-110m": dict(architecture="llama", vocab_size=32000, hidden_size=768, intermediate_size=2048,
                        num_layers=12, num_heads=12, num_kv_heads=4, head_dim=64,

@@ -35,6 +35,8 @@ def hf_config_from_spec(spec: ModelSpec) -> dict:
     family = {}
     if model_type == "gemma2":
         family.update(_gemma2_config(spec))
+    if spec.num_experts:
+        family.update(router_aux_loss_coef=spec.router_aux_loss_coef, output_router_logits=spec.router_aux_loss_coef > 0)
     if model_type == "mixtral":
         family.update(num_local_experts=spec.num_experts, num_experts_per_tok=spec.experts_per_token,
                       sliding_window=spec.sliding_window, router_jitter_noise=0.0)

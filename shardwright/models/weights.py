@@ -96,7 +96,7 @@ def _moe(prefix: str, moe: nn.Module, hf: str, spec) -> Plan:
     else:
         root, names = f"{hf}.block_sparse_moe", ("w1", "w3", "w2")
     yield f"{prefix}.router.weight", moe.router.weight, [Read(f"{root}.gate.weight")]
-    for e, expert in enumerate(moe.experts):
+    for e, expert in moe.experts.items():  # this EP rank's experts, by global index
         yield from _gated(f"{prefix}.experts.{e}", expert, f"{root}.experts.{e}", names)
     if moe.shared is not None:
         yield from _gated(f"{prefix}.shared", moe.shared, f"{root}.shared_expert", names)

@@ -1,10 +1,12 @@
 """ParallelContext: the one explicit object that owns a rank's process groups.
 
-A job's ranks form a dp x pp x cp x tp mesh, tp varying fastest:
+A job's ranks form a dp x pp x cp x ep x tp mesh, tp varying fastest:
 
-    rank = ((dp_rank * pp + pp_rank) * cp + cp_rank) * tp + tp_rank
+    rank = (((dp_rank * pp + pp_rank) * cp + cp_rank) * ep + ep_rank) * tp + tp_rank
 
-so each TP group is a run of consecutive ranks (one node), and PP stages are the next stride.
+so each TP group is a run of consecutive ranks (one node), an EP group (the ranks that split one
+MoE layer's experts, holding the same TP slice of each) the next stride, then PP stages. With
+ep = 1 the order is the dp x pp x cp x tp one of before.
 The context is built once per process, after `torch.distributed` is initialised with
 world size `layout.world_size`, and passed explicitly to every layer that communicates.
 `ParallelContext.single()` is the one-process context (every group None, every size 1); the
@@ -21,7 +23,7 @@ import torch.distributed as dist
 
 from shardwright.config import ParallelLayout
 
-AXES = ("dp", "pp", "cp", "tp")  # mesh order, slowest to fastest
+AXES = ("dp", "pp", "cp", "ep", "tp")  # mesh order, slowest to fastest
 
 
 class StartupError(RuntimeError):
@@ -42,7 +44,7 @@ def default_backend() -> str:
 
 
 def mesh_coords(rank: int, layout: ParallelLayout) -> dict[str, int]:
-    """The (dp, pp, cp, tp) coordinates of a global rank."""
+    """The (dp, pp, cp, ep, tp) coordinates of a global rank."""
     coords = {}
     for axis in reversed(AXES):
         size = getattr(layout, axis)
@@ -83,10 +85,12 @@ class ParallelContext:
     pp_rank: int = 0
     cp_rank: int = 0
     dp_rank: int = 0
+    ep_rank: int = 0
     tp_group: dist.ProcessGroup | None = None
     pp_group: dist.ProcessGroup | None = None
     cp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
+    ep_group: dist.ProcessGroup | None = None
     # Ranks that differ only in dp and cp (they hold the same parameters: gradients are summed
     # over it); the dp or cp group when the other axis has size 1.
     dp_cp_group: dist.ProcessGroup | None = None
@@ -111,6 +115,10 @@ class ParallelContext:
     @property
     def dp(self) -> int:
         return self.layout.dp
+
+    @property
+    def ep(self) -> int:
+        return self.layout.ep
 
     @property
     def world_size(self) -> int:
@@ -152,7 +160,7 @@ class ParallelContext:
         blocks = {d: None for d in range(2, layout.tp) if layout.tp % d == 0}
         return cls(layout=layout, rank=rank, device=torch.device(device), backend="none",
                    tp_rank=coords["tp"], pp_rank=coords["pp"], cp_rank=coords["cp"], dp_rank=coords["dp"],
-                   tp_block_groups=blocks)
+                   ep_rank=coords["ep"], tp_block_groups=blocks)
 
     @classmethod
     def from_initialized(
@@ -170,7 +178,7 @@ class ParallelContext:
         world, rank = dist.get_world_size(), dist.get_rank()
         if world != layout.world_size:
             raise ValueError(
-                f"world size {world} != tp*pp*cp*dp = {layout.world_size} for layout {layout}"
+                f"world size {world} != tp*pp*cp*dp*ep = {layout.world_size} for layout {layout}"
             )
         coords = mesh_coords(rank, layout)
         groups: dict[str, dist.ProcessGroup | None] = {}
@@ -193,10 +201,12 @@ class ParallelContext:
             pp_rank=coords["pp"],
             cp_rank=coords["cp"],
             dp_rank=coords["dp"],
+            ep_rank=coords["ep"],
             tp_group=groups["tp"],
             pp_group=groups["pp"],
             cp_group=groups["cp"],
             dp_group=groups["dp"],
+            ep_group=groups["ep"],
             dp_cp_group=dp_cp,
             group_ranks=members,
             tp_block_groups=blocks,
@@ -206,13 +216,12 @@ class ParallelContext:
 def _dp_cp_group(layout: ParallelLayout, rank: int) -> dist.ProcessGroup:
     """Collective: every (pp, tp) position's group of dp * cp ranks; returns this rank's."""
     mine = None
-    for pp_rank in range(layout.pp):
-        for tp_rank in range(layout.tp):
-            ranks = [mesh_rank({"dp": d, "pp": pp_rank, "cp": c, "tp": tp_rank}, layout)
-                     for d in range(layout.dp) for c in range(layout.cp)]
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                mine = group
+    for pp_rank, ep_rank, tp_rank in itertools.product(range(layout.pp), range(layout.ep), range(layout.tp)):
+        ranks = [mesh_rank({"dp": d, "pp": pp_rank, "cp": c, "ep": ep_rank, "tp": tp_rank}, layout)
+                 for d in range(layout.dp) for c in range(layout.cp)]
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = group
     return mine
 
 

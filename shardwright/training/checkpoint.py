@@ -75,9 +75,11 @@ class Manifest(StrictModel):
     created_unix_s: float = Field(description="When the manifest was written.")
 
 
-def shard_files(tp_rank: int, pp_rank: int) -> tuple[str, str]:
-    """(model file, optimizer file) names of shard (tp_rank, pp_rank)."""
-    tag = f"tp{tp_rank:02d}-pp{pp_rank:02d}"
+def shard_files(tp_rank: int, pp_rank: int, ep_rank: int = 0) -> tuple[str, str]:
+    """(model file, optimizer file) names of shard (tp_rank, pp_rank, ep_rank); EP rank 0's keep the
+    names of a layout without expert parallelism (each EP rank's file holds its experts and its
+    copy of the replicated rest)."""
+    tag = f"tp{tp_rank:02d}-pp{pp_rank:02d}" + (f"-ep{ep_rank:02d}" if ep_rank else "")
     return f"model-{tag}.safetensors", f"optim-{tag}.safetensors"
 
 
@@ -172,7 +174,7 @@ def _write_checkpoint(staging: Path, *, ctx: ParallelContext, model: torch.nn.Mo
     hashes = _write_shard(staging, ctx, model, optimizer) if ctx.dp_rank == 0 and ctx.cp_rank == 0 else {}
     gathered = _gather(ctx, (RankState(rank=ctx.rank, rng=_rng_state()).model_dump(), hashes))
     if ctx.rank == 0:
-        files = [f for t in range(ctx.tp) for p in range(ctx.pp) for f in shard_files(t, p)]
+        files = [f for t in range(ctx.tp) for p in range(ctx.pp) for e in range(ctx.ep) for f in shard_files(t, p, e)]
         sha256 = {name: digest for _, h in gathered for name, digest in h.items()}
         manifest = Manifest(step=step, layout=ctx.layout, model=spec, data=data_state,
                             tokenizer_dir=tokenizer_dir, files=files, sha256=sha256,
@@ -183,7 +185,7 @@ def _write_checkpoint(staging: Path, *, ctx: ParallelContext, model: torch.nn.Mo
 def _write_shard(directory: Path, ctx: ParallelContext, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer) -> dict[str, str]:
     """This shard's model and optimizer files; their sha256 by file name."""
-    model_file, optim_file = shard_files(ctx.tp_rank, ctx.pp_rank)
+    model_file, optim_file = shard_files(ctx.tp_rank, ctx.pp_rank, ctx.ep_rank)
     params = {n: p.detach().contiguous() for n, p in model.named_parameters()}
     state = optimizer_tensors(model, optimizer)
     hashes = {}
@@ -283,14 +285,14 @@ def load_checkpoint(checkpoint: str | Path, *, ctx: ParallelContext, model: torc
     """
     checkpoint = Path(checkpoint)
     manifest = read_manifest(checkpoint)
-    if (manifest.layout.tp, manifest.layout.pp) != (ctx.tp, ctx.pp):
+    if (manifest.layout.tp, manifest.layout.pp, manifest.layout.ep) != (ctx.tp, ctx.pp, ctx.ep):
         from shardwright.training.reshard import load_resharded
 
         if verify:
             verify_checkpoint(checkpoint)  # resharding reads every shard
         load_resharded(checkpoint, manifest, model=model, optimizer=optimizer)
         return manifest
-    model_file, optim_file = shard_files(ctx.tp_rank, ctx.pp_rank)
+    model_file, optim_file = shard_files(ctx.tp_rank, ctx.pp_rank, ctx.ep_rank)
     if verify:
         verify_checkpoint(checkpoint, [model_file, optim_file])
     params = load_file(str(checkpoint / model_file))

@@ -7,7 +7,8 @@
 - `global_grad_norm`: the 2-norm of the gradient of the whole (unsharded) model. Each rank adds
   the squares of the pieces it owns (`sharding.owns`): TP-sharded pieces on every TP rank,
   TP-replicated ones (norms, row-parallel biases, GPT-2 position embeddings, replicated kv heads)
-  on one; every pipeline stage adds its layers; only DP rank 0 adds (the DP-reduced gradients are
+  on one; every pipeline stage adds its layers; each EP rank its own experts (the rest, replicated
+  over EP, only EP rank 0); only DP rank 0 adds (the DP-reduced gradients are
   identical across DP); a tied LM-head copy is skipped. One all-reduce over the world sums them,
   so every rank gets the same norm and clips with the same coefficient.
 """
@@ -64,6 +65,8 @@ def owned_rows(model: DecoderModel, ctx: ParallelContext, *, skip: frozenset[str
     owned = []
     for name, param, pieces in param_pieces(model):
         rows = [(p.row_start, p.row_stop) for p in pieces if owns(p, ctx.tp_rank) and p.row_stop > p.row_start]
+        if ctx.ep_rank != 0 and ".mlp.experts." not in name:  # replicated over EP: counted on EP rank 0
+            continue
         if name not in skip and rows:
             owned.append((param, rows))
     return owned

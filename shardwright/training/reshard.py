@@ -14,6 +14,8 @@ served from its export beside it (`step-N.hf`), written once, on the deployment'
 
 from __future__ import annotations
 
+import itertools
+
 import os
 import shutil
 import tempfile
@@ -41,15 +43,14 @@ def gather_hf(checkpoint: Path, manifest: Manifest, kind: str = "param") -> dict
     if kind not in ("param", *MOMENTS):
         raise ValueError(f"kind={kind!r}; choose 'param', 'exp_avg' or 'exp_avg_sq'")
     layout, full = manifest.layout, FullTensors()
-    for tp_rank in range(layout.tp):
-        for pp_rank in range(layout.pp):
-            model_file, optim_file = shard_files(tp_rank, pp_rank)
-            saved = load_file(str(checkpoint / (model_file if kind == "param" else optim_file)))
-            meta = stage_model(manifest.model, layout, tp_rank, pp_rank)
-            for name, _, pieces in param_pieces(meta):
-                key = name if kind == "param" else f"{kind}.{name}"
-                for piece in pieces if key in saved else []:
-                    full.add(piece, saved[key])
+    for tp_rank, pp_rank, ep_rank in itertools.product(range(layout.tp), range(layout.pp), range(layout.ep)):
+        model_file, optim_file = shard_files(tp_rank, pp_rank, ep_rank)
+        saved = load_file(str(checkpoint / (model_file if kind == "param" else optim_file)))
+        meta = stage_model(manifest.model, layout, tp_rank, pp_rank, ep_rank)
+        for name, _, pieces in param_pieces(meta):
+            key = name if kind == "param" else f"{kind}.{name}"
+            for piece in pieces if key in saved else []:
+                full.add(piece, saved[key])
     return full.build()
 
 

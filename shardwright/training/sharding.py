@@ -8,7 +8,7 @@ Built on `models.weights.weight_plan`, the one description of each parameter's c
   hold identically (norm weights, row-parallel biases, GPT-2 position embeddings, replicated
   kv heads), so a sum over ranks counts every element of the model once;
 - `FullTensors`: assembles HF tensors from the pieces of every shard (export, reshard);
-- `stage_model(spec, layout, tp_rank, pp_rank)`: the meta-device shard of any rank of any layout,
+- `stage_model(spec, layout, tp_rank, pp_rank, ep_rank)`: the meta-device shard of any rank of any layout,
   to read its plan without its process groups.
 """
 
@@ -90,17 +90,18 @@ def owns(piece: Piece, tp_rank: int) -> bool:
     return tp_rank % piece.replicas == 0
 
 
-def shard_context(layout: ParallelLayout, *, tp_rank: int, pp_rank: int) -> ParallelContext:
-    """A group-less context of the (tp_rank, pp_rank) shard of `layout` (dp = cp = 0)."""
+def shard_context(layout: ParallelLayout, *, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> ParallelContext:
+    """A group-less context of the (tp_rank, pp_rank, ep_rank) shard of `layout` (dp = cp = 0)."""
     blocks = {d: None for d in range(2, layout.tp) if layout.tp % d == 0}
     return ParallelContext(layout=layout, rank=-1, device=torch.device("meta"), backend="none",
-                           tp_rank=tp_rank, pp_rank=pp_rank, group_ranks={a: [] for a in AXES},
+                           tp_rank=tp_rank, pp_rank=pp_rank, ep_rank=ep_rank, group_ranks={a: [] for a in AXES},
                            tp_block_groups=blocks)  # type: ignore[arg-type]
 
 
-def stage_model(spec: ModelSpec, layout: ParallelLayout, tp_rank: int, pp_rank: int) -> DecoderModel:
-    """The meta-device shard held by (tp_rank, pp_rank) of `layout`: shapes and plan, no memory."""
-    return DecoderModel(spec, shard_context(layout, tp_rank=tp_rank, pp_rank=pp_rank), device="meta")
+def stage_model(spec: ModelSpec, layout: ParallelLayout, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> DecoderModel:
+    """The meta-device shard held by (tp_rank, pp_rank, ep_rank) of `layout`: shapes and plan, no memory."""
+    return DecoderModel(spec, shard_context(layout, tp_rank=tp_rank, pp_rank=pp_rank, ep_rank=ep_rank),
+                        device="meta")
 
 
 class FullTensors:

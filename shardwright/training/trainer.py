@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from contextlib import nullcontext
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 from shardwright.config import ModelSource, ModelSpec, ParallelLayout, TrainConfig
 from shardwright.models import load_model
+from shardwright.models.moe import load_balancing_loss, record_router_logits
 from shardwright.models.tokenizer import ByteTokenizer, load_tokenizer
 from shardwright.parallel.attention.plan import make_shard_plan
 from shardwright.parallel.context import ParallelContext, StartupError
@@ -96,6 +98,10 @@ class TrainerRank:
         else:
             self.spec, self.model = _random_model(source, self.ctx)
         self.model.train()
+        if self.aux_loss_coef and (not self.spec.num_experts or self.ctx.pp > 1):
+            raise ValueError(f"router_aux_loss_coef={self.aux_loss_coef} needs a mixture-of-experts model and pp=1 "
+                             f"(got num_experts={self.spec.num_experts}, pp={self.ctx.pp}): its statistics span "
+                             "every layer; set train.router_aux_loss_coef: 0 or use pp=1")
         if self.config.data.seq_len > self.spec.max_position_embeddings:
             raise ValueError(f"seq_len={self.config.data.seq_len} exceeds the model's "
                              f"max_position_embeddings={self.spec.max_position_embeddings}")
@@ -182,25 +188,42 @@ class TrainerRank:
         return int(count)
 
     def _stage_forward(self, num_tokens: int) -> Callable[[torch.Tensor, MicroBatch], torch.Tensor]:
-        """Stage forward under the configured precision; the last stage returns sum(CE) / N."""
+        """Stage forward under the configured precision; the last stage returns sum(CE) / N, plus
+        the router's load-balancing loss when the model or the run asks for it (`aux_loss_coef`)."""
         ctx, model = self.ctx, self.model
         bf16 = self.config.precision == "bfloat16"
+        coef = self.aux_loss_coef
+        shards = self.config.num_micro_batches * ctx.dp * ctx.cp
 
         def forward(x: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16), \
+                    record_router_logits(model) if coef else nullcontext([]) as router_logits:
                 out = model(x, mb.positions, plan=mb.plan)
             if not ctx.is_last_stage:
                 return out.to(model.dtype)
             losses = vocab_parallel_cross_entropy(out, mb.targets, vocab_start=model.vocab_rows.start,
                                                   group=ctx.tp_group)
-            return losses.sum() / max(num_tokens, 1)
+            loss = losses.sum() / max(num_tokens, 1)
+            if coef:
+                loss = loss + coef * aux_loss(router_logits, self.spec) / shards
+            return loss
 
         return forward
+
+    @property
+    def aux_loss_coef(self) -> float:
+        """Weight of the router's load-balancing loss: the run's `router_aux_loss_coef`, else the model's.
+
+        Each micro-batch's loss (over its rows on this DP and CP rank: transformers' on that batch) is
+        divided by m * dp * cp, so the summed loss and gradients carry their mean; at m = dp = cp = 1
+        the loss is transformers' `loss` with output_router_logits."""
+        coef = self.config.router_aux_loss_coef
+        return self.spec.router_aux_loss_coef if coef is None else coef
 
     def _reduce_metrics(self, stats: PipelineStats) -> tuple[float, float]:
         """(global mean loss, bubble averaged over ranks): one all-reduce over the world."""
         ctx = self.ctx
-        holder = ctx.is_last_stage and ctx.tp_rank == 0  # each DP and CP rank: its tokens' share
+        holder = ctx.is_last_stage and ctx.tp_rank == 0 and ctx.ep_rank == 0  # each DP and CP rank: its share
         values = torch.tensor([stats.loss if holder else 0.0, stats.bubble_measured], dtype=torch.float64)
         if dist.is_initialized() and ctx.world_size > 1:
             values = values.to(ctx.device)
@@ -280,3 +303,10 @@ def _check_same_model(saved: ModelSpec, mine: ModelSpec, path: Path) -> None:
     if diff:
         changes = ", ".join(f"{k}={a[k]} (running {b[k]})" for k in diff)
         raise ValueError(f"checkpoint {path} holds a different model: {changes}; load it with that model")
+
+
+def aux_loss(router_logits: list[torch.Tensor], spec: ModelSpec) -> torch.Tensor:
+    """The router's load-balancing loss of one forward (0 when no layer routed)."""
+    if not router_logits:
+        return torch.zeros(())
+    return load_balancing_loss(router_logits, spec.num_experts, spec.experts_per_token)

@@ -25,7 +25,8 @@ def test_the_reference_names_every_field_of_both_kinds_with_nesting():
     assert required == {"name", "model"}
 
 
-@pytest.mark.parametrize("name, kind", [("deployment.yaml", "inference"), ("train_tiny.yaml", "training")])
+@pytest.mark.parametrize("name, kind", [("deployment.yaml", "inference"), ("train_tiny.yaml", "training"),
+                                        ("train_moe_ep.yaml", "training")])
 def test_example_job_files_are_valid(name, kind):
     job = parse_job((EXAMPLES / name).read_text())
     assert job.kind == kind
