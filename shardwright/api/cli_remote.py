@@ -36,6 +36,8 @@ def _job_line(job: dict) -> str:
     layout = job.get("layout", {})
     job = {**job, "state": _state_label(job, job.get("state", ""))}
     shape = "x".join(str(layout.get(k, 1)) for k in ("tp", "pp", "cp", "dp"))
+    if layout.get("ep", 1) > 1:
+        shape += f" ep={layout['ep']}"
     progress = f"step={job.get('step', 0)} " if job.get("kind") == "training" else ""  # deployments have no step
     return (f"{job['job_id']:<14} {job.get('name', ''):<20} {job.get('kind', ''):<9} {job.get('state', ''):<11} "
             f"tp.pp.cp.dp={shape:<8} {progress}{job.get('message', '')}").rstrip()
@@ -167,11 +169,12 @@ def cmd_deployments(args) -> int:
         jobs = [j for j in _all_jobs(c, kind="inference") if j.get("state") not in TERMINAL or args.all]
         address = c.address
     rows = [{"name": j["name"], "job_id": j["job_id"], "state": _state_label(j, j["state"]),
-             "layout": {k: j.get("layout", {}).get(k, 1) for k in ("tp", "pp", "cp")},
+             "layout": {k: j.get("layout", {}).get(k, 1) for k in ("tp", "pp", "cp", "ep")},
              "endpoint": f"generate --deployment {j['name']} --address {address} | HTTP model {j['name']!r}",
              "message": j.get("message", "")} for j in jobs]
     human = "\n".join(f"{r['name']:<20} {r['job_id']:<14} {r['state']:<10} "
-                      f"tp={r['layout']['tp']} pp={r['layout']['pp']} cp={r['layout']['cp']}  {r['endpoint']}"
+                      f"tp={r['layout']['tp']} pp={r['layout']['pp']} cp={r['layout']['cp']}"
+                      + (f" ep={r['layout']['ep']}" if r['layout']['ep'] > 1 else "") + f"  {r['endpoint']}"
                       for r in rows) or "no deployments"
     _emit({"deployments": rows}, args.json, human)
     return 0

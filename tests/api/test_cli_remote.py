@@ -108,7 +108,7 @@ def test_deployments_by_name_watch_until_ready_and_cancel(served, tmp_path):
     listed = run_cli("deployments", "--address", address, "--json")
     rows = {r["name"]: r for r in json.loads(listed.stdout.splitlines()[-1])["deployments"]}
     assert {"chat", "second"} <= set(rows) and rows["second"]["job_id"] == job_id
-    assert rows["second"]["state"] == "ready" and rows["second"]["layout"] == {"tp": 1, "pp": 1, "cp": 1}
+    assert rows["second"]["state"] == "ready" and rows["second"]["layout"] == {"tp": 1, "pp": 1, "cp": 1, "ep": 1}
     status = run_cli("status", "second", "--address", address)
     assert status.returncode == 0 and job_id in status.stdout and "step=" not in status.stdout
     assert run_cli("cancel", "second", "--address", address).returncode == 0

@@ -17,6 +17,7 @@ from shardwright.api.auth import Authenticator, tenant_of
 from shardwright.api.gen.shardwright.v1 import cluster_pb2, cluster_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from shardwright.api.errors import one_line as _one_line
 from shardwright.api.limits import FLAGS, RESUME_KEY
+from shardwright.config import ParallelLayout
 from shardwright.scheduler.jobs import JobLimitError
 
 MAX_PAGE = 500
@@ -34,13 +35,18 @@ def _abort_for(context: grpc.ServicerContext, err: Exception) -> None:
     context.abort(grpc.StatusCode.UNAVAILABLE, _one_line(err))
 
 
+def _layout(layout: dict) -> dict[str, int]:
+    """A layout record as the wire's ParallelLayout fields (every axis; an absent one is 1)."""
+    return {axis: int(layout.get(axis, 1)) for axis in ParallelLayout.model_fields}
+
+
 def job_message(job: dict) -> jobs_pb2.Job:
     """A control-plane job record (plain dict) as a protobuf Job."""
     layout = job.get("layout") or {}
     return jobs_pb2.Job(
         job_id=job["job_id"], name=job.get("name", ""), kind=job.get("kind", ""), tenant=job.get("tenant", ""),
         state=job.get("state", ""), priority=job.get("priority", ""),
-        layout={k: int(layout.get(k, 1)) for k in ("tp", "pp", "cp", "dp")},
+        layout=_layout(layout),
         submitted_at_s=float(job.get("submitted_at_s", 0)), updated_at_s=float(job.get("updated_at_s", 0)),
         message=job.get("message", ""), step=int(job.get("step", 0)), checkpoint=job.get("checkpoint") or "",
         num_events=int(job.get("num_events", 0)))
@@ -118,7 +124,7 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
         return cluster_pb2.ClusterInfo(
             nodes=[cluster_pb2.Node(**n) for n in info["nodes"]],
             gangs=[cluster_pb2.Gang(job_id=g["job_id"], kind=g["kind"], workers=g.get("workers", []),
-                                    layout={k: int(g.get("layout", {}).get(k, 1)) for k in ("tp", "pp", "cp", "dp")},
+                                    layout=_layout(g.get("layout", {})),
                                     memory_budget_bytes=int(g.get("memory_budget_bytes") or 0),
                                     memory_peers=int(g.get("memory_peers") or 0),
                                     memory_plan=g.get("memory_plan", []))

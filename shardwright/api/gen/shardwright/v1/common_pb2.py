@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bshardwright/v1/common.proto\x12\x0eshardwright.v1\"@\n\x0eParallelLayout\x12\n\n\x02tp\x18\x01 \x01(\x05\x12\n\n\x02pp\x18\x02 \x01(\x05\x12\n\n\x02\x63p\x18\x03 \x01(\x05\x12\n\n\x02\x64p\x18\x04 \x01(\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bshardwright/v1/common.proto\x12\x0eshardwright.v1\"L\n\x0eParallelLayout\x12\n\n\x02tp\x18\x01 \x01(\x05\x12\n\n\x02pp\x18\x02 \x01(\x05\x12\n\n\x02\x63p\x18\x03 \x01(\x05\x12\n\n\x02\x64p\x18\x04 \x01(\x05\x12\n\n\x02\x65p\x18\x05 \x01(\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardwright.v1.common_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PARALLELLAYOUT']._serialized_start=47
-  _globals['_PARALLELLAYOUT']._serialized_end=111
+  _globals['_PARALLELLAYOUT']._serialized_end=123
 # @@protoc_insertion_point(module_scope)
