@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-NAMES = ("decode", "step", "scheduler", "attention", "train", "pool", "api", "quant", "prefix", "speculative")
+NAMES = ("decode", "step", "scheduler", "attention", "train", "pool", "api", "quant", "prefix", "speculative", "families")
 FAIL_POINT_ENV = "SHARDWRIGHT_BENCH_FAIL_POINT"
 
 
