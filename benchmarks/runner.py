@@ -25,7 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-NAMES = ("decode", "step", "scheduler", "attention", "train", "pool", "api", "quant", "prefix", "speculative", "moe")
+NAMES = ("decode", "step", "scheduler", "attention", "train", "pool", "api", "quant", "prefix", "speculative", "moe",
+         "families")
 FAIL_POINT_ENV = "SHARDWRIGHT_BENCH_FAIL_POINT"
 
 

@@ -164,3 +164,24 @@ def test_an_option_a_benchmark_does_not_take_is_a_one_line_error():
                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == "shardwright bench: --mixed is not an option of bench scheduler"
+
+
+def test_the_families_bench_configs_are_the_families_it_names(tmp_path):
+    # `bench families` compares the families at one shape: each config transformers writes must
+    # parse to its own family's features, and the MoE ones to 8 experts of which 2 are chosen.
+    pytest.importorskip("transformers", reason="bench families builds its checkpoints with transformers")
+    from benchmarks.families import FAMILIES, _config
+    from shardwright.config import ModelSpec
+
+    specs = {}
+    for family in FAMILIES:
+        (tmp_path / family).mkdir()
+        _config(family, 2).to_json_file(tmp_path / family / "config.json")
+        specs[family] = ModelSpec.from_hf_dir(tmp_path / family)
+    assert all(s.hidden_size == 512 and s.num_layers == 2 for s in specs.values())
+    assert specs["qwen2"].qkv_bias and specs["qwen3"].qk_norm and specs["mistral"].sliding_window == 1024
+    assert specs["gemma2"].final_logit_softcap and specs["gemma2"].post_norms
+    assert specs["llama"].num_experts is None or specs["llama"].num_experts <= 1
+    for moe in ("mixtral", "qwen2_moe"):
+        assert (specs[moe].num_experts, specs[moe].experts_per_token) == (8, 2), moe
+    assert specs["qwen2_moe"].shared_expert_intermediate_size == 1536
