@@ -9,7 +9,8 @@ ranks), trains a few steps, lets them tear down, and classifies each launch:
 
 - ok: every rank exited 0 and returned its result;
 - abort: a rank died of SIGABRT, or a rank's stderr says "terminate called";
-- failed: any other non-zero exit, signal or exception (its first error line is kept).
+- failed: any other non-zero exit, signal or exception.
+A launch that did not end ok keeps its error and the last lines of the ranks' stderr in the JSON.
 
 Run from a checkout (the code under test is whatever PYTHONPATH imports, so the same script runs
 against an older tree: `PYTHONPATH=/path/to/old/tree python scripts/teardown_loop.py`):
@@ -41,6 +42,7 @@ LAYOUTS = {  # name -> (ParallelLayout fields, share of the optimizer state offl
     "offload": (dict(dp=2), 0.5),
 }
 ABORT_TEXT = "terminate called"
+TAIL_LINES = 30  # of the ranks' stderr, kept for a launch that did not end ok
 
 
 def launch(name: str, warmup: int, steps: int, directory: Path) -> tuple[str, str]:
@@ -75,13 +77,15 @@ def launch(name: str, warmup: int, steps: int, directory: Path) -> tuple[str, st
 
 
 def classify(error: BaseException | None, text: str) -> tuple[str, str]:
-    """(ok | abort | failed, detail) from the exception run_ranks raised and the ranks' stderr."""
+    """(ok | abort | failed, detail) from the exception run_ranks raised and the ranks' stderr;
+    the detail of a launch that did not end ok ends with the last lines the ranks wrote to stderr."""
     signal_name = getattr(error, "signal_name", None)
+    tail = " | ".join(ln.strip() for ln in text.strip().splitlines()[-TAIL_LINES:])
     if ABORT_TEXT in text or signal_name == signal.Signals.SIGABRT.name:
         line = next((ln for ln in text.splitlines() if ABORT_TEXT in ln), str(error))
-        return "abort", line.strip()[:300]
+        return "abort", f"{line.strip()[:300]}; stderr: {tail}"
     if error is not None:
-        return "failed", f"{type(error).__name__}: {error}".replace("\n", " | ")[:300]
+        return "failed", f"{type(error).__name__}: {error}".replace("\n", " | ")[:300] + f"; stderr: {tail}"
     return "ok", ""
 
 
