@@ -6,7 +6,9 @@ scope, `exit_actor`) finalizes the interpreter instead; `ShardWorker.__ray_shutd
 the runner's `shutdown`, which must leave no more gloo threads than run_ranks' teardown does
 (tests/training/test_rank_teardown.py): at most one group's, held inside torch. Before this,
 `shutdown` only called destroy_process_group while the trainer or the model still held every
-group: a dp2 training rank kept both groups' 6 gloo threads running (measured: 6 -> 6; now 6 -> 3).
+group: a dp2 training rank kept both groups' 6 gloo threads running (measured: 6 -> 6; now 6 -> 3;
+this test fails on the old code). A tp2 serving worker already fell to at most one group's threads with
+the old shutdown (this test's check, run on the old code, passed), so it is not tested here.
 Threads are counted from /proc/<pid>/task of each worker (same node), not by a method of the worker.
 """
 
@@ -54,17 +56,8 @@ def training_gang(model_dir: str):
     return gang
 
 
-def serving_gang(model_dir: str):
-    from shardwright.actors.gang import GangConfig, WorkerGang
-
-    gang = WorkerGang(GangConfig(layout=ParallelLayout(tp=2), collective_timeout_s=60))
-    gang.start([("load", (model_dir, None)), ("allocate_cache", (8, 16))])
-    return gang
-
-
-@pytest.mark.parametrize("build", [training_gang, serving_gang], ids=["training-dp2", "serving-tp2"])
-def test_a_workers_shutdown_leaves_at_most_one_gloo_group_running(build, model_dir, ray_cluster):
-    gang = build(model_dir)
+def test_a_training_workers_shutdown_leaves_at_most_one_gloo_group_running(model_dir, ray_cluster):
+    gang = training_gang(model_dir)
     try:
         pids = [node["pid"] for node in gang.nodes]
         before = [gloo_threads(pid) for pid in pids]
