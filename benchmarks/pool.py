@@ -10,8 +10,9 @@ The ~110M-parameter Llama of `bench decode` (fp32) is served at tp=1 on a local 
   (zero-copy: no fetch, no fetch buffer in the budget, no fetch thread);
 - f = 0.5, where = host: the pooled layers in the worker's host memory, copied in by the
   background fetch thread `prefetch` layers ahead (fetch buffers in the budget).
-Both decode the same prompts greedily: each point is the best of two runs, and the resident engine
-runs before and after the pooled ones (its best counts). latency_s is one decode step (every
+Both decode the same prompts greedily. The resident engine stays up for the whole run and each point
+runs in turns with it (resident, pooled, resident, pooled, per batch): each side's best of its two
+runs counts, so a point's slowdown compares runs made under the same load of the shared machine. latency_s is one decode step (every
 sequence of the batch advances one token); bytes_moved_per_token is what the worker fetched
 divided by the tokens produced; bytes_mapped the pooled bytes bound in place (on the peer's
 ledger); peak_resident_bytes is the worker ledger's high-water mark, never above budget_bytes.
@@ -37,16 +38,18 @@ PREFETCH = 2
 TARGET_SLOWDOWN = 1.10  # issue 20: 50% pooled on a same-node peer, batch 1 and 8
 
 
-def decode(cfg, batches: list[int], steps: int) -> dict[int, dict]:
-    """Per batch, the best of two runs: tokens/s of steady decoding, the worker's pool counters."""
+def decode_beside(resident, cfg, batches: list[int], steps: int) -> dict[int, tuple[dict, dict]]:
+    """Per batch, (pooled, resident): each the best of two runs made in turns with the other's
+    (tokens/s of steady decoding, the worker's pool counters). `resident` is a started engine."""
     from shardwright.actors.engine import InferenceEngine
 
     out = {}
     with InferenceEngine(cfg).start() as eng:
         for batch in batches:
             prompts = [[(7 * i + j) % 1000 + 1 for j in range(PROMPT_LEN)] for i in range(batch)]
-            runs = [_decode_once(eng, prompts, steps) for _ in range(2)]  # a burst of other load is not the pool's cost
-            out[batch] = max(runs, key=lambda r: r["tokens_per_s"])
+            runs = [(_decode_once(resident, prompts, steps), _decode_once(eng, prompts, steps)) for _ in range(2)]
+            best = lambda side: max((r[side] for r in runs), key=lambda r: r["tokens_per_s"])  # noqa: E731
+            out[batch] = (best(1), best(0))  # a burst of other load is not the pool's cost
     return out
 
 
@@ -90,15 +93,14 @@ def per_layer(p: dict, batch: int, num_layers: int, layer_bytes: int) -> dict:
             "hidden_fraction": max(0.0, 1 - p["fetch_wait_s"] / p["fetch_s"]) if p["fetch_s"] > 0 else None}
 
 
-def row(where: str, fraction: float, batch: int, p: dict, r: dict | None, num_layers: int,
+def row(where: str, fraction: float, batch: int, p: dict, r: dict, num_layers: int,
         layer_bytes: int) -> dict:
-    """One pooled point beside the resident engine (its columns None if both resident runs failed)."""
+    """One pooled point beside the resident engine's runs made in turns with it."""
     latency = batch / p["tokens_per_s"]
-    resident_latency = None if r is None else batch / r["tokens_per_s"]
+    resident_latency = batch / r["tokens_per_s"]
     return {"where": where, "pooled_fraction": fraction, "batch": batch, "latency_s": latency,
-            "resident_latency_s": resident_latency,
-            "slowdown": None if r is None else latency / resident_latency,
-            "tokens_per_s": p["tokens_per_s"], "resident_tokens_per_s": None if r is None else r["tokens_per_s"],
+            "resident_latency_s": resident_latency, "slowdown": latency / resident_latency,
+            "tokens_per_s": p["tokens_per_s"], "resident_tokens_per_s": r["tokens_per_s"],
             "bytes_moved_per_token": p["bytes_per_token"], "bytes_mapped": p["bytes_mapped"],
             **per_layer(p, batch, num_layers, layer_bytes),
             "peak_resident_bytes": p["peak"], "budget_bytes": p["budget"]}
@@ -107,7 +109,7 @@ def row(where: str, fraction: float, batch: int, p: dict, r: dict | None, num_la
 def run(quick: bool) -> dict:
     import ray
 
-    from shardwright.actors.engine import EngineConfig
+    from shardwright.actors.engine import EngineConfig, InferenceEngine
     from shardwright.pool.sizing import shard_sizes
 
     directory = model_dir()
@@ -117,22 +119,17 @@ def run(quick: bool) -> dict:
     if not ray.is_initialized():
         ray.init(address="local", num_gpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     base = EngineConfig(model_dir=directory, layout=ParallelLayout(), max_running=max(batches), **LIMITS)
-    resident = measure_point({"engine": "resident", "run": 1}, decode, base, batches, steps) or {}
     points = [("same-node", f) for f in FRACTIONS] + [("host", HOST_FRACTION)]
-    pooled_runs = {}
-    for where, fraction in points:
-        got = measure_point({"engine": "pooled", "where": where, "pooled_fraction": fraction},
-                            decode, pooled_config(spec, base, where, fraction), batches, steps)
-        if got is not None:
-            pooled_runs[where, fraction] = got
-    # the resident side before and after the pooled ones: its best
-    again = measure_point({"engine": "resident", "run": 2}, decode, base, batches, steps) or {}
-    for b, figures in again.items():
-        if b not in resident or figures["tokens_per_s"] > resident[b]["tokens_per_s"]:
-            resident[b] = figures
+    measured = {}
+    with InferenceEngine(base).start() as resident:
+        for where, fraction in points:
+            got = measure_point({"engine": "pooled", "where": where, "pooled_fraction": fraction},
+                                decode_beside, resident, pooled_config(spec, base, where, fraction), batches, steps)
+            if got is not None:
+                measured[where, fraction] = got
     layer_bytes = max(shard_sizes(spec, base.layout, 0).layer_bytes)
-    results = [row(where, fraction, b, pooled[b], resident.get(b), spec.num_layers, layer_bytes)
-               for (where, fraction), pooled in pooled_runs.items() for b in batches]
+    results = [row(where, fraction, b, *got[b], spec.num_layers, layer_bytes)
+               for (where, fraction), got in measured.items() for b in batches]
     notes = [f"model: {spec.num_parameters / 1e6:.0f}M parameters fp32, tp=1; same-node: one memory peer on the "
              f"worker's node (bound in place); host: the worker's host memory, prefetch depth {PREFETCH}; "
              f"{steps} decode steps per point", *target_notes(results)]

@@ -7,7 +7,8 @@ each point through `measure_point(point, fn, *args)`: it prints `[bench NAME] po
 recorded (its description and the error) instead of ending the run, so the points already measured
 are still reported. A point may measure points inside it (bench decode's vLLM runs inside a layout's
 point): each has its own number and line, and an inner one that fails leaves the outer one standing.
-The JSON lists the failed points under "failed"; the exit status is 1 if any failed.
+The JSON lists the failed points under "failed" and the 1-minute load average at the start and end
+of the run under "load_1min"; the exit status is 1 if any failed.
 
 Fault injection (to check the above on the real code path): SHARDWRIGHT_BENCH_FAIL_POINT="tp=2,pp=1"
 makes every point whose description has all those key=value pairs raise before it runs.
@@ -137,10 +138,11 @@ def main(name: str, quick: bool, as_json: bool, options: dict[str, bool] | None 
     except ValueError as exc:
         print(f"shardwright bench: {exc}", file=sys.stderr)
         return 2
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
     report = module.run(quick=quick, **given)
     report["benchmark"], report["quick"] = name, quick
     report["wall_s"] = round(time.perf_counter() - start, 1)
+    report["load_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # at start and end: the machine is shared
     report["failed"] = _current.failed
     print(table(report["results"], report.get("columns", module.COLUMNS)))
     for line in report.get("notes", []):

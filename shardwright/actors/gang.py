@@ -83,6 +83,13 @@ class ShardWorker:
         fn = getattr(self.runner, method)
         return fn(*args) if self.compute is None else self.compute.call(fn, *args)
 
+    def __ray_shutdown__(self) -> None:
+        """Ray's graceful exit (an actor out of scope, `exit_actor`) finalizes the interpreter:
+        the runner destroys its process groups first, so no gloo thread is left running to be
+        destroyed there (issue 21). `ray.kill` (WorkerGang.kill) ends the process at once
+        (`_Exit`, no destructors run) and does not come here."""
+        self.call("shutdown")
+
 
 @dataclass(frozen=True)
 class GangConfig:

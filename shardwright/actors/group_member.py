@@ -6,6 +6,7 @@ Start-up runs in named phases; a failure names the phase and the rank (StartupEr
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import threading
@@ -120,5 +121,13 @@ class GroupMember:
         return float(t)
 
     def shutdown(self) -> None:
+        """Leave the world so that no gloo thread outlives it (issue 21): destroy the process
+        groups, drop the references to them (a subclass drops its own first: model, trainer), and
+        collect, so each group's C++ object is freed and joins its threads now rather than during
+        interpreter finalization, where a std::thread destroyed while running aborts the process
+        (std::terminate). Called by ShardWorker's graceful exit; idempotent."""
         if dist.is_initialized():
             dist.destroy_process_group()
+        self.ctx = None
+        self._store = None
+        gc.collect()

@@ -238,6 +238,14 @@ class ShardRunner(GroupMember):
     def reset_memory_peak(self) -> None:
         self.ledger.reset_high_water()
 
+    def shutdown(self) -> None:
+        """The fetch thread, then what holds the process groups (models, caches), then the world
+        (GroupMember.shutdown: groups destroyed, their gloo threads joined before exit)."""
+        if self.fetcher is not None:
+            self.fetcher.close()
+        self.fetcher = self.model = self.cache = self.draft_model = self.draft_cache = None
+        super().shutdown()
+
     def _activation_bytes(self, batch: PagedBatch, msg: StepMessage) -> int:
         if self.sizes is None:
             return 0

@@ -54,8 +54,11 @@ class TrainingRank(GroupMember):
         return str(self.trainer.save(root))
 
     def shutdown(self) -> None:
-        """The trainer's hooks and threads first, then the world (GroupMember.shutdown)."""
-        self.trainer.close()
+        """The trainer's hooks and threads first, then the trainer (its model and context hold the
+        process groups), then the world (GroupMember.shutdown)."""
+        if self.trainer is not None:
+            self.trainer.close()
+            self.trainer = None
         super().shutdown()
 
 

@@ -22,6 +22,9 @@ a C++ thread destroyed while still running). A rank that returns does not close 
    its threads end with the process (tests/training/test_rank_teardown.py counts them);
 3. the rank then ends with `os._exit(0)` after its atexit handlers (`leave_without_finalizing`),
    so interpreter finalization never destroys those threads.
+`scripts/teardown_loop.py` launches each training layout's ranks as `bench train` does and counts
+how they end: on the code before this teardown it caught the abort once, at dp2 (1 of 75 dp2
+launches, 0 of 27 at tp2/pp2/cp2/dp2-offload); with it, 0 aborts in 99 dp2 and 34 other launches.
 """
 
 from __future__ import annotations

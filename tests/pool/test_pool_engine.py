@@ -39,6 +39,10 @@ def test_model_needing_twice_the_budget_generates_the_reference_tokens(ray_clust
     with InferenceEngine(cfg).start() as eng:
         plan = eng.health(probe=False)["memory_pool"]
         assert all("layers resident" in line and "fetched per step" in line for line in plan), plan
+        # Bound in place (CPU, same-node peers): the plan reserves no fetch buffer for them.
+        pooled = eng.pool_plan.to_dict()
+        assert set(pooled["bytes_fetched_per_step"].values()) == {0}, pooled
+        assert all(b > 0 for b in pooled["bytes_bound_in_place"].values()), pooled
         before = segment_digests(eng)
         outs = eng.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True), timeout_s=300)
         assert [o.token_ids for o in outs] == refs

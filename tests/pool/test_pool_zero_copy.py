@@ -117,3 +117,61 @@ def test_only_same_node_layers_keep_every_compute_thread_and_stay_off_the_ledger
     assert runner.num_threads == 1 and torch.get_num_threads() == 1
     assert runner.memory()["bytes_mapped"] == 0
     runner.fetcher.close()
+
+
+PEER_SCRIPT = """
+import hashlib, json, sys, time
+from shardwright.config import ModelSpec, ParallelLayout
+from shardwright.pool import MemoryLedger
+from shardwright.pool.store import PeerStore
+store = PeerStore(MemoryLedger(None, owner="peer"), shared=True)
+store.load({model!r}, ModelSpec.from_hf_dir({model!r}), ParallelLayout(), [(0, i) for i in {pooled!r}])
+digests = {{k[1]: hashlib.sha256(f.view(__import__("torch").uint8).numpy().tobytes()).hexdigest()
+           for k, f in store.flat.items()}}
+print(json.dumps({{"handles": {{k[1]: h for k, h in store.handles().items()}}, "digests": digests}}), flush=True)
+sys.stdin.readline()  # the owner has mapped every layer
+store.unlink()  # as the engine has a peer do once its owners mapped
+print("unlinked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_peer_killed_while_its_layers_are_bound_leaves_the_owner_its_bytes(pool_model):
+    """The peer is a real process holding the layers in /dev/shm; the owner maps and binds them, the
+    peer unlinks their names and is killed (SIGKILL: nothing of its own teardown runs). The owner's
+    mapping keeps the pages: the bound layers hash as the peer loaded them and greedy tokens equal
+    the all-resident model's; the memory goes only when the owner drops its mapping. (That such a
+    death fails the deployment's step naming the peer is tests/pool/test_pool_engine.py's
+    test_a_dead_peer_fails_the_deployment_which_rebuilds, where the layers are bound the same way.)"""
+    import json
+    import signal
+    from pathlib import Path
+
+    ctx = ParallelContext.single()
+    _, resident = load_model(pool_model, ctx)
+    prompt = [3, 14, 15, 92, 65, 35]
+    ref = greedy_generate(resident, prompt, 24)
+    peer = subprocess.Popen([sys.executable, "-c", PEER_SCRIPT.format(model=str(pool_model), pooled=POOLED)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        told = json.loads(peer.stdout.readline())
+        handles = {int(layer): h for layer, h in told["handles"].items()}
+        if any(h["path"] is None for h in handles.values()):
+            pytest.skip("no /dev/shm on this machine: same-node segments are not shared memory")
+        sources = {layer: map_segment(h) for layer, h in handles.items()}
+        _, model = load_model(pool_model, ctx, skip_blocks=frozenset(POOLED))
+        fetcher = LayerFetcher(model.blocks, sources, MemoryLedger(None, owner="rank 0"), ctx.device, depth=2)
+        model.layer_weights = fetcher  # bound in place, now the peer dies
+        peer.stdin.write("mapped\n")
+        peer.stdin.flush()
+        assert peer.stdout.readline().strip() == "unlinked"
+        assert not any(Path(h["path"]).exists() for h in handles.values())
+        peer.send_signal(signal.SIGKILL)
+        assert peer.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        peer.kill()
+        peer.wait()
+    assert {str(i): digest(s.flat) for i, s in sources.items()} == told["digests"]
+    assert greedy_generate(model, prompt, 24) == ref
+    assert fetcher.bytes_fetched == 0
+    fetcher.close()
