@@ -352,6 +352,11 @@ class WorkerGang:
         if any(v != expected for v in values):
             raise GangError(f"gang ping returned {values}, expected {expected} on every rank")
 
+    def shutdown_runners(self, timeout_s: float | None = None) -> None:
+        """Every compute rank's runner releases what holds its process groups (its `shutdown`), as
+        Ray's graceful exit does through `ShardWorker.__ray_shutdown__`; the workers stay up."""
+        self._call(self.compute_ranks, "shutdown", timeout_s=timeout_s)
+
     def kill(self) -> None:
         channel, self._channel = self._channel, None
         if channel is not None:

@@ -44,15 +44,16 @@ def model_dir(tmp_path_factory) -> str:
 
 
 def training_gang(model_dir: str):
-    from shardwright.actors.gang import GangConfig, WorkerGang
-    from shardwright.actors.training import TrainingRank
+    from shardwright.actors.gang import GangConfig
+    from shardwright.actors.training import TrainingGang
 
     train = TrainConfig(data=DataConfig(path=CORPUS, seq_len=32, global_batch_size=8, seed=3),
                         optim=OptimConfig(lr=1e-3, warmup_steps=1, decay_steps=4), steps=1, num_micro_batches=2)
-    gang = WorkerGang(GangConfig(layout=ParallelLayout(dp=2), collective_timeout_s=60), runner_cls=TrainingRank,
-                      runner_kwargs={"train": train.model_dump(mode="json")})
-    gang.start([("setup", ({"path": model_dir}, None))])
-    gang.call_compute("train_step")  # the DP gradient hooks and their all-reduces have run
+    gang = TrainingGang(GangConfig(layout=ParallelLayout(dp=2), collective_timeout_s=60),
+                        train=train.model_dump(mode="json"))
+    gang.start()
+    gang.setup({"path": model_dir}, None)
+    gang.train_step()  # the DP gradient hooks and their all-reduces have run
     return gang
 
 
@@ -62,7 +63,7 @@ def test_a_training_workers_shutdown_leaves_at_most_one_gloo_group_running(model
         pids = [node["pid"] for node in gang.nodes]
         before = [gloo_threads(pid) for pid in pids]
         assert all(n > ONE_GROUP for n in before), f"each worker should run several groups' threads: {before}"
-        gang.call_compute("shutdown")
+        gang.shutdown_runners()
         after = [gloo_threads(pid) for pid in pids]
         assert all(n <= ONE_GROUP for n in after), f"gloo threads before / after shutdown: {before} / {after}"
     finally:
