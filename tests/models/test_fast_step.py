@@ -1,4 +1,4 @@
-"""The fast CPU step (oneDNN-packed bf16 weights, the reused decode-gather workspace) against the
+"""The fast CPU step (oneDNN-packed bf16 and fp32 weights, the reused decode-gather workspace) against the
 plain path it replaces, on the serving path (forward_packed over a paged cache)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from model_helpers import paged_greedy, tiny_spec
 from shardwright.models import load_model
-from shardwright.models.packed import PackedWeight, pack_model
+from shardwright.models.packed import FP32_PACKED, PackedWeight, pack_model
 from shardwright.models.paged import PagedBatch, PagedKVCache, gather_slots, paged_attention
 from shardwright.models.random_init import write_random_checkpoint
 from shardwright.parallel.context import ParallelContext
@@ -49,11 +49,23 @@ def test_packed_bf16_step_equals_the_plain_bf16_step(checkpoints, name):
         torch.testing.assert_close(got, want, rtol=0, atol=2 / 64)
 
 
-def test_fp32_weights_are_left_as_tensors(checkpoints):
-    """Packing does not pay for fp32 (models/packed.py's measurements): nothing is packed."""
-    _, model = load_model(checkpoints["llama"], ParallelContext.single("cpu"))
-    assert pack_model(model) == 0
-    assert isinstance(model.blocks[0].attn.qkv.weight, torch.Tensor)
+@pytest.mark.skipif(not FP32_PACKED, reason="fp32 is packed only where it pays (AVX-512; models/packed.py)")
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_packed_fp32_step_equals_the_plain_fp32_step(checkpoints, name):
+    _, plain = load_model(checkpoints[name], ParallelContext.single("cpu"))
+    _, packed = load_model(checkpoints[name], ParallelContext.single("cpu"))
+    assert pack_model(packed) == 4 * 2 * 2 + (1 if name == "llama" else 0)
+    assert isinstance(packed.blocks[0].mlp.down.weight if name == "llama" else packed.blocks[0].mlp.proj.weight,
+                      PackedWeight)
+    prompts = [[3, 14, 15, 92, 65, 35], [7, 1, 8, 2, 8, 1, 8, 2, 8]]
+    want_tokens, want_logits = paged_greedy(plain, prompts, 24, chunk=5, block=BLOCK)
+    got_tokens, got_logits = paged_greedy(packed, prompts, 24, chunk=5, block=BLOCK)
+    assert len(set(want_tokens[0])) > 4, "continuation too repetitive to be a test"
+    assert got_tokens == want_tokens
+    # Both are fp32 sums over the input features, blocked differently (oneDNN's packed kernel,
+    # MKL's GEMM): a few fp32 roundings per product, far below 1e-4 on logits of magnitude ~4.
+    for got, want in zip(got_logits, want_logits):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
 def test_packed_weight_refuses_other_dtypes_and_gradients():
@@ -62,6 +74,8 @@ def test_packed_weight_refuses_other_dtypes_and_gradients():
         assert w.linear(torch.randn(3, 16, dtype=torch.bfloat16)).shape == (3, 8)
         with pytest.raises(RuntimeError, match="bfloat16 inference; got torch.float32"):
             w.linear(torch.randn(3, 16))
+        with pytest.raises(RuntimeError, match="float32 inference; got torch.bfloat16"):
+            PackedWeight(torch.randn(8, 16)).linear(torch.randn(3, 16, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="gradients enabled"):
         w.linear(torch.randn(3, 16, dtype=torch.bfloat16))
 
