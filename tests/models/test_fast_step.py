@@ -97,11 +97,40 @@ def test_decode_gather_reuses_one_workspace_and_equals_fresh_gathers():
                                  list(range(num_seqs)), torch.device("cpu"))
         q, k, v = torch.randn(num_seqs, 4, 8), torch.randn(num_seqs, 2, 8), torch.randn(num_seqs, 2, 8)
         got = paged_attention(q, k, v, 0, cache, batch, 0.3)
-        kd = gather_slots(cache.keys[0], batch.decode_slots).transpose(1, 2)
-        vd = gather_slots(cache.values[0], batch.decode_slots).transpose(1, 2)
+        (group,) = batch.decode_groups  # contexts within a quarter of each other: one group
+        kd = gather_slots(cache.keys[0], group.slots).transpose(1, 2)
+        vd = gather_slots(cache.values[0], group.slots).transpose(1, 2)
         want = torch.nn.functional.scaled_dot_product_attention(
-            q.unsqueeze(2), kd, vd, attn_mask=batch.decode_mask, scale=0.3, enable_gqa=True).squeeze(2)
+            q.unsqueeze(2), kd, vd, attn_mask=group.mask, scale=0.3, enable_gqa=True).squeeze(2)
         assert torch.equal(got, want)
         if (num_seqs, context) != (5, 30) or ptrs:  # the first largest batch allocates it
             ptrs.add(cache.workspace("keys", 1).data_ptr())
     assert len(ptrs) == 1
+
+
+@pytest.mark.parametrize("window", [None, 10])
+def test_decode_rows_are_grouped_by_context_length(window):
+    """Rows of very different context lengths go to different groups (none padded by more than a
+    quarter of its keys); each row's output equals SDPA over exactly its own keys."""
+    torch.manual_seed(1)
+    cache = PagedKVCache(1, 64, BLOCK, 2, 8, dtype=torch.float32, device="cpu")
+    cache.keys[0].normal_()
+    cache.values[0].normal_()
+    contexts = [12, 40, 3, 38, 11]
+    tables = [list(range(s * 12, s * 12 + 12))[::-1] for s in range(len(contexts))]
+    pos = [c - 1 for c in contexts]
+    slots = [tables[s][p // BLOCK] * BLOCK + p % BLOCK for s, p in enumerate(pos)]
+    batch = PagedBatch.build([1] * 5, pos, slots, [1] * 5, tables, BLOCK, list(range(5)), torch.device("cpu"))
+    assert [g.lens for g in batch.decode_groups] == [[40, 38], [12, 11], [3]]
+    assert batch.decode_groups[-1].mask is None  # one row: all its keys, no mask
+    q, k, v = torch.randn(5, 4, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8)
+    got = paged_attention(q, k, v, 0, cache, batch, 0.3, window=window)
+    for s, n in enumerate(contexts):
+        first = 0 if window is None else max(0, n - window)
+        own = batch.context_slots[s][first:]
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[s].view(1, 4, 1, 8), cache.keys[0][own].transpose(0, 1).unsqueeze(0),
+            cache.values[0][own].transpose(0, 1).unsqueeze(0), scale=0.3, enable_gqa=True)[0, :, 0]
+        # The same keys and sums; the grouped call's masked padding only changes how SDPA blocks
+        # the key loop (fp32 rounding of sums of ~40 terms: far below 1e-6).
+        torch.testing.assert_close(got[s], want, rtol=0, atol=1e-6)
