@@ -69,7 +69,7 @@ class PagedBatch:
             starts.append(acc)
             acc += n
         context_lens = [positions[s] + n for s, n in zip(starts, query_lens)]
-        slots = [_slots(table, ctx, block_size) for table, ctx in zip(block_tables, context_lens)]
+        slots = _context_slots(block_tables, context_lens, block_size)
         batch = cls(
             token_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
@@ -158,10 +158,15 @@ class DecodeGroup:
         return self.window_masks[window]
 
 
-def _slots(table: list[int], num_tokens: int, block_size: int) -> torch.Tensor:
-    blocks = torch.tensor(table, dtype=torch.long).repeat_interleave(block_size)
-    offsets = torch.arange(block_size).repeat(len(table))
-    return (blocks * block_size + offsets)[:num_tokens]
+def _context_slots(tables: list[list[int]], context_lens: list[int], block_size: int) -> list[torch.Tensor]:
+    """Per sequence, the slots of its first context_lens[i] positions: rows of one [sequences,
+    width * block_size] tensor computed at once (one op for the step, not a few per sequence)."""
+    if not tables:
+        return []
+    width = max(len(t) for t in tables)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+    slots = (table[:, :, None] * block_size + torch.arange(block_size)).view(len(tables), width * block_size)
+    return [slots[i, :n] for i, n in enumerate(context_lens)]
 
 
 class PagedKVCache:
