@@ -9,7 +9,7 @@ import torch
 from model_helpers import paged_greedy, tiny_spec
 from shardwright.models import load_model
 from shardwright.models.packed import FP32_PACKED, PackedWeight, pack_model
-from shardwright.models.paged import PagedBatch, PagedKVCache, gather_slots, paged_attention
+from shardwright.models.paged import PagedBatch, PagedKVCache, gather_slots, paged_attention, sdpa
 from shardwright.models.random_init import write_random_checkpoint
 from shardwright.parallel.context import ParallelContext
 
@@ -134,3 +134,19 @@ def test_decode_rows_are_grouped_by_context_length(window):
         # The same keys and sums; the grouped call's masked padding only changes how SDPA blocks
         # the key loop (fp32 rounding of sums of ~40 terms: far below 1e-6).
         torch.testing.assert_close(got[s], want, rtol=0, atol=1e-6)
+
+
+def test_bf16_attention_runs_in_fp32_on_the_cpu():
+    """bf16 q, k, v: the result is fp32 attention over the same values rounded once to bf16 (bit for
+    bit: the same fp32 kernel), and it is at least as close to fp64 attention as bf16 SDPA's."""
+    torch.manual_seed(2)
+    q = torch.randn(3, 4, 1, 16, dtype=torch.bfloat16)
+    k, v = torch.randn(3, 2, 40, 16, dtype=torch.bfloat16), torch.randn(3, 2, 40, 16, dtype=torch.bfloat16)
+    mask = torch.arange(40).view(1, 1, 1, 40) < torch.tensor([40, 25, 9]).view(3, 1, 1, 1)
+    got = sdpa(q, k, v, mask, 0.25, gqa=True)
+    assert got.dtype == torch.bfloat16
+    sd = torch.nn.functional.scaled_dot_product_attention
+    assert torch.equal(got, sd(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.25, enable_gqa=True).bfloat16())
+    exact = sd(q.double(), k.double(), v.double(), attn_mask=mask, scale=0.25, enable_gqa=True)
+    native = sd(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
+    assert (got.double() - exact).abs().max() <= (native.double() - exact).abs().max()
