@@ -164,7 +164,7 @@ def _context_slots(tables: list[list[int]], context_lens: list[int], block_size:
     if not tables:
         return []
     width = max(len(t) for t in tables)
-    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+    table = torch.tensor([[*t, *[0] * (width - len(t))] for t in tables], dtype=torch.long)
     slots = (table[:, :, None] * block_size + torch.arange(block_size)).view(len(tables), width * block_size)
     return [slots[i, :n] for i, n in enumerate(context_lens)]
 
