@@ -1,6 +1,7 @@
 """The decode baseline: the same model and paged cache in a bare torch.distributed loop.
 
-No Ray and no controller: `tp * pp` processes from torch.multiprocessing run the prefill and then
+No Ray and no controller (the same step as the engine's: weights packed as its default
+`pack_weights` packs them): `tp * pp` processes from torch.multiprocessing run the prefill and then
 `steps` greedy decode steps in lock-step. Pipeline stages pass hidden states with send/recv and
 the last stage sends the sampled tokens back to the first (one batch in flight: the plain loop a
 user would write). Returns the time of each decode step after a warm-up step.
@@ -15,6 +16,7 @@ import torch.distributed as dist
 
 from shardwright.config import ParallelLayout
 from shardwright.models import load_model
+from shardwright.models.packed import pack_model
 from shardwright.models.paged import PagedBatch
 from shardwright.parallel.context import ParallelContext
 from shardwright.parallel.launch import run_ranks
@@ -56,6 +58,7 @@ def _rank(rank: int, world: int, directory: str, layout: dict, batches: list[int
     lay = ParallelLayout(**layout)
     ctx = ParallelContext.single() if world == 1 else ParallelContext.from_initialized(lay)
     _, model = load_model(directory, ctx, dtype=dtype)
+    pack_model(model)  # the engine's step: its default pack_weights
     per_seq = -(-(prompt_len + steps + 2) // BLOCK)
     cache = model.new_paged_cache(per_seq * max(batches), BLOCK)
     times = {}

@@ -4,11 +4,13 @@ Run: `shardwright bench step [--quick] [--json]` from a source checkout.
 
 In one process on every core (the threads a (1,1) worker gets), the model of `bench decode`
 (llama-110m, random weights) runs `DecoderModel.forward_packed` over a paged cache for batches
-of 1, 8 and 32 decode rows with 48 tokens of context each, in three variants:
-- fp32: the checkpoint as it is (the reference);
+of 1, 8 and 32 decode rows with 48 tokens of context each, in four variants:
+- fp32: the checkpoint as it is, plain tensors (the reference; `pack_weights=False`);
+- fp32-packed: fp32 with the linear weights packed for oneDNN where that pays (models/packed.py;
+  the engine's default on AVX-512 machines);
 - bf16: weights and activations bf16, plain tensors (`EngineConfig(dtype="bfloat16", pack_weights=False)`);
 - bf16-packed: bf16 with the linear weights packed for oneDNN (models/packed.py; the engine's default).
-The variants take turns step by step (A, B, C, A, B, C, ...), so a burst of other load on a
+The variants take turns step by step (A, B, C, D, A, B, ...), so a burst of other load on a
 shared machine falls on all of them; each reports its median and best step. `vs_fp32` is the
 fp32 median over the variant's median, from the same run.
 """
@@ -47,10 +49,12 @@ def variants(directory) -> dict:
 
     ctx = ParallelContext.single("cpu")
     fp32 = load_model(directory, ctx)[1]
+    fp32_packed = load_model(directory, ctx)[1]
+    pack_model(fp32_packed)
     bf16 = load_model(directory, ctx, dtype="bfloat16")[1]
     packed = load_model(directory, ctx, dtype="bfloat16")[1]
     pack_model(packed)
-    return {"fp32": fp32, "bf16": bf16, "bf16-packed": packed}
+    return {"fp32": fp32, "fp32-packed": fp32_packed, "bf16": bf16, "bf16-packed": packed}
 
 
 @torch.inference_mode()

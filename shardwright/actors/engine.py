@@ -65,9 +65,10 @@ class EngineConfig(EngineOptions):
     collective_timeout_s: float = Field(30.0, gt=0, description="Worker collective/step timeout.")
     threads_per_worker: int | None = Field(None, ge=1, description="CPU threads per worker (CPU only).")
     pack_weights: bool = Field(
-        True, description="On CPU, pre-pack the bf16 linear weights into oneDNN's blocked layout once at load "
-                          "(shardwright.models.packed), so no GEMM re-packs them per call; fp32 weights stay "
-                          "as they are (packing measured slower there). Off: plain tensors (the reference).")
+        True, description="On CPU, pre-pack the linear weights into oneDNN's blocked layout once at load "
+                          "(shardwright.models.packed), so no GEMM re-packs them per call: bf16 always, fp32 "
+                          "where torch runs at AVX-512 (measured faster there, slower elsewhere). Off: plain "
+                          "tensors (the reference).")
     async_scheduling: bool | None = Field(
         None, description="With one pipeline stage, dispatch step k+1 before step k returns (the workers "
                           "feed their own sampled tokens back), hiding the controller's per-step work. "

@@ -113,7 +113,7 @@ class ShardRunner(GroupMember):
     def __init__(self, rank: int, layout: ParallelLayout, *, threads_per_worker: int | None = None,
                  memory_budget_bytes: int | None = None, pack_weights: bool = True) -> None:
         super().__init__(rank, layout, threads_per_worker=threads_per_worker)
-        self.pack_weights = pack_weights  # models.packed: oneDNN-packed CPU weights (bf16)
+        self.pack_weights = pack_weights  # models.packed: oneDNN-packed CPU weights (bf16; fp32 on AVX-512)
         self.packed_weights = 0
         self.model = None
         self.cache = None

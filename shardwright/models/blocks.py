@@ -17,8 +17,7 @@ from shardwright.config import ModelSpec
 from shardwright.models.kv_cache import LayerKV
 from shardwright.models.mlp import GatedMLP, PlainMLP
 from shardwright.models.moe import MoEMLP
-from shardwright.models.paged import (SDPA_HAS_GQA, PagedBatch, PagedKVCache, causal_mask, paged_attention,
-                                     softcapped_attention)
+from shardwright.models.paged import PagedBatch, PagedKVCache, causal_mask, paged_attention, sdpa
 from shardwright.models.rotary import Rotary
 from shardwright.parallel.attention.plan import ShardPlan
 from shardwright.parallel.attention.ring import ring_attention
@@ -156,24 +155,14 @@ class Attention(nn.Module):
         return self.o(out.reshape(1, n, self.num_heads * self.head_dim))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
-        if self.softcap is not None:
-            t = q.shape[2]
-            mask = causal_mask(t, past + t, self.window, q.device)
-            return softcapped_attention(q, k, v, mask, self.scale, self.softcap)
-        groups = self.num_heads // self.num_kv_heads
-        kwargs = {}
-        if groups > 1 and SDPA_HAS_GQA:
-            kwargs["enable_gqa"] = True
-        elif groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         t = q.shape[2]
+        gqa = self.num_heads != self.num_kv_heads
         windowed = self.window is not None and past + t > self.window
         if past == 0 and not windowed:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=self.scale, **kwargs)
+            return sdpa(q, k, v, None, self.scale, gqa, causal=t > 1, softcap=self.softcap)
         if t == 1 and not windowed:
-            return F.scaled_dot_product_attention(q, k, v, scale=self.scale, **kwargs)
-        mask = causal_mask(t, past + t, self.window, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, **kwargs)
+            return sdpa(q, k, v, None, self.scale, gqa, softcap=self.softcap)
+        return sdpa(q, k, v, causal_mask(t, past + t, self.window, q.device), self.scale, gqa, softcap=self.softcap)
 
 
 class DecoderBlock(nn.Module):

@@ -45,7 +45,11 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.local, dim=-1)
-        return self.down(self.act(gate) * up)
+        if torch.is_grad_enabled():
+            return self.down(self.act(gate) * up)
+        # Inference: the product goes into act(gate)'s tensor, the same values without a second
+        # fresh [tokens, width] tensor (a prefill's is tens of MB: new pages to fault in each layer).
+        return self.down(self.act(gate).mul_(up))
 
     def partial(self, x: torch.Tensor, replica_group=None) -> torch.Tensor:
         """This rank's term of the output before the sum over TP (x already entered the group:

@@ -3,19 +3,23 @@
     pack_model(model)   # every column/row-parallel linear and an untied LM head, in place
 
 oneDNN multiplies against a weight reordered once into its blocked layout
-(`torch.ops.mkldnn._reorder_linear_weight`) without re-packing it on every call. It pays for
-bf16: the plain bf16 F.linear at 1-32 rows re-packs B each call. Measured on the CI machine
-(1 thread, weights in cache, min of 40): 2304 x 768 at 1 row 0.24 -> 0.15 ms, at 32 rows 0.31 ->
-0.19 ms; 768 x 2048 0.20 -> 0.13 ms; the LM head 32000 x 768 at 32 rows 4.1 -> 3.1 ms. For fp32 the
-packed oneDNN and MKL products are slower than `parallel.layers.linear` (its weight-left product):
-2304 x 768 at 32 rows 0.31 ms plain, 0.73 MKL-packed, 0.80 oneDNN-packed; so fp32 weights are left
-as they are (`packable`). The packed product gives the same values as F.linear bit for bit at
-1-77 rows (measured), and rounds like any other bf16 GEMM beyond.
+(`torch.ops.mkldnn._reorder_linear_weight`) without re-packing it on every call.
 
-The whole decode step of llama-110m (`shardwright bench step --quick`, variants in turns, on a
-machine shared with other jobs at load 15-46 on 2 cores, so wide ranges): bf16 packed over bf16
-plain 1.4-1.8x (1 thread) and 1.0-1.6x (2 threads) in median step time at batch 1/8/32; over
-fp32 1.3-2.7x and 1.1-1.8x.
+bf16: the plain bf16 F.linear at 1-32 rows re-packs B each call. Measured on the first CI machine
+(1 thread, weights in cache, min of 40): 2304 x 768 at 1 row 0.24 -> 0.15 ms, at 32 rows 0.31 ->
+0.19 ms; 768 x 2048 0.20 -> 0.13 ms; the LM head 32000 x 768 at 32 rows 4.1 -> 3.1 ms. The packed
+product gives the same values as F.linear bit for bit at 1-77 rows (measured), and rounds like any
+other bf16 GEMM beyond.
+
+fp32: on the present machine (AMD EPYC, AVX-512; 1 thread, CPU time, best of 10, machine loaded)
+the packed product beats both `parallel.layers.linear` paths (F.linear and its weight-left
+product) at every row count of a step: 4096 x 768 at 1 row 0.28 ms vs 0.70 (weight-left), at
+8 rows 0.89 vs 2.6, at 32 rows 2.6 vs 3.8, at 1024 rows 61 vs 71; 768 x 2048 at 8 rows 0.25 vs
+1.15, at 1024 rows 30 vs 35. (On the first CI machine, CPU not recorded, it was the other way round at
+32 rows, 0.80 vs 0.31 ms; so fp32 is packed only where torch's kernels run at AVX-512, where
+it was measured to pay: `FP32_PACKED`.) The fp32 packed product sums
+over the input features in oneDNN's blocking, not MKL's: logits differ from the plain product's
+in the last bits (within 1e-4 on the test models), greedy tokens are the same on every test.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from torch import nn
 
 from shardwright.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-PACKED_DTYPES = (torch.bfloat16,)
+FP32_PACKED = torch.backends.cpu.get_cpu_capability() == "AVX512"
+PACKED_DTYPES = (torch.bfloat16, torch.float32) if FP32_PACKED else (torch.bfloat16,)
 
 
 def packable(weight) -> bool:
