@@ -4,6 +4,10 @@
 the inventory. Guarantees of a returned placement:
 
 - every TP group (`tp` consecutive ranks) is on one node;
+- with expert parallelism (`ep > 1`), every expert-parallel unit (`ep * tp` consecutive ranks: the
+  ranks that exchange routed tokens all-to-all at every MoE layer) is kept on one node wherever the
+  free GPUs allow it, as a TP group is; only when no placement keeps them whole are they split, TP
+  group by TP group;
 - the gang spans the fewest nodes possible (pipeline stages packed on as few nodes as possible);
 - all-or-nothing: either every rank has a GPU or no placement is returned;
 - least fragmentation among those: whole nodes are taken in order of most TP groups they can hold,
@@ -124,7 +128,16 @@ def place(shape: GangShape, inventory: ClusterInventory) -> Placement | None:
 
 
 def _place_ranks(shape: GangShape, inventory: ClusterInventory) -> Placement | None:
-    tp, remaining = shape.tp, shape.num_tp_groups
+    unit = shape.tp * shape.layout.ep  # the ranks of one expert-parallel all-to-all
+    if shape.layout.ep > 1 and unit <= inventory.max_node_gpus:
+        placed = _place_groups(unit, shape.layout.world_size // unit, inventory)
+        if placed is not None:
+            return placed
+    return _place_groups(shape.tp, shape.num_tp_groups, inventory)
+
+
+def _place_groups(tp: int, remaining: int, inventory: ClusterInventory) -> Placement | None:
+    """`remaining` groups of `tp` consecutive ranks, each group on one node (see the module docstring)."""
     if tp * remaining > inventory.num_free_gpus:
         return None
     if remaining == 1:  # one TP group: the best-fit node, if any

@@ -168,3 +168,21 @@ def test_property_tp_groups_never_span_nodes_and_fit_is_exact(case):
         assert count <= cluster.free_by_node[node]
     fewest = next(k for k in range(1, len(capacities) + 1) if sum(capacities[:k]) >= shape.num_tp_groups)
     assert len(placement.gpus_by_node) == fewest
+
+
+def test_an_expert_parallel_unit_sits_on_one_node_where_it_can():
+    # pp=2 of ep=2 x tp=1 (two units of 2 ranks that exchange tokens all-to-all) on two 3-free nodes:
+    # each unit on one node; placing single ranks would fill a (a, a, a, b) and split the second unit
+    cluster = cluster_with_free({"a": 3, "b": 3}, total=4)
+    placement = place(GangShape(ParallelLayout(ep=2, pp=2)), cluster)
+    assert placement.rank_nodes == ("a", "a", "b", "b")
+    # ep=2 x tp=2 x dp=2 on free 6, 6: one unit of 4 a node, not 6 + 2
+    placement = place(GangShape(ParallelLayout(tp=2, ep=2, dp=2)), cluster_with_free({"a": 6, "b": 6}))
+    assert placement.rank_nodes == ("a",) * 4 + ("b",) * 4
+    # no node holds 4 free GPUs: the unit is split, TP group by TP group, rather than not placed
+    cluster = cluster_with_free({"a": 2, "b": 2}, total=4)
+    placement = place(GangShape(ParallelLayout(tp=2, ep=2)), cluster)
+    assert placement.tp_groups(2) == [("a", "a"), ("b", "b")]
+    # a unit larger than any node is split the same way
+    cluster = cluster_with_free({"a": 2, "b": 2}, total=2)
+    assert place(GangShape(ParallelLayout(ep=4)), cluster).gpus_by_node == {"a": 2, "b": 2}
