@@ -444,6 +444,15 @@ class EngineOptions(StrictModel):
                                                    "predecessors'; LRU eviction); false computes every "
                                                    "prompt in full.")
     pool: PoolOptions = Field(default_factory=PoolOptions, description="Memory budget and peer pooling.")
+    kv_spill_blocks: int = Field(0, ge=0, description="KV blocks of paused sequences each worker may keep in "
+                                                      "host memory (serving/kv_spill.py): when a waiting request "
+                                                      "does not fit, the least recently stepped paused sequences' "
+                                                      "blocks are copied there and freed, and copied back on "
+                                                      "resume; 0: no spilling (needs cp=1).")
+    max_unread_tokens: int | None = Field(None, ge=1, description="Back-pressure: a request whose caller leaves "
+                                                                  "this many tokens unread is paused (not "
+                                                                  "scheduled; its KV may spill) until the caller "
+                                                                  "reads; None: never paused. result() reads all.")
     quant: Quantization = Field("none", description="Weight-only quantization of the linears while loading: "
                                                    "none, int8 (per output row) or rtn4 (4-bit groups of "
                                                    "group_size input features). A GPTQ-format checkpoint "

@@ -18,6 +18,11 @@ Guarantees:
 - Speculative decoding (`speculative`, off by default; serving/speculative.py, draft_model.py):
   drafts are verified in the same one message per step; greedy output is plain decoding's, and
   sampled output keeps the target's distribution (n-gram drafts: the very same tokens).
+- KV spilling (`kv_spill_blocks`, off by default; serving/kv_spill.py, pool/kv_host.py): a request
+  whose caller leaves `max_unread_tokens` tokens unread is paused; when a waiting request does not
+  fit, paused requests' KV blocks move to the workers' host memory (within its budget; when it is
+  full the waiting request waits, as without spilling) and come back exactly when they resume.
+  `health()["kv_spill"]` counts the blocks and bytes spilled and restored.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from pydantic import Field, model_validator
 from shardwright.serving.batching import Request, StepScheduler
 from shardwright.actors.gang import GangConfig, GangError, ServingGang
 from shardwright.serving.kv_blocks import BlockManager
+from shardwright.serving.kv_spill import SpillStore
 from shardwright.serving.requests import RequestOutput, RequestStream
 from shardwright.serving.sampling import SamplingParams
 from shardwright.actors.shard_runner import StepMessage
@@ -139,6 +145,10 @@ class InferenceEngine:
         if config.speculative.method == "draft" and config.pool.budget_bytes is not None:
             raise ValueError("speculative.method=draft with a memory budget (peer pooling) is not supported; "
                              "drop pool.budget_bytes or use method=ngram")
+        if config.kv_spill_blocks and (config.layout.cp != 1 or config.speculative.method == "draft"):
+            raise ValueError(f"kv_spill_blocks={config.kv_spill_blocks} needs cp=1 (a restored block may live on "
+                             f"another CP rank; got cp={config.layout.cp}) and no draft model (its own cache "
+                             "does not spill); set kv_spill_blocks: 0")
         if config.num_blocks < config.layout.cp:
             raise ValueError(f"num_blocks={config.num_blocks}: the KV cache is sharded over cp={config.layout.cp} "
                              "ranks, so it needs at least cp blocks")
@@ -147,6 +157,8 @@ class InferenceEngine:
         self._streams: dict[str, RequestStream] = {}
         self._incoming: deque[Request] = deque()
         self._cancelled: deque[str] = deque()
+        self._read: deque[str] = deque()  # requests whose callers took events (back-pressure)
+        self._stalled = False  # the last schedule() made no plan: wait for news before trying again
         self._calls: deque[tuple[Callable, Future]] = deque()  # gang calls run between steps
         self._ids = itertools.count()
         self._stop = False
@@ -191,7 +203,7 @@ class InferenceEngine:
             if c.speculative.method == "draft":
                 gang.load_draft(str(c.speculative.draft_model), c.dtype)
             gang.unlink_peers()  # every owner has mapped its segments: drop their names
-            gang.allocate_cache(c.num_blocks, c.block_size)
+            gang.allocate_cache(c.num_blocks, c.block_size, c.kv_spill_blocks)
             try:
                 if c.dispatch == "channel":
                     gang.open_channel(c.collective_timeout_s + 30)
@@ -206,10 +218,16 @@ class InferenceEngine:
             max_tokens_per_step=c.max_tokens_per_step,
             max_running=c.max_running, eos_ids=self.spec.eos_token_id,
             max_model_len=self.spec.max_position_embeddings, decode=self.tokenizer.decode,
-            micro_batches=c.layout.pp, lookahead=self._lookahead, proposer=self._proposer())
+            micro_batches=c.layout.pp, lookahead=self._lookahead, proposer=self._proposer(),
+            spill=SpillStore(c.kv_spill_blocks, self._kv_bytes_per_block(gang)))
         self._drafts = (DraftTracker(c.block_size, c.speculative.fallback_threshold)
                         if c.speculative.method == "draft" else None)
         self._healthy, self._last_error = True, None
+
+    def _kv_bytes_per_block(self, gang: ServingGang) -> int:
+        """K/V bytes of one block over every compute rank (each holds its layers' and heads' share)."""
+        return sum(shard_sizes(self.spec, self.config.layout, r).kv_bytes_per_token
+                   for r in gang.compute_ranks) * self.config.block_size
 
     def _place_pooled_layers(self, gang: ServingGang) -> dict[int, dict]:
         """Plan which layers each rank keeps resident (refusing what cannot fit), load the
@@ -284,6 +302,8 @@ class InferenceEngine:
         request_id = f"req-{next(self._ids)}"
         request = Request(request_id=request_id, prompt_ids=ids, params=params)
         stream = RequestStream(request_id, ids, self.tokenizer.decode)
+        if self.config.max_unread_tokens is not None:
+            stream.watch_reads(self._on_read)
         with self._lock:
             if self._stop:
                 raise RuntimeError("the engine is shut down")
@@ -312,6 +332,12 @@ class InferenceEngine:
         """Run every prompt (batched continuously) and return their outputs in order."""
         streams = [self.submit(p, params) for p in prompts]
         return [s.result(timeout_s) for s in streams]
+
+    def _on_read(self, request_id: str) -> None:
+        with self._lock:
+            self._read.append(request_id)
+            self._stalled = False
+            self._lock.notify_all()
 
     def cancel(self, request_id: str) -> None:
         """Stop a request; its KV blocks are freed before the next step."""
@@ -356,6 +382,9 @@ class InferenceEngine:
             status["blocks_total"] = self._scheduler.blocks.num_blocks
             status["running"], status["waiting"] = self._scheduler.num_running, self._scheduler.num_waiting
             status["prefix_cache"] = self._scheduler.blocks.prefix_stats()
+            spiller = self._scheduler.spiller
+            status["kv_spill"] = dict(spiller.store.stats(), spilled_requests=self._scheduler.num_spilled) \
+                if spiller is not None else None
         if self._gang is not None:
             status["workers"] = [self._gang.describe(r) for r in range(len(self._gang.nodes))]
         if self.pool_plan is not None:
@@ -406,7 +435,8 @@ class InferenceEngine:
                     return
 
     def _has_work(self) -> bool:
-        return bool(self._incoming or self._cancelled or self._calls or self._scheduler.has_unfinished())
+        return bool(self._incoming or self._cancelled or self._calls or self._read
+                    or (self._scheduler.has_unfinished() and not self._stalled))
 
     def _run_calls(self) -> None:
         """Run queued gang calls (the pipeline is empty), each answering its future."""
@@ -421,6 +451,14 @@ class InferenceEngine:
                     raise
 
     def _drain_inbox(self) -> None:
+        if self._incoming or self._cancelled or self._read:
+            self._stalled = False
+        limit = self.config.max_unread_tokens
+        while self._read:
+            rid = self._read.popleft()
+            stream = self._streams.get(rid)
+            if stream is not None and stream.unread < limit:
+                self._scheduler.resume(rid)
         while self._cancelled:
             rid = self._cancelled.popleft()
             self._scheduler.cancel(rid)
@@ -464,6 +502,7 @@ class InferenceEngine:
         while len(inflight) < depth:
             plan = self._scheduler.schedule()
             if plan is None:
+                self._stalled = not inflight  # only paused requests left, or none fits: wait for news
                 return
             msg = self._message(plan)
             refs = self._gang.dispatch(msg)
@@ -491,6 +530,8 @@ class InferenceEngine:
             stream.push(event)
             if event.finish_reason is not None:
                 self._streams.pop(event.request_id, None)
+            elif self.config.max_unread_tokens is not None and stream.unread >= self.config.max_unread_tokens:
+                self._scheduler.pause(event.request_id)  # its caller stopped reading: hold it
 
     def _message(self, plan) -> StepMessage:
         draft = self._drafts.plan(plan, lambda rid: self._scheduler.sequence(rid).tokens) if self._drafts else None

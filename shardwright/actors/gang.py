@@ -397,8 +397,8 @@ class ServingGang(WorkerGang):
         """The tensors memory peer `peer_rank` holds for (rank, layer)."""
         return self._call([peer_rank], "tensors", rank, layer)[0]
 
-    def allocate_cache(self, num_blocks: int, block_size: int) -> None:
-        self._call(self.compute_ranks, "allocate_cache", num_blocks, block_size)
+    def allocate_cache(self, num_blocks: int, block_size: int, spill_blocks: int = 0) -> None:
+        self._call(self.compute_ranks, "allocate_cache", num_blocks, block_size, spill_blocks)
 
     def prompt_logits(self, token_ids: list[int], timeout_s: float | None = None):
         """Full-vocabulary logits of one prompt (the sampler rank's answer; every rank takes part)."""

@@ -24,6 +24,7 @@ from shardwright.models import load_model
 from shardwright.models.packed import pack_model
 from shardwright.models.paged import PagedBatch
 from shardwright.pool.fetch import CallSource, LayerFetcher, TensorSource
+from shardwright.pool.kv_host import HostKVStore
 from shardwright.pool.ledger import MemoryLedger
 from shardwright.pool.sizing import ShardSizes, shard_sizes, tensor_bytes
 from shardwright.pool.store import map_segment
@@ -57,6 +58,9 @@ class StepMessage:
     # method=draft: the draft model's catch-up batch and drafted chunks (serving/draft_model.py);
     # their chunks hold placeholder drafts, replaced (and trimmed) by the drafts made this step.
     draft: DraftStep | None = None
+    # KV spilling (serving/kv_spill.py): (kind, seq_id, blocks) copies run, in order, before the
+    # step's forward: 'spill' to host memory, 'restore' back into new blocks, 'drop'.
+    kv_ops: list[tuple[str, int, list[int]]] = field(default_factory=list)
 
     @classmethod
     def from_plan(cls, plan, *, lookahead: bool = False, rollback_threshold: float | None = None,
@@ -74,7 +78,8 @@ class StepMessage:
             seeds=[c.seed for c in sampled], steps=[c.step for c in sampled],
             contexts=[list(c.context) for c in sampled] if any(c.params.penalized for c in sampled) else [],
             draft_lens=[c.num_draft for c in sampled] if any(c.num_draft for c in sampled) else [],
-            rollback_threshold=rollback_threshold, draft=draft)
+            rollback_threshold=rollback_threshold, draft=draft,
+            kv_ops=[(o.kind, o.seq_id, list(o.blocks)) for o in plan.spill_ops])
 
     def logit_rows(self) -> list[int]:
         """Packed indices whose logits the step needs: each sampled row's, and with drafts the
@@ -125,6 +130,7 @@ class ShardRunner(GroupMember):
         self.sizes: ShardSizes | None = None
         self.fetcher: LayerFetcher | None = None
         self.host_bytes = 0
+        self.kv_host: HostKVStore | None = None  # spilled KV blocks' copies (allocate_cache's spill_blocks)
         self._last_sampled: dict[int, int] = {}  # seq_id -> token sampled in the previous step
         self.draft_model = None  # speculative decoding's draft (serving/draft_model.py), sampler rank only
         self.draft_cache = None
@@ -206,8 +212,10 @@ class ShardRunner(GroupMember):
         self.draft_model = model
         return nbytes
 
-    def allocate_cache(self, num_blocks: int, block_size: int) -> int:
-        """Phase 3: allocate the paged KV cache (and the draft model's); returns its bytes."""
+    def allocate_cache(self, num_blocks: int, block_size: int, spill_blocks: int = 0) -> int:
+        """Phase 3: allocate the paged KV cache (and the draft model's); returns its bytes. With
+        `spill_blocks`, host memory for that many spilled blocks' copies (pool/kv_host.py), on a
+        host ledger of that many blocks' bytes."""
         if self.draft_model is not None:
             self.draft_cache = self._phase("allocate_cache", self.draft_model.new_paged_cache, num_blocks, block_size)
             self.ledger.reserve("draft_kv_cache", self.draft_cache.nbytes)
@@ -218,6 +226,10 @@ class ShardRunner(GroupMember):
         self.cache = self._phase("allocate_cache", self.model.new_paged_cache, num_blocks, block_size)
         if self.sizes is not None and self.cache.nbytes != nbytes:
             raise RuntimeError(f"rank {self.rank}: KV cache is {self.cache.nbytes} bytes, accounted {nbytes}")
+        if spill_blocks:
+            per_block = self.cache.nbytes // max(1, local_blocks)
+            host = MemoryLedger(max(1, spill_blocks * per_block), owner=f"rank {self.rank} KV spill (host)")
+            self.kv_host = HostKVStore(self.cache, host)
         return self.cache.nbytes
 
     @any_thread
@@ -232,6 +244,8 @@ class ShardRunner(GroupMember):
         snap["device_type"] = default_device().type  # 'cpu': same-node pooled layers are bound in place
         snap.update(self.fetcher.traffic() if self.fetcher else
                     {"bytes_fetched": 0, "bytes_mapped": 0, "fetch_s": 0.0, "fetch_wait_s": 0.0})
+        if self.kv_host is not None:
+            snap.update(self.kv_host.traffic(), kv_spill_ledger=self.kv_host.ledger.snapshot())
         return snap
 
     @any_thread
@@ -243,7 +257,7 @@ class ShardRunner(GroupMember):
         (GroupMember.shutdown: groups destroyed, their gloo threads joined before exit)."""
         if self.fetcher is not None:
             self.fetcher.close()
-        self.fetcher = self.model = self.cache = self.draft_model = self.draft_cache = None
+        self.fetcher = self.model = self.cache = self.draft_model = self.draft_cache = self.kv_host = None
         super().shutdown()
 
     def _activation_bytes(self, batch: PagedBatch, msg: StepMessage) -> int:
@@ -264,6 +278,8 @@ class ShardRunner(GroupMember):
             for i, seq in zip(msg.feedback_index, msg.feedback_seq):
                 token_ids[i] = self._last_sampled[seq]
             msg.token_ids = token_ids
+        if msg.kv_ops:
+            self.kv_host.run(msg.kv_ops)
         draft_probs = self._draft(msg) if msg.draft is not None else None
         batch = PagedBatch.build(msg.token_ids, msg.positions, msg.slot_mapping, msg.query_lens,
                                  msg.block_tables, self.block_size, msg.logit_rows(), ctx.device)

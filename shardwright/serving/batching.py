@@ -23,6 +23,12 @@ Guarantees:
   prompt's cached full blocks and prefilled from its first uncached token (at least its last
   prompt token is computed, so its first step samples); its full prompt blocks join the cache
   when the plan writing them is scheduled;
+- a paused sequence (`pause`) is not scheduled until `resume`; with a SpillStore, when a waiting
+  request does not fit, paused sequences with no plan in flight are spilled, least recently
+  stepped first, while the store has room (serving/kv_spill.py: their blocks are copied to the
+  workers' host memory and freed); a resumed spilled sequence is restored (fresh blocks, filled
+  from the copy) before new requests are admitted, once its reservation fits again. The plan
+  carries the copy operations (`StepPlan.spill_ops`);
 - plans are updated in the order they were scheduled; a cancelled sequence's blocks are freed at
   once and its chunks in plans still in flight are dropped on update. Slots a cancelled chunk
   still writes are rewritten by their new owner in a later plan before they are read, provided
@@ -38,7 +44,9 @@ from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 from shardwright.serving.kv_blocks import BlockManager
+from shardwright.serving.kv_spill import Spiller, SpillStore
 from shardwright.serving.sampling import Decode, SamplingParams, StopChecker, derive_seed
+from shardwright.serving.step_plan import SeqChunk, StepPlan
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -48,7 +56,7 @@ class Proposer(Protocol):
     `tokens` (the sequence so far); [] proposes nothing."""
 
     def propose(self, tokens: list[int], k: int) -> list[int]: ...
-SeqStatus = Literal["waiting", "running", "finished"]
+SeqStatus = Literal["waiting", "running", "spilled", "finished"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,8 @@ class SequenceState:
     last_chunk_samples: bool = False  # the newest in-flight chunk samples the next token
     status: SeqStatus = "waiting"
     finish_reason: FinishReason | None = None
+    paused: bool = False  # not scheduled until resumed (its caller stopped reading)
+    last_step: int = -1  # the newest plan holding a chunk of it (spill victims: oldest first)
 
     @property
     def generated(self) -> list[int]:
@@ -85,87 +95,6 @@ class SequenceState:
     def num_kv_tokens(self) -> int:
         """Most K/V slots this sequence can ever need: the last new token is never fed back."""
         return self.num_prompt_tokens + self.request.params.max_tokens - 1
-
-
-@dataclass(frozen=True, slots=True)
-class SeqChunk:
-    """Tokens of one sequence in one step; positions start_pos .. start_pos + len - 1."""
-
-    seq_id: int
-    request_id: str
-    token_ids: tuple[int, ...]
-    start_pos: int
-    block_table: tuple[int, ...]  # after growing for this step
-    slots: tuple[int, ...]  # where each token's K/V are written
-    sample: bool  # the chunk ends at the last known token: sample its logits
-    params: SamplingParams
-    seed: int
-    step: int  # index (within the request) of the token sampled from this chunk
-    feedback: bool = False  # token_ids[0] is unknown here: the token sampled in the previous step
-    # The sequence's tokens before start_pos, for a sampled chunk whose params have penalties
-    # (the workers add this chunk's own tokens); empty otherwise.
-    context: tuple[int, ...] = ()
-    # Speculative decoding: token_ids[1:] are this many draft tokens to verify (serving/speculative.py);
-    # the chunk samples k + 1 positions and its update takes a list of 1..k + 1 tokens.
-    num_draft: int = 0
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """One packed step. The flat accessors are O(step tokens); the engine calls each once."""
-
-    step_id: int
-    chunks: tuple[SeqChunk, ...]
-
-    def token_ids(self) -> list[int]:
-        """Packed token ids; a feedback chunk's first token is -1 (see `feedback()`)."""
-        return [t for c in self.chunks for t in c.token_ids]
-
-    def feedback(self) -> tuple[list[int], list[int]]:
-        """(packed indices, seq_ids) of tokens the workers fill in from their previous step."""
-        index, seqs, at = [], [], 0
-        for c in self.chunks:
-            if c.feedback:
-                index.append(at)
-                seqs.append(c.seq_id)
-            at += len(c.token_ids)
-        return index, seqs
-
-    def positions(self) -> list[int]:
-        return [p for c in self.chunks for p in range(c.start_pos, c.start_pos + len(c.token_ids))]
-
-    def slot_mapping(self) -> list[int]:
-        return [s for c in self.chunks for s in c.slots]
-
-    @property
-    def query_lens(self) -> list[int]:
-        return [len(c.token_ids) for c in self.chunks]
-
-    @property
-    def context_lens(self) -> list[int]:
-        """Tokens in each chunk's cache after this step: start_pos + query length."""
-        return [c.start_pos + len(c.token_ids) for c in self.chunks]
-
-    def block_tables(self) -> list[tuple[int, ...]]:
-        return [c.block_table for c in self.chunks]
-
-    def sample_indices(self) -> list[int]:
-        """Packed indices of the tokens whose logits are sampled, in chunk order."""
-        out, end = [], 0
-        for c in self.chunks:
-            end += len(c.token_ids)
-            if c.sample:
-                out.append(end - 1)
-        return out
-
-    def sampled_chunks(self) -> list[SeqChunk]:
-        """The chunks whose last token is sampled, aligned with `sample_indices()`: their
-        `params`, `seed` and `step` are `sample_tokens`'s arguments."""
-        return [c for c in self.chunks if c.sample]
-
-    def sampled_seq_ids(self) -> list[int]:
-        """seq_ids of the sampled chunks: key `update`'s `sampled` dict with these."""
-        return [c.seq_id for c in self.chunks if c.sample]
 
 
 @dataclass(frozen=True)
@@ -189,7 +118,7 @@ class StepScheduler:
     def __init__(self, blocks: BlockManager, max_tokens_per_step: int, max_running: int,
                  eos_ids: list[int], max_model_len: int, *, decode: Decode | None = None,
                  seed: int | None = None, micro_batches: int = 1, lookahead: bool = False,
-                 proposer: Proposer | None = None) -> None:
+                 proposer: Proposer | None = None, spill: SpillStore | None = None) -> None:
         _check_limits(max_tokens_per_step, max_running, max_model_len)
         if micro_batches < 1:
             raise ValueError(f"micro_batches={micro_batches} must be >= 1 (the pipeline depth)")
@@ -205,6 +134,7 @@ class StepScheduler:
         self.micro_batches = micro_batches
         self.lookahead = lookahead
         self.blocks = blocks
+        self.spiller = Spiller(blocks, spill) if spill is not None and spill.capacity_blocks else None
         self.max_tokens_per_step = max_tokens_per_step
         self.max_running = max_running
         self.eos_ids = list(eos_ids)
@@ -213,6 +143,7 @@ class StepScheduler:
         self.seed = seed
         self._waiting: dict[int, SequenceState] = {}  # arrival order
         self._running: dict[int, SequenceState] = {}  # admission order
+        self._spilled: dict[int, SequenceState] = {}  # spill order
         self._by_request: dict[str, SequenceState] = {}
         self._in_flight: deque[int] = deque()  # step ids scheduled, not updated
         self._next_seq = 0
@@ -232,8 +163,26 @@ class StepScheduler:
         """Plans scheduled and not yet updated."""
         return len(self._in_flight)
 
+    @property
+    def num_spilled(self) -> int:
+        return len(self._spilled)
+
     def has_unfinished(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(self._waiting or self._running or self._spilled)
+
+    def pause(self, request_id: str) -> bool:
+        """Stop scheduling a live request (its K/V may be spilled); False if it is not live."""
+        seq = self._by_request.get(request_id)
+        if seq is not None:
+            seq.paused = True
+        return seq is not None
+
+    def resume(self, request_id: str) -> bool:
+        """Schedule a paused request again (restoring its K/V first if spilled); False if not live."""
+        seq = self._by_request.get(request_id)
+        if seq is not None:
+            seq.paused = False
+        return seq is not None
 
     def sequence(self, request_id: str) -> SequenceState | None:
         """The live (waiting or running) sequence of `request_id`, or None."""
@@ -287,11 +236,14 @@ class StepScheduler:
     def schedule(self) -> StepPlan | None:
         """The next step's plan, or None if no sequence can run now (see module guarantees)."""
         chunks: list[SeqChunk] = []
+        if self._spilled:
+            self._restore_resumed()
         budget = self._schedule_running(chunks, self.max_tokens_per_step)
         self._admit(chunks, budget)
         if not chunks:
             return None
-        plan = StepPlan(self._next_step, tuple(chunks))
+        ops = self.spiller.take_ops() if self.spiller is not None else ()
+        plan = StepPlan(self._next_step, tuple(chunks), ops)
         self._in_flight.append(plan.step_id)
         self._next_step += 1
         return plan
@@ -306,6 +258,8 @@ class StepScheduler:
         cap = -(-len(self._running) // self.micro_batches)
         spare = budget - len(self._running)  # tokens drafts may take: every running sequence keeps one
         for seq in self._running.values():
+            if seq.paused:
+                continue
             if seq.in_flight:
                 if self._can_look_ahead(seq) and len(chunks) < cap:
                     chunks.append(self._lookahead_chunk(seq))
@@ -328,9 +282,13 @@ class StepScheduler:
         return budget
 
     def _admit(self, chunks: list[SeqChunk], budget: int) -> None:
-        while budget > 0 and self._waiting and len(self._running) < self.max_running:
-            seq = next(iter(self._waiting.values()))
+        while budget > 0 and len(self._running) < self.max_running:
+            seq = next((s for s in self._waiting.values() if not s.paused), None)
+            if seq is None:
+                return
             if not self.blocks.reserve(seq.seq_id, seq.num_kv_tokens, seq.request.prompt_ids):
+                if self._spill_one():
+                    continue
                 return  # first come, first served: later requests wait behind this one
             del self._waiting[seq.seq_id]
             self._running[seq.seq_id] = seq
@@ -340,8 +298,38 @@ class StepScheduler:
             chunks.append(self._chunk(seq, n))
             budget -= n
 
+    def _restore_resumed(self) -> None:
+        """Resumed spilled sequences back into the running batch, in spill order, while their
+        reservations fit (spilling paused ones to make room); the first that does not fit waits,
+        and so do the requests behind it (first come, first served)."""
+        for seq in [s for s in self._spilled.values() if not s.paused]:
+            if len(self._running) >= self.max_running:
+                return
+            while not self.spiller.restore(seq):
+                if not self._spill_one():
+                    return
+            del self._spilled[seq.seq_id]
+            self._running[seq.seq_id] = seq
+            seq.status = "running"
+
+    def _spill_one(self) -> bool:
+        """Spill the least recently stepped paused sequence with no plan in flight, if the
+        spill store has room for it; whether one was spilled."""
+        if self.spiller is None:
+            return False
+        idle = sorted((s for s in self._running.values() if s.paused and not s.in_flight),
+                      key=lambda s: s.last_step)
+        for seq in idle:
+            if self.spiller.spill(seq):
+                del self._running[seq.seq_id]
+                self._spilled[seq.seq_id] = seq
+                seq.status = "spilled"
+                return True
+        return False
+
     def _chunk(self, seq: SequenceState, n: int) -> SeqChunk:
         start, end = seq.num_scheduled, seq.num_scheduled + n
+        seq.last_step = self._next_step
         table = self.blocks.ensure(seq.seq_id, end)
         self.blocks.cache_full_blocks(seq.seq_id, end)  # this plan writes them (prefix caching)
         sample = end == len(seq.tokens)
@@ -380,6 +368,7 @@ class StepScheduler:
         """Decode of the token the in-flight chunk samples (its id comes from the workers)."""
         start = seq.num_scheduled  # == len(seq.tokens): the position of the pending token
         table = self.blocks.ensure(seq.seq_id, start + 1)
+        seq.last_step = self._next_step
         seq.num_scheduled, seq.in_flight, seq.last_chunk_samples = start + 1, seq.in_flight + 1, True
         params = seq.request.params
         return SeqChunk(
@@ -456,6 +445,8 @@ class StepScheduler:
         seq.status, seq.finish_reason = "finished", reason
         self._waiting.pop(seq.seq_id, None)
         self._running.pop(seq.seq_id, None)
+        if self._spilled.pop(seq.seq_id, None) is not None:
+            self.spiller.drop(seq.seq_id)
         del self._by_request[seq.request.request_id]
         self.blocks.free(seq.seq_id)
 

@@ -42,6 +42,8 @@ class RequestStream:
         self._done = threading.Event()
         self._error: str | None = None
         self._text = ""
+        self._on_read: Callable[[str], None] | None = None
+        self._drain = False  # result() was called: the output collects everything, nothing is unread
 
     # -- producer side (the engine thread) --
     def push(self, event) -> None:
@@ -71,6 +73,19 @@ class RequestStream:
         self._done.set()
         self._queue.put(_DONE)
 
+    def watch_reads(self, on_read: Callable[[str], None]) -> None:
+        """Back-pressure: call `on_read(request_id)` whenever the caller takes events."""
+        self._on_read = on_read
+
+    @property
+    def unread(self) -> int:
+        """Events pushed and not yet taken by the caller (0 once result() is waited on)."""
+        return 0 if self._drain else self._queue.qsize()
+
+    def _read(self) -> None:
+        if self._on_read is not None:
+            self._on_read(self.request_id)
+
     # -- consumer side --
     @property
     def done(self) -> bool:
@@ -78,6 +93,9 @@ class RequestStream:
 
     def result(self, timeout_s: float | None = None) -> RequestOutput:
         """Wait for the request to finish; raises RequestFailed if it failed."""
+        if not self._drain:
+            self._drain = True
+            self._read()
         if not self._done.wait(timeout_s):
             raise TimeoutError(f"{self.request_id} did not finish within {timeout_s} s")
         if self._error is not None:
@@ -103,6 +121,8 @@ class RequestStream:
                 item = self._queue.get_nowait()
         except queue.Empty:
             return items, False
+        finally:
+            self._read()
 
     def events(self, timeout_s: float | None = None):
         """(token id or None, text delta) pairs as they are produced; raises RequestFailed.
@@ -119,6 +139,7 @@ class RequestStream:
             item = self._queue.get(timeout=timeout_s)
         except queue.Empty as err:
             raise TimeoutError(f"{self.request_id}: no token within {timeout_s} s") from err
+        self._read()
         if item is _DONE:
             if self._error is not None:
                 raise RequestFailed(self._error)
@@ -132,6 +153,7 @@ class RequestStream:
     async def __aiter__(self):
         while True:
             item = await asyncio.to_thread(self._queue.get)
+            self._read()
             if item is _DONE:
                 if self._error is not None:
                     raise RequestFailed(self._error)
