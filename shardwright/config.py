@@ -440,7 +440,7 @@ class EngineOptions(StrictModel):
     max_running: int = Field(64, ge=1, description="Most sequences in the running batch.")
     max_tokens_per_step: int = Field(512, ge=1, description="Token budget of one step.")
     max_prefill_tokens_per_step: int | None = Field(
-        512, ge=1, description="Most prompt tokens one step prefills (chunked prefill), within "
+        1024, ge=1, description="Most prompt tokens one step prefills (chunked prefill), within "
                                "max_tokens_per_step beside the decode tokens; smaller steps give a burst's "
                                "first tokens sooner (null: the whole step budget).")
     shortest_prompt_first: bool = Field(True, description="Admit waiting requests shortest prompt first "
