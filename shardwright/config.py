@@ -439,6 +439,15 @@ class EngineOptions(StrictModel):
     num_blocks: int = Field(1024, ge=1, description="KV-cache blocks per worker.")
     max_running: int = Field(64, ge=1, description="Most sequences in the running batch.")
     max_tokens_per_step: int = Field(512, ge=1, description="Token budget of one step.")
+    max_prefill_tokens_per_step: int | None = Field(
+        1024, ge=1, description="Most prompt tokens one step prefills (chunked prefill), within "
+                               "max_tokens_per_step beside the decode tokens; smaller steps give a burst's "
+                               "first tokens sooner (null: the whole step budget).")
+    shortest_prompt_first: bool = Field(True, description="Admit waiting requests shortest prompt first "
+                                                          "(false: arrival order); see max_wait_steps.")
+    max_wait_steps: int = Field(64, ge=0, description="A request waiting this many steps is admitted in "
+                                                      "arrival order ahead of younger ones (no starvation "
+                                                      "under shortest_prompt_first).")
     prefix_caching: bool = Field(True, description="Share the KV blocks of identical prompt prefixes between "
                                                    "requests (hash of each full block's tokens and its "
                                                    "predecessors'; LRU eviction); false computes every "

@@ -219,7 +219,9 @@ class InferenceEngine:
             max_running=c.max_running, eos_ids=self.spec.eos_token_id,
             max_model_len=self.spec.max_position_embeddings, decode=self.tokenizer.decode,
             micro_batches=c.layout.pp, lookahead=self._lookahead, proposer=self._proposer(),
-            spill=SpillStore(c.kv_spill_blocks, self._kv_bytes_per_block(gang)))
+            spill=SpillStore(c.kv_spill_blocks, self._kv_bytes_per_block(gang)),
+            max_prefill_tokens=c.max_prefill_tokens_per_step, shortest_prompt_first=c.shortest_prompt_first,
+            max_wait_steps=c.max_wait_steps)
         self._drafts = (DraftTracker(c.block_size, c.speculative.fallback_threshold)
                         if c.speculative.method == "draft" else None)
         self._healthy, self._last_error = True, None

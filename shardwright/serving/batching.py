@@ -3,14 +3,20 @@
 Each step the engine calls `schedule()` for a `StepPlan`, runs it on the workers, samples the
 logits at `plan.sample_indices()` and calls `update(plan, sampled)`. A plan packs, with no
 padding, decode tokens of running sequences (one each), then the rest of partly prefilled
-prompts, then new requests admitted in arrival order while their KV reservation fits, their
-prompts cut into chunks that fill the step's token budget (chunked prefill).
+prompts, then new requests admitted while their KV reservation fits, their prompts cut into
+chunks that fill the step's prefill budget (chunked prefill): the step's token budget left after
+the decode tokens, at most `max_prefill_tokens` (None: no cap). Waiting requests are admitted in
+arrival order, or with `shortest_prompt_first` shortest prompt first (ties in arrival order), so
+that a burst of requests gets the first tokens of its short prompts after a few small steps
+instead of all at the end of one big one; a request waiting `max_wait_steps` steps or more goes
+back to arrival order ahead of every younger one (no starvation).
 
 Guarantees:
 - a step never holds more than `max_tokens_per_step` tokens nor more than `max_running` sequences;
   since `max_tokens_per_step >= max_running`, every decode-ready sequence runs every step;
 - an admitted sequence never runs out of KV blocks (it reserved prompt + max_tokens - 1 slots);
-  admission is first come, first served: a request that does not fit yet blocks later ones;
+  the request next in admission order that does not fit yet blocks the others (so a long one
+  that has waited max_wait_steps is not overtaken for ever by short ones that fit);
 - a sequence is in at most one plan in flight: with pipeline parallelism (up to P plans in
   flight) a sequence is not scheduled again until `update` of its plan, when its next token is
   known (this also holds for prompt chunks that sample nothing) -- except with `lookahead`
@@ -34,11 +40,13 @@ Guarantees:
   still writes are rewritten by their new owner in a later plan before they are read, provided
   every stage runs plans in dispatch order.
 
-Cost per step: O(running sequences + the step's own tokens + their block tables); no padding.
+Cost per step: O(running sequences + the step's own tokens + their block tables), plus
+O(log waiting) per admission with shortest_prompt_first; no padding.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
@@ -83,6 +91,7 @@ class SequenceState:
     in_flight: int = 0  # plans holding a chunk of this sequence, not yet updated
     last_chunk_samples: bool = False  # the newest in-flight chunk samples the next token
     status: SeqStatus = "waiting"
+    arrival_step: int = 0  # the scheduler's next step id when it was added (for max_wait_steps)
     finish_reason: FinishReason | None = None
     paused: bool = False  # not scheduled until resumed (its caller stopped reading)
     last_step: int = -1  # the newest plan holding a chunk of it (spill victims: oldest first)
@@ -118,8 +127,14 @@ class StepScheduler:
     def __init__(self, blocks: BlockManager, max_tokens_per_step: int, max_running: int,
                  eos_ids: list[int], max_model_len: int, *, decode: Decode | None = None,
                  seed: int | None = None, micro_batches: int = 1, lookahead: bool = False,
-                 proposer: Proposer | None = None, spill: SpillStore | None = None) -> None:
+                 proposer: Proposer | None = None, spill: SpillStore | None = None,
+                 max_prefill_tokens: int | None = None, shortest_prompt_first: bool = False,
+                 max_wait_steps: int = 64) -> None:
         _check_limits(max_tokens_per_step, max_running, max_model_len)
+        if max_prefill_tokens is not None and max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens={max_prefill_tokens} must be >= 1 (or None: no cap)")
+        if max_wait_steps < 0:
+            raise ValueError(f"max_wait_steps={max_wait_steps} must be >= 0")
         if micro_batches < 1:
             raise ValueError(f"micro_batches={micro_batches} must be >= 1 (the pipeline depth)")
         if lookahead and micro_batches != 1:
@@ -136,12 +151,16 @@ class StepScheduler:
         self.blocks = blocks
         self.spiller = Spiller(blocks, spill) if spill is not None and spill.capacity_blocks else None
         self.max_tokens_per_step = max_tokens_per_step
+        self.max_prefill_tokens = max_prefill_tokens
+        self.shortest_prompt_first = shortest_prompt_first
+        self.max_wait_steps = max_wait_steps
         self.max_running = max_running
         self.eos_ids = list(eos_ids)
         self.max_model_len = max_model_len
         self.decode = decode
         self.seed = seed
         self._waiting: dict[int, SequenceState] = {}  # arrival order
+        self._shortest: list[tuple[int, int]] = []  # heap of (prompt length, seq_id); stale entries skipped
         self._running: dict[int, SequenceState] = {}  # admission order
         self._spilled: dict[int, SequenceState] = {}  # spill order
         self._by_request: dict[str, SequenceState] = {}
@@ -196,8 +215,11 @@ class StepScheduler:
         seq_id, self._next_seq = self._next_seq, self._next_seq + 1
         seed = p.seed if p.seed is not None else derive_seed(self.seed, seq_id)
         stop = StopChecker(p, self.eos_ids, self.decode, request.prompt_ids)
-        seq = SequenceState(seq_id, request, seed, stop, list(request.prompt_ids), len(request.prompt_ids))
+        seq = SequenceState(seq_id, request, seed, stop, list(request.prompt_ids), len(request.prompt_ids),
+                            arrival_step=self._next_step)
         self._waiting[seq_id] = seq
+        if self.shortest_prompt_first:
+            heapq.heappush(self._shortest, (seq.num_prompt_tokens, seq_id))
         self._by_request[request.request_id] = seq
         return seq_id
 
@@ -273,6 +295,8 @@ class StepScheduler:
                 chunk = self._decode_chunk(seq, spare)
                 chunks.append(chunk)
                 budget, spare = budget - 1 - chunk.num_draft, spare - chunk.num_draft
+        if self.max_prefill_tokens is not None:
+            budget = min(budget, self.max_prefill_tokens)  # what prompt chunks may take from here on
         for seq in prefilling:
             if budget == 0:
                 break
@@ -283,13 +307,13 @@ class StepScheduler:
 
     def _admit(self, chunks: list[SeqChunk], budget: int) -> None:
         while budget > 0 and len(self._running) < self.max_running:
-            seq = next((s for s in self._waiting.values() if not s.paused), None)
+            seq = self._next_waiting()
             if seq is None:
                 return
             if not self.blocks.reserve(seq.seq_id, seq.num_kv_tokens, seq.request.prompt_ids):
                 if self._spill_one():
                     continue
-                return  # first come, first served: later requests wait behind this one
+                return  # the others wait behind this one (see the module guarantees)
             del self._waiting[seq.seq_id]
             self._running[seq.seq_id] = seq
             seq.status = "running"
@@ -326,6 +350,23 @@ class StepScheduler:
                 seq.status = "spilled"
                 return True
         return False
+
+    def _next_waiting(self) -> SequenceState | None:
+        """The waiting sequence admitted next, paused ones skipped (None if there is none): the
+        oldest if FCFS or it has waited max_wait_steps, else the shortest prompt (ties: the oldest)."""
+        oldest = next((s for s in self._waiting.values() if not s.paused), None)
+        if oldest is None or not self.shortest_prompt_first \
+                or self._next_step - oldest.arrival_step >= self.max_wait_steps:
+            return oldest
+        heap = self._shortest
+        while heap[0][1] not in self._waiting:  # admitted or cancelled since it was pushed
+            heapq.heappop(heap)
+        top = self._waiting[heap[0][1]]
+        if not top.paused:
+            return top
+        # a paused one stays in the heap for when it resumes; the shortest unpaused is found by a scan
+        return min((s for s in self._waiting.values() if not s.paused),
+                   key=lambda s: (len(s.request.prompt_ids), s.seq_id))
 
     def _chunk(self, seq: SequenceState, n: int) -> SeqChunk:
         start, end = seq.num_scheduled, seq.num_scheduled + n

@@ -263,6 +263,49 @@ def test_admission_is_first_come_first_served_under_reservation():
     assert sorted(engine.finish) == ["big", "huge", "tiny"] and sched.blocks.num_used == 0
 
 
+def test_shortest_prompt_first_under_a_prefill_cap_gives_short_prompts_their_first_tokens_first():
+    # A burst: long prompts arrive first. A 32-token prefill cap in a 64-token step.
+    lengths = {"long0": 40, "long1": 30, "short0": 5, "mid": 12, "short1": 3, "short2": 8}
+    sched = make(num_blocks=64, block_size=4, budget=64, max_running=8,
+                 max_prefill_tokens=32, shortest_prompt_first=True)
+    for rid, n in lengths.items():
+        sched.add(Request(rid, [3] * n, SamplingParams(max_tokens=6)))
+    engine = FakeEngine(sched)
+    engine.loop()
+    first_step = {}
+    for i, plan in enumerate(engine.plans):
+        prefill = sum(len(c.token_ids) for c in plan.chunks if c.start_pos < lengths[c.request_id])
+        assert prefill <= 32, "prompt tokens of one step stay within max_prefill_tokens"
+        for c in plan.sampled_chunks():
+            first_step.setdefault(c.request_id, i)
+    # the first step prefills the short prompts in length order, then starts long1 with the rest
+    assert [c.request_id for c in engine.plans[0].chunks] == ["short1", "short0", "short2", "mid", "long1"]
+    order = sorted(first_step, key=lambda r: (first_step[r], lengths[r]))
+    assert order == ["short1", "short0", "short2", "mid", "long1", "long0"]
+    # later steps decode the short ones beside the long prompts' chunks
+    assert any(len(c.token_ids) == 1 for c in engine.plans[1].chunks)
+    for rid in lengths:  # same tokens as any order: the model output does not depend on batching
+        assert engine.outputs[rid] == [fake_token(rid, s) for s in range(6)]
+    assert sched.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("max_wait_steps", [4, 10])
+def test_max_wait_steps_bounds_how_long_short_prompts_overtake_a_long_one(max_wait_steps):
+    # One long prompt, then a new short request every step: shortest first alone would never
+    # admit the long one while a short one waits (one sequence runs at a time here).
+    sched = make(num_blocks=64, block_size=4, budget=16, max_running=1, shortest_prompt_first=True,
+                 max_wait_steps=max_wait_steps)
+    sched.add(Request("long", [2] * 20, SamplingParams(max_tokens=1)))
+    admitted_at = None
+    for step in range(40):
+        sched.add(Request(f"s{step}", [2], SamplingParams(max_tokens=1)))
+        plan = sched.schedule()
+        if admitted_at is None and any(c.request_id == "long" for c in plan.chunks):
+            admitted_at = step
+        sched.update(plan, {c.seq_id: 5 for c in plan.sampled_chunks()})
+    assert admitted_at == max_wait_steps, "admitted in arrival order once it has waited max_wait_steps"
+
+
 def test_seeded_sampling_is_identical_across_batchings():
     """A toy model whose logits depend only on a sequence's own tokens: outputs must not
     depend on the budget, max_running or pipeline depth (i.e. on batch composition)."""
