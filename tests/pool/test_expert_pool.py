@@ -31,6 +31,16 @@ transformers = pytest.importorskip("transformers", reason="transformers is the t
 PROMPT, NEW_TOKENS, SLOTS = [5, 17, 99, 3, 42, 7, 250, 11, 64, 128], 16, 2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A model this small runs fastest on one thread (a team of OpenMP threads on the shared, loaded
+    CI cores spins at every barrier: seconds for these 16 tokens)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def mixtral(tmp_path_factory):
     """(directory, transformers' greedy tokens of PROMPT)."""
