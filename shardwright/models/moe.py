@@ -20,6 +20,13 @@ chose compute; no token is ever dropped.
   (parallel/experts.py). The shared expert and its gate are replicated over EP and applied to each
   rank's rows only, so their gradients are summed over EP (the f op).
 
+Expert pooling (pool/experts.py): when a rank's experts do not all fit its budget, some experts'
+parameters stay on the meta device and `expert_weights` (an object set by the pool) binds them
+while they compute: `routed(index, x)` is told each forward's input (so the pool can apply the next
+MoE layer's router to it and fetch that layer's predicted experts ahead), and `bound(index, used)`
+yields the experts this layer uses, each one's weights bound while the loop body computes it. The
+experts compute the same rows with the same weights in either case, so the output is the same.
+
 `record_router_logits(model)` collects every MoE layer's router logits during a forward, for
 `load_balancing_loss` (transformers' `load_balancing_loss_func`, Switch Transformer eq. 4-6).
 """
@@ -59,6 +66,8 @@ class MoEMLP(nn.Module):
             self.shared_gate = nn.Linear(h, 1, bias=False, device=device, dtype=dtype)
         self.comm_stats: ExpertCommStats | None = None  # what the all-to-alls carry, when attached
         self.router_logits_sink: list[torch.Tensor] | None = None  # set by record_router_logits
+        self.expert_weights = None  # the expert pool binding pooled experts (see the module docstring)
+        self.pool_index = 0  # this layer's index among the pool's MoE layers
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [tokens, k] float32, expert ids [tokens, k]) for x [tokens, hidden]."""
@@ -74,6 +83,8 @@ class MoEMLP(nn.Module):
         if self.router_logits_sink is not None:
             self.router_logits_sink.append(linear(x, self.router.weight))
         weights, chosen = self.route(x)  # every row, identically on every EP rank
+        if self.expert_weights is not None:
+            self.expert_weights.routed(self.pool_index, x)
         rows = row_range(x.shape[0], self.ep_rank, self.ep)
         mine, weights = split_rows(x, self.ep_group), split_rows(weights, self.ep_group)
         chosen = chosen[rows.start:rows.stop]
@@ -107,9 +118,11 @@ class MoEMLP(nn.Module):
         experts went unused would otherwise skip them and its peers would wait forever)."""
         order = torch.argsort(local_ids, stable=True)
         counts = torch.bincount(local_ids, minlength=len(self.owned)).tolist()
-        chunks = rows.index_select(0, order).split(counts)
-        outs = [self.experts[str(e)].partial(chunk) if n else chunk for e, chunk, n in zip(self.owned, chunks, counts)]
-        return torch.cat(outs).index_select(0, torch.argsort(order))
+        outs = dict(zip(self.owned, rows.index_select(0, order).split(counts)))
+        used = [e for e, n in zip(self.owned, counts) if n]
+        for e in used if self.expert_weights is None else self.expert_weights.bound(self.pool_index, used):
+            outs[e] = self.experts[str(e)].partial(outs[e])
+        return torch.cat([outs[e] for e in self.owned]).index_select(0, torch.argsort(order))
 
 
 def moe_layers(model: nn.Module) -> list[MoEMLP]:

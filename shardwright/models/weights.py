@@ -145,16 +145,15 @@ def weight_plan(model: DecoderModel, reader: CheckpointReader) -> Plan:
 
 
 @torch.no_grad()
-def load_weights(model: DecoderModel, reader: CheckpointReader, skip_blocks: frozenset[int] = frozenset(),
+def load_weights(model: DecoderModel, reader: CheckpointReader, skipped: set[int] = frozenset(),
                  quant: QuantSource | None = None) -> None:
     """Fill every parameter of `model` from `reader`, slice by slice; check every shape.
 
-    Blocks in `skip_blocks` (local indices) are left as they are (on the meta device when
-    their weights are pooled elsewhere). With `quant`, the weights of the column- and
+    Parameters whose ids are in `skipped` (models.pooled_params: pooled blocks and experts) are
+    left as they are (on the meta device: their weights are pooled elsewhere). With `quant`, the weights of the column- and
     row-parallel linears become QuantizedWeights (models.quant_format).
     """
     seen = set()
-    skipped = {id(p) for i in skip_blocks for p in model.blocks[i].parameters()}
     modules = dict(model.named_modules())
     for name, param, reads in weight_plan(model, reader):
         if id(param) in skipped:

@@ -101,11 +101,17 @@ def spread(num_layers: int, count: int) -> list[int]:
 def _where(need: RankNeed, pooled: list[int], spare: dict[int, int], peers: list[Holder],
            host_bytes: int) -> dict[int, int | str | None]:
     """Pooled layer -> the peer holding it, HOST, or None (no room); consumes `spare` (peer -> bytes)."""
-    order = sorted(peers, key=lambda h: (h.node != need.node, -spare[h.peer], h.peer))
-    out: dict[int, int | str | None] = {}
+    return place_held({i: need.layer_bytes[i] for i in pooled}, need.node, spare, peers, host_bytes)
+
+
+def place_held(sizes: dict, node: str, spare: dict[int, int], peers: list[Holder],
+               host_bytes: int) -> dict:
+    """Each pooled item (key -> bytes, in order) -> the peer holding it (same node first, then the
+    one with most room), HOST, or None (no room); consumes `spare` (peer -> bytes)."""
+    order = sorted(peers, key=lambda h: (h.node != node, -spare[h.peer], h.peer))
+    out: dict = {}
     host_left = host_bytes
-    for i in pooled:
-        size = need.layer_bytes[i]
+    for i, size in sizes.items():
         holder = next((h for h in order if spare[h.peer] >= size), None)
         if holder is not None:
             spare[holder.peer] -= size
