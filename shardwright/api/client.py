@@ -12,7 +12,7 @@ A token is sent without TLS only to a loopback address, unless `insecure=True` (
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -169,9 +169,11 @@ class Client:
     def cancel(self, job_id: str) -> dict:
         return _dict(self._call(self.jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id)))
 
-    def watch(self, job_id: str, from_sequence: int = 0, timeout_s: float | None = None) -> Iterator[dict]:
+    def watch(self, job_id: str, from_sequence: int = 0, timeout_s: float | None = None,
+              on_resume: Callable[[int], None] | None = None) -> Iterator[dict]:
         """A job's events until it ends; reconnects, from the next sequence, when the server ends
-        the stream for its maximum age (`serve --watch-max-age-s`)."""
+        the stream for its maximum age (`serve --watch-max-age-s`), calling `on_resume(sequence)`
+        (when given) before each reconnection."""
         while True:
             req = jobs_pb2.WatchJobRequest(job_id=job_id, from_sequence=from_sequence)
             try:
@@ -184,6 +186,8 @@ class Client:
                 if err.code() != grpc.StatusCode.UNAVAILABLE or resume is None:
                     raise _error(err, self.address) from None
                 from_sequence = max(from_sequence, int(resume))
+                if on_resume is not None:
+                    on_resume(from_sequence)
 
     # ---- inference
     def _generate_request(self, deployment: str, prompt: str | list[int], **params) -> inference_pb2.GenerateRequest:

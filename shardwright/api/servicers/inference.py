@@ -5,6 +5,11 @@ deployment, and maps failures to status codes (INVALID_ARGUMENT, NOT_FOUND, UNAV
 DEADLINE_EXCEEDED). A call whose client goes away or whose deadline passes cancels its request,
 freeing its KV blocks before the engine's next step; a call without a deadline gets the server's
 default one, and none runs past the server's maximum (CallLimits).
+
+GenerateStream relays the tokens that are ready together: one message per token for a request with
+max_tokens_per_message 0 or 1 (what clients from before that field read), else up to that many in
+one message's `tokens` (StreamMessages), so that the per-message costs (protobuf, the gRPC write,
+the thread wake-ups at both ends) are paid once per batch when the relay falls behind the engine.
 """
 
 from __future__ import annotations
