@@ -12,7 +12,7 @@ A token is sent without TLS only to a loopback address, unless `insecure=True` (
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -25,6 +25,7 @@ from shardwright.api.limits import RESUME_KEY
 
 
 DEFAULT_PORT = 50051
+TOKENS_PER_MESSAGE = 64  # GenerateStream: tokens the server may put in one message (see generate_stream)
 # Codes that mean the request itself was wrong (the CLI exits 2 for these, 1 for the others).
 BAD_INPUT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE)
 
@@ -65,6 +66,14 @@ def _dict(msg) -> dict:
     """A message as a dict; int64 fields as ints (the protobuf JSON mapping makes them strings)."""
     out = MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     return _ints(out)
+
+
+def _token_dict(token) -> dict:
+    """A StreamedToken as the dict of a one-token GenerateStreamResponse (what `_dict` gives for it)."""
+    out = {"token_id": token.token_id, "text": token.text, "finish_reason": "", "prompt_tokens": 0}
+    if token.HasField("logprob"):
+        out["logprob"] = _dict(token.logprob)
+    return out
 
 
 def _ints(value):
@@ -160,9 +169,11 @@ class Client:
     def cancel(self, job_id: str) -> dict:
         return _dict(self._call(self.jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id)))
 
-    def watch(self, job_id: str, from_sequence: int = 0, timeout_s: float | None = None) -> Iterator[dict]:
+    def watch(self, job_id: str, from_sequence: int = 0, timeout_s: float | None = None,
+              on_resume: Callable[[int], None] | None = None) -> Iterator[dict]:
         """A job's events until it ends; reconnects, from the next sequence, when the server ends
-        the stream for its maximum age (`serve --watch-max-age-s`)."""
+        the stream for its maximum age (`serve --watch-max-age-s`), calling `on_resume(sequence)`
+        (when given) before each reconnection."""
         while True:
             req = jobs_pb2.WatchJobRequest(job_id=job_id, from_sequence=from_sequence)
             try:
@@ -175,6 +186,8 @@ class Client:
                 if err.code() != grpc.StatusCode.UNAVAILABLE or resume is None:
                     raise _error(err, self.address) from None
                 from_sequence = max(from_sequence, int(resume))
+                if on_resume is not None:
+                    on_resume(from_sequence)
 
     # ---- inference
     def _generate_request(self, deployment: str, prompt: str | list[int], **params) -> inference_pb2.GenerateRequest:
@@ -189,14 +202,26 @@ class Client:
         return _dict(self._call(self.inference.Generate, self._generate_request(deployment, prompt, **params), timeout_s))
 
     def generate_stream(self, deployment: str, prompt: str | list[int], timeout_s: float | None = None,
-                        **params) -> Iterator[dict]:
-        """Token messages as they arrive ({token_id, text, finish_reason}); closing the iterator
-        early cancels the call, which cancels the request on the server."""
-        call = self.inference.GenerateStream(self._generate_request(deployment, prompt, **params),
-                                             metadata=self._metadata, timeout=timeout_s)
+                        tokens_per_message: int = TOKENS_PER_MESSAGE, **params) -> Iterator[dict]:
+        """Token messages as they arrive ({token_id, text, finish_reason, prompt_tokens[, logprob]}),
+        one per token, then the last one (token_id -1, finish_reason set); closing the iterator early
+        cancels the call, which cancels the request on the server.
+
+        The server sends up to `tokens_per_message` tokens that are ready together in one gRPC message
+        (1: one each, as servers and clients before `max_tokens_per_message` did); they are yielded
+        here one by one all the same.
+        """
+        request = self._generate_request(deployment, prompt, **params)
+        request.max_tokens_per_message = tokens_per_message
+        call = self.inference.GenerateStream(request, metadata=self._metadata, timeout=timeout_s)
         try:
             for msg in call:
-                yield _dict(msg)
+                if msg.tokens:
+                    yield from (_token_dict(token) for token in msg.tokens)
+                else:
+                    out = _dict(msg)
+                    del out["tokens"]
+                    yield out
         except grpc.RpcError as err:
             raise _error(err, self.address) from None
         finally:

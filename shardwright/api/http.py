@@ -86,7 +86,8 @@ def _start(backend, tenant: str, model: str, prompt, params, metrics: ServiceMet
 
 async def _events(stream):
     """The stream's (token, text) events on the event loop, pumped by a thread of its own (so
-    that many open streams do not exhaust the default executor); raises RequestFailed."""
+    that many open streams do not exhaust the default executor); raises RequestFailed. The
+    events that are ready together cross to the loop in one batch (one wake-up, not one per token)."""
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
     def put(item) -> None:
@@ -96,18 +97,20 @@ async def _events(stream):
             pass
 
     def pump() -> None:
-        try:
-            for item in stream.events():
-                put(item)
-            put(_END)
-        except RequestFailed as err:
-            put(err)
+        while True:
+            items, done = stream.take()
+            if items:
+                put(items)
+            if done:
+                put(_END if stream.error is None else RequestFailed(stream.error))
+                return
 
     threading.Thread(target=pump, name=f"shardwright-http-{stream.request_id}", daemon=True).start()
-    while (item := await queue.get()) is not _END:
-        if isinstance(item, Exception):
-            raise item
-        yield item
+    while (batch := await queue.get()) is not _END:
+        if isinstance(batch, Exception):
+            raise batch
+        for item in batch:
+            yield item
 
 
 def _sse(body: dict) -> str:

@@ -184,6 +184,16 @@ class ObservedStream:
             self._token()
         return item
 
+    def take(self, timeout_s: float | None = None):
+        """RequestStream.take, observed: each token counts, the end is recorded (failed or ok)."""
+        items, done = self._stream.take(timeout_s)
+        for token, _ in items:
+            if token is not None:
+                self._token()
+        if done:
+            self.end("failed" if self._stream.error is not None else "ok")
+        return items, done
+
     def result(self, timeout_s: float | None = None):
         try:
             out = self._stream.result(timeout_s)

@@ -280,12 +280,12 @@ def test_watch_streams_end_at_their_maximum_age_and_the_client_resumes(serve, co
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "--watch-max-age-s" in err.value.details()
         resume = int(dict(err.value.trailing_metadata())[RESUME_KEY])
         assert events and resume == events[-1] + 1
-    seen, done = [], threading.Event()
+    seen, resumed, done = [], [], threading.Event()
 
     def watch() -> None:
         with Client(address, token=ALICE) as client:
             try:
-                for event in client.watch(control.job_id, timeout_s=30):
+                for event in client.watch(control.job_id, timeout_s=30, on_resume=resumed.append):
                     seen.append(event["sequence"])
                     if done.is_set():
                         return
@@ -294,9 +294,11 @@ def test_watch_streams_end_at_their_maximum_age_and_the_client_resumes(serve, co
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
-    time.sleep(3.5)  # three maximum ages: the client reconnected at least twice, without an error
+    eventually(lambda: len(resumed) >= 2 or not thread.is_alive(), "the client reconnected twice", 30)
     assert not any(isinstance(s, Exception) for s in seen), seen
     # nothing twice, nothing skipped, in order: the same events as the first watch where both saw them
     # (the job may have logged more since: those come after, numbered on)
     assert seen == list(range(len(seen))) and seen[:len(events)] == events[:len(seen)], (seen, events)
+    # each reconnection asked for the next event after those it had given, no earlier, none skipped
+    assert len(resumed) >= 2 and resumed == sorted(resumed) and len(events) <= resumed[-1] <= len(seen), (resumed, seen)
     done.set()

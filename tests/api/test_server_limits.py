@@ -21,7 +21,7 @@ from model_helpers import tiny_spec
 from waiting import eventually
 from shardwright.api.auth import OPEN_TENANT, Authenticator
 from shardwright.api.client import Client, ShardwrightError
-from shardwright.api.gen.shardwright.v1 import inference_pb2
+from shardwright.api.gen.shardwright.v1 import inference_pb2, inference_pb2_grpc
 from shardwright.api.http import HttpServer
 from shardwright.api.limits import MIB, core_limit_bytes
 from shardwright.api.server import ServerOptions, ShardwrightServer
@@ -114,6 +114,54 @@ def test_stream_past_its_deadline_is_cancelled_after_streaming_tokens(serve, eng
         assert 0 < len(received) < LONG  # it was streaming when the deadline passed
         assert_cancelled_early(engine, steps_before)
         assert len(list(client.generate_stream("slow", [1], max_tokens=3, ignore_eos=True))) == 4  # 3 + final
+
+
+def test_batched_stream_messages_carry_the_tokens_text_and_logprobs_of_one_token_messages(serve, engine):
+    """GenerateStream with max_tokens_per_message > 1 (what the client asks by default) against the
+    one-token messages old clients read: the same token ids, text deltas and logprobs, in order
+    (greedy decoding of the same prompt on the same deployment: exact equality), and unary Generate agrees."""
+    params = inference_pb2.SamplingParams(max_tokens=24, ignore_eos=True, logprobs=2)
+    with grpc.insecure_channel(address(serve())) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+
+        def stream(per_message: int) -> list:
+            return list(stub.GenerateStream(inference_pb2.GenerateRequest(
+                deployment="slow", text="hello there", params=params, max_tokens_per_message=per_message), timeout=60))
+
+        def flat(messages) -> list[tuple]:  # (token id, text, top ids) exact; logprobs in `logprobs`
+            return [(t.token_id, t.text, tuple(top.token_id for top in t.logprob.top)) for m in messages
+                    for t in (m.tokens or ([m] if m.token_id >= 0 or m.text else []))]
+
+        def logprobs(messages) -> list[float]:
+            return [lp for m in messages for t in (m.tokens or [m]) if t.token_id >= 0
+                    for lp in (t.logprob.logprob, *(top.logprob for top in t.logprob.top))]
+
+        one, batched = stream(0), stream(4)
+        assert all(not m.tokens for m in one) and all(len(m.tokens) <= 4 for m in batched)
+        assert all(m.token_id == -1 and not m.text for m in batched[:-1])
+        assert flat(batched) == flat(one) and len([t for t in flat(one) if t[0] >= 0]) == 24
+        # the second request's prompt comes from the prefix cache: its fp32 logits may differ in the last bits
+        assert logprobs(batched) == pytest.approx(logprobs(one), abs=1e-5)
+        assert batched[-1].finish_reason == one[-1].finish_reason == "length"
+        assert batched[-1].prompt_tokens == one[-1].prompt_tokens > 0
+        unary = stub.Generate(inference_pb2.GenerateRequest(deployment="slow", text="hello there", params=params),
+                              timeout=60)
+        assert [t[0] for t in flat(one) if t[0] >= 0] == list(unary.token_ids)
+        assert "".join(t[1] for t in flat(batched)) == unary.text
+        with pytest.raises(grpc.RpcError) as err:
+            stream(-1)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with Client(address(serve())) as client:  # the client yields one dict per token either way
+        as_one = list(client.generate_stream("slow", "hello there", tokens_per_message=1, max_tokens=24,
+                                             ignore_eos=True, logprobs=2))
+        as_batched = list(client.generate_stream("slow", "hello there", max_tokens=24, ignore_eos=True, logprobs=2))
+        assert [m.keys() for m in as_batched] == [m.keys() for m in as_one]
+        no_logprob = [{k: v for k, v in m.items() if k != "logprob"} for m in as_one]
+        assert [{k: v for k, v in m.items() if k != "logprob"} for m in as_batched] == no_logprob
+        assert [m["logprob"]["logprob"] for m in as_batched[:-1]] == pytest.approx(
+            [m["logprob"]["logprob"] for m in as_one[:-1]], abs=1e-5)  # prefix-cached prompt: last fp32 bits
+        assert [m["token_id"] for m in as_one if m["token_id"] >= 0] == list(unary.token_ids)
+    eventually(lambda: engine.blocks_in_use == 0, lambda: f"{engine.blocks_in_use} KV blocks still in use")
 
 
 def test_a_call_without_deadline_is_served(serve):

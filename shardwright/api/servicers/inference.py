@@ -5,6 +5,11 @@ deployment, and maps failures to status codes (INVALID_ARGUMENT, NOT_FOUND, UNAV
 DEADLINE_EXCEEDED). A call whose client goes away or whose deadline passes cancels its request,
 freeing its KV blocks before the engine's next step; a call without a deadline gets the server's
 default one, and none runs past the server's maximum (CallLimits).
+
+GenerateStream relays the tokens that are ready together: one message per token for a request with
+max_tokens_per_message 0 or 1 (what clients from before that field read), else up to that many in
+one message's `tokens` (StreamMessages), so that the per-message costs (protobuf, the gRPC write,
+the thread wake-ups at both ends) are paid once per batch when the relay falls behind the engine.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from shardwright.api.limits import FLAGS, CallLimits
 from shardwright.api.metrics import ServiceMetrics
 
 DEFAULT_MAX_TOKENS = 16
+MAX_TOKENS_PER_MESSAGE = 256  # a GenerateStream message's tokens at most (bounds its size with logprobs)
 # grpc reports "no deadline" as ~9.2e18 s left, which threading waits cannot take (OverflowError).
 NO_DEADLINE_S = 10**7
 
@@ -133,30 +139,61 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                                    logprobs=[logprob_message(t, lp) for t, lp in zip(out.token_ids, out.logprobs)])
 
     def GenerateStream(self, request, context):
+        if request.max_tokens_per_message < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"max_tokens_per_message={request.max_tokens_per_message}: give 0 or 1 (one token per "
+                          f"message) or up to {MAX_TOKENS_PER_MESSAGE}")
         timeout, whose = call_deadline_s(context, self.limits)
         end = time.monotonic() + timeout
         engine, stream = self._submit(request, context)
+        messages = StreamMessages(stream.output, request.max_tokens_per_message)
         try:
-            seen = 0
             while True:
                 left = end - time.monotonic()
                 if left <= 0:
                     raise TimeoutError
-                event = stream.next_event(timeout_s=left)  # each wait gets what is left of the deadline
-                if event is None:
-                    break
+                items, done = stream.take(timeout_s=left)  # every token ready now, waiting what is left
                 if not context.is_active():
                     return
-                token, text = event
-                logprob = None
-                if token is not None:
-                    logprobs, seen = stream.output.logprobs, seen + 1
-                    logprob = logprob_message(token, logprobs[seen - 1]) if len(logprobs) >= seen else None
-                yield pb.GenerateStreamResponse(token_id=token if token is not None else -1, text=text,
-                                                logprob=logprob)
+                yield from messages.of(items)
+                if done:
+                    break
+            if stream.error is not None:
+                raise RequestFailed(stream.error)
         except TimeoutError:
             self._past_deadline(context, engine, stream, timeout, whose)
         except RequestFailed as err:
             context.abort(grpc.StatusCode.UNAVAILABLE, _one_line(err))
         yield pb.GenerateStreamResponse(token_id=-1, finish_reason=stream.output.finish_reason or "",
                                         prompt_tokens=len(stream.output.prompt_ids))
+
+
+class StreamMessages:
+    """The GenerateStreamResponse messages of a stream's (token id or None, text delta) items.
+
+    `per_message` 0 or 1: one message per item in token_id, text and logprob (what clients from
+    before `max_tokens_per_message` read). N > 1: the items given together, N at most per message,
+    in its `tokens` (token_id -1, text and logprob empty). Either way the same tokens, text deltas and
+    logprobs in the same order; `output` is the request's RequestOutput, whose logprobs[i] is the
+    i-th token's.
+    """
+
+    def __init__(self, output, per_message: int) -> None:
+        self.output, self.per_message = output, min(max(per_message, 1), MAX_TOKENS_PER_MESSAGE)
+        self.seen = 0  # tokens given so far
+
+    def _logprob(self, token: int | None) -> pb.TokenLogprob | None:
+        if token is None:
+            return None
+        self.seen += 1
+        logprobs = self.output.logprobs
+        return logprob_message(token, logprobs[self.seen - 1]) if len(logprobs) >= self.seen else None
+
+    def of(self, items: list[tuple[int | None, str]]) -> list[pb.GenerateStreamResponse]:
+        if self.per_message == 1:
+            return [pb.GenerateStreamResponse(token_id=-1 if token is None else token, text=text,
+                                              logprob=self._logprob(token)) for token, text in items]
+        tokens = [pb.StreamedToken(token_id=-1 if token is None else token, text=text, logprob=self._logprob(token))
+                  for token, text in items]
+        n = self.per_message
+        return [pb.GenerateStreamResponse(token_id=-1, tokens=tokens[i: i + n]) for i in range(0, len(tokens), n)]

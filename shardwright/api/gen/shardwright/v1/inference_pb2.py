@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eshardwright/v1/inference.proto\x12\x0eshardwright.v1\"\xa2\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x18\n\x10presence_penalty\x18\t \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x0b \x01(\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"Z\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\'\n\x03top\x18\x03 \x03(\x0b\x32\x1a.shardwright.v1.TopLogprob\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x9e\x01\n\x0fGenerateRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12-\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x18.shardwright.v1.TokenIdsH\x00\x12.\n\x06params\x18\x04 \x01(\x0b\x32\x1e.shardwright.v1.SamplingParamsB\x08\n\x06prompt\"\xa5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12.\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1c.shardwright.v1.TokenLogprob\"\x95\x01\n\x16GenerateStreamResponse\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12-\n\x07logprob\x18\x05 \x01(\x0b\x32\x1c.shardwright.v1.TokenLogprob2\xbe\x01\n\x10InferenceService\x12M\n\x08Generate\x12\x1f.shardwright.v1.GenerateRequest\x1a .shardwright.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\x1f.shardwright.v1.GenerateRequest\x1a&.shardwright.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eshardwright/v1/inference.proto\x12\x0eshardwright.v1\"\xa2\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x18\n\x10presence_penalty\x18\t \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x0b \x01(\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"Z\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\'\n\x03top\x18\x03 \x03(\x0b\x32\x1a.shardwright.v1.TopLogprob\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xbe\x01\n\x0fGenerateRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12-\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x18.shardwright.v1.TokenIdsH\x00\x12.\n\x06params\x18\x04 \x01(\x0b\x32\x1e.shardwright.v1.SamplingParams\x12\x1e\n\x16max_tokens_per_message\x18\x05 \x01(\x05\x42\x08\n\x06prompt\"\xa5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12.\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1c.shardwright.v1.TokenLogprob\"^\n\rStreamedToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12-\n\x07logprob\x18\x03 \x01(\x0b\x32\x1c.shardwright.v1.TokenLogprob\"\xc4\x01\n\x16GenerateStreamResponse\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12-\n\x07logprob\x18\x05 \x01(\x0b\x32\x1c.shardwright.v1.TokenLogprob\x12-\n\x06tokens\x18\x06 \x03(\x0b\x32\x1d.shardwright.v1.StreamedToken2\xbe\x01\n\x10InferenceService\x12M\n\x08Generate\x12\x1f.shardwright.v1.GenerateRequest\x1a .shardwright.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\x1f.shardwright.v1.GenerateRequest\x1a&.shardwright.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,11 +40,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=484
   _globals['_TOKENIDS']._serialized_end=507
   _globals['_GENERATEREQUEST']._serialized_start=510
-  _globals['_GENERATEREQUEST']._serialized_end=668
-  _globals['_GENERATERESPONSE']._serialized_start=671
-  _globals['_GENERATERESPONSE']._serialized_end=836
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=839
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=988
-  _globals['_INFERENCESERVICE']._serialized_start=991
-  _globals['_INFERENCESERVICE']._serialized_end=1181
+  _globals['_GENERATEREQUEST']._serialized_end=700
+  _globals['_GENERATERESPONSE']._serialized_start=703
+  _globals['_GENERATERESPONSE']._serialized_end=868
+  _globals['_STREAMEDTOKEN']._serialized_start=870
+  _globals['_STREAMEDTOKEN']._serialized_end=964
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=967
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1163
+  _globals['_INFERENCESERVICE']._serialized_start=1166
+  _globals['_INFERENCESERVICE']._serialized_end=1356
 # @@protoc_insertion_point(module_scope)
