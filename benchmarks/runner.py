@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 NAMES = ("decode", "step", "scheduler", "attention", "train", "pool", "api", "quant", "prefix", "speculative", "moe",
-         "families")
+         "moe_pool", "families")
 FAIL_POINT_ENV = "SHARDWRIGHT_BENCH_FAIL_POINT"
 
 
