@@ -48,15 +48,14 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from dataclasses import replace
+from typing import Protocol
 
 from shardwright.serving.kv_blocks import BlockManager
 from shardwright.serving.kv_spill import Spiller, SpillStore
-from shardwright.serving.sampling import Decode, SamplingParams, StopChecker, derive_seed
+from shardwright.serving.sampling import Decode, StopChecker, derive_seed
+from shardwright.serving.sequences import FinishReason, Request, SequenceState, TokenEvent
 from shardwright.serving.step_plan import SeqChunk, StepPlan
-
-FinishReason = Literal["stop", "length", "cancelled"]
 
 
 class Proposer(Protocol):
@@ -64,57 +63,6 @@ class Proposer(Protocol):
     `tokens` (the sequence so far); [] proposes nothing."""
 
     def propose(self, tokens: list[int], k: int) -> list[int]: ...
-SeqStatus = Literal["waiting", "running", "spilled", "finished"]
-
-
-@dataclass(frozen=True)
-class Request:
-    """One generation request: prompt token ids and how to sample (arrival order = add order)."""
-
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-
-
-@dataclass(eq=False)
-class SequenceState:
-    """A request inside the scheduler. `seq_id` is its arrival order (never reused)."""
-
-    seq_id: int
-    request: Request
-    seed: int
-    stop: StopChecker
-    tokens: list[int]  # prompt + generated so far
-    num_prompt_tokens: int
-    num_scheduled: int = 0  # tokens dispatched to the workers
-    num_computed: int = 0  # tokens whose K/V an updated plan has written
-    in_flight: int = 0  # plans holding a chunk of this sequence, not yet updated
-    last_chunk_samples: bool = False  # the newest in-flight chunk samples the next token
-    status: SeqStatus = "waiting"
-    arrival_step: int = 0  # the scheduler's next step id when it was added (for max_wait_steps)
-    finish_reason: FinishReason | None = None
-    paused: bool = False  # not scheduled until resumed (its caller stopped reading)
-    last_step: int = -1  # the newest plan holding a chunk of it (spill victims: oldest first)
-
-    @property
-    def generated(self) -> list[int]:
-        return self.tokens[self.num_prompt_tokens :]
-
-    @property
-    def num_kv_tokens(self) -> int:
-        """Most K/V slots this sequence can ever need: the last new token is never fed back."""
-        return self.num_prompt_tokens + self.request.params.max_tokens - 1
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """What one request got from an update: a token (None for a cancel), text, finish reason."""
-
-    request_id: str
-    token_id: int | None
-    text: str = ""
-    finish_reason: FinishReason | None = None
-    logprob: tuple | None = None  # the token's (logprob, top) when its params ask (sampling.token_logprobs)
 
 
 class StepScheduler:
